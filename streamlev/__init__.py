@@ -1,8 +1,15 @@
 """streamlev: one-pass, mergeable universal sets of attention keys.
 
+Every key that can receive attention share >= eps from *any* query (for
+f(x) = |x|^p attention) is kept, in memory independent of the stream length.
 See the README and ``docs/`` for the guarantee and its limits.
 """
 
 from __future__ import annotations
 
+from .leverage import leverage_scores, universal_set
+from .sketch import Changes, LevSketch
+
 __version__ = "0.1.0"
+
+__all__ = ["leverage_scores", "universal_set", "LevSketch", "Changes", "__version__"]

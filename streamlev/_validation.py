@@ -59,7 +59,7 @@ def _check_real_array(x, *, name: str, caller: str) -> np.ndarray:
     return arr
 
 
-def check_keys(keys, d: int, *, caller: str, name: str = "keys") -> np.ndarray:
+def check_keys(keys, d: int, *, caller: str, name: str = "keys", check_finite: bool = True) -> np.ndarray:
     """Return ``keys`` as a 2-D real array with ``d`` columns, no copy when possible.
 
     float16/float32/float64 keep their dtype (no full float64 copy of the
@@ -78,7 +78,7 @@ def check_keys(keys, d: int, *, caller: str, name: str = "keys") -> np.ndarray:
         arr = arr.astype(np.float64)
     elif arr.dtype not in (np.float16, np.float32, np.float64):
         arr = arr.astype(np.float64)  # e.g. longdouble: float64 is what the sketch computes in
-    if arr.size and not np.isfinite(arr).all():
+    if check_finite and arr.size and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise ValueError(f"{caller}: {name} contains NaN or Inf in {bad} of {arr.shape[0]} rows. "
                          f"Remove or fix those rows; the sketch was left unchanged.")

@@ -1,0 +1,88 @@
+"""Offline leverage scores and universal sets (the exact computation the sketch reproduces)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import check_eps, check_keys, check_p
+from .reference import DEFAULT_RTOL
+
+__all__ = ["leverage_scores", "universal_set"]
+
+
+def leverage_scores(K, *, rtol: float = DEFAULT_RTOL) -> np.ndarray:
+    """Exact leverage scores of the rows of K, in one streaming pass of O(n d^2) BLAS-3 work.
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Keys; any real dtype (float16/32 are not copied to float64 in full).
+    rtol : float, default=1e-13
+        Relative ridge: tau_j = k_j^T (K^T K + lam I)^{-1} k_j with
+        lam = (rtol ||K||_F)^2. It only affects directions whose singular value
+        is within a few orders of magnitude of rtol * ||K||_F, i.e. exactly
+        rank-deficient or extremely ill-conditioned keys.
+
+    Returns
+    -------
+    tau : ndarray of shape (n,), float64 in [0, 1], summing to rank(K).
+
+    Notes
+    -----
+    For x^2 attention, ``<q,k_j>^2 <= tau_j ||K q||^2`` for every query q, with
+    equality at ``q = (K^T K)^+ k_j``: tau_j is the largest attention share any
+    query can give key j.
+
+    Examples
+    --------
+    >>> import numpy as np, streamlev as sl
+    >>> K = np.eye(3)[[0, 0, 1, 2]]          # a duplicated key shares its leverage
+    >>> np.round(sl.leverage_scores(K), 6)
+    array([0.5, 0.5, 1. , 1. ])
+    """
+    from .sketch import CHUNK_ROWS, LevSketch  # the sketch owns the scaled factor machinery
+
+    K = check_keys(K, _ncols(K), caller="leverage_scores", name="K")
+    n, d = K.shape
+    if n == 0:
+        return np.zeros(0)
+    sk = LevSketch(d, 1.0, rtol=rtol)
+    # Build the factor of all rows (eps=1 keeps almost nothing), then score every row against it.
+    sk.update(K, ids=np.arange(n))
+    return sk._score_external(K, CHUNK_ROWS)
+
+
+def universal_set(K, eps: float, *, p: float = 2.0, rtol: float = DEFAULT_RTOL) -> np.ndarray:
+    """Sorted int64 indices of the keys that can receive attention >= eps from some query.
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+    eps : float in (0, 1]
+    p : float, default=2.0
+        Attention exponent f(x) = |x|^p.
+
+    Returns
+    -------
+    U : ndarray of int64, sorted; ``{j : tau_j >= eps}`` for p = 2.
+
+    Notes
+    -----
+    |U| <= rank(K) / eps <= d / eps, whatever n is.
+    """
+    eps = check_eps(eps, caller="universal_set")
+    p = check_p(p, caller="universal_set")
+    if p != 2.0:
+        from .lp import universal_set_p
+
+        return universal_set_p(K, eps, p=p, rtol=rtol)
+    return np.flatnonzero(leverage_scores(K, rtol=rtol) >= eps).astype(np.int64)
+
+
+def _ncols(K) -> int:
+    shape = np.shape(K)
+    if len(shape) == 2:
+        return int(shape[1])
+    if len(shape) == 1:
+        return int(shape[0])
+    raise ValueError(f"K must be 2-D of shape (n, d); got an array of shape {tuple(shape)}.")

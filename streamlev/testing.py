@@ -1,0 +1,152 @@
+"""Property-testing helpers for users of streamlev (and for streamlev's own tests).
+
+* :func:`key_matrices` and :func:`query_matrices`: hypothesis strategies for
+  key matrices, including adversarial ones (spikes, near-duplicates, low rank,
+  ill-conditioned, heavy-tailed norms, zero rows, huge and tiny scales).
+* :func:`assert_no_false_negatives`: checks the universal-set contract
+  directly, with the worst-case query of every key left out.
+* :func:`score_tolerance`: the accuracy the exact algorithms can promise for a
+  given key matrix, used to compare sets away from near-ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+from .reference import DEFAULT_RTOL, leverage_scores, worst_case_queries
+
+__all__ = ["KINDS", "make_keys", "key_matrices", "query_matrices", "assert_no_false_negatives",
+           "score_tolerance", "random_partition"]
+
+KINDS = ("gaussian", "heavy_tailed", "low_rank", "ill_conditioned", "duplicates", "near_duplicates",
+         "zero_rows", "spikes", "huge", "tiny", "column_scaled")
+
+
+def make_keys(kind: str, n: int, d: int, seed: int, *, cond: float = 1e12) -> np.ndarray:
+    """Deterministic (n, d) float64 key matrix of a given ``kind`` (see :data:`KINDS`)."""
+    rng = np.random.default_rng(seed)
+    K = rng.standard_normal((n, d))
+    if kind == "gaussian":
+        pass
+    elif kind == "heavy_tailed":
+        K *= np.exp(1.5 * rng.standard_normal((n, 1)))
+    elif kind == "low_rank":
+        r = int(rng.integers(1, max(2, d)))
+        K = rng.standard_normal((n, r)) @ rng.standard_normal((r, d))
+    elif kind == "ill_conditioned":
+        U, _ = np.linalg.qr(rng.standard_normal((n, min(n, d))))
+        V, _ = np.linalg.qr(rng.standard_normal((d, d)))
+        s = np.logspace(0, -np.log10(cond), min(n, d))
+        K = (U * s) @ V[: min(n, d)]
+    elif kind == "duplicates":
+        base = rng.standard_normal((max(1, n // 4), d))
+        K = base[rng.integers(0, base.shape[0], n)]
+    elif kind == "near_duplicates":
+        base = rng.standard_normal((max(1, n // 4), d))
+        K = base[rng.integers(0, base.shape[0], n)]
+        K = K * (1 + 1e-12 * rng.standard_normal(K.shape))
+    elif kind == "zero_rows":
+        K[rng.random(n) < 0.3] = 0.0
+    elif kind == "spikes":
+        K *= 1e-3
+        idx = rng.choice(n, size=min(n, d), replace=False)
+        K[idx] = 1e3 * rng.standard_normal((idx.size, d))
+    elif kind == "huge":
+        K *= 1e150
+    elif kind == "tiny":
+        K *= 1e-150
+    elif kind == "column_scaled":
+        K *= np.logspace(-6, 6, d)
+    else:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    return K
+
+
+@st.composite
+def key_matrices(draw, *, min_n: int = 1, max_n: int = 60, min_d: int = 1, max_d: int = 8, kinds=KINDS):
+    """Hypothesis strategy for (n, d) float64 key matrices of adversarial kinds."""
+    d = draw(st.integers(min_d, max_d))
+    n = draw(st.integers(min_n, max_n))
+    kind = draw(st.sampled_from(kinds))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return make_keys(kind, n, d, seed)
+
+
+@st.composite
+def query_matrices(draw, d: int, *, max_q: int = 20):
+    """Hypothesis strategy for (n_q, d) float64 query matrices (Gaussian, sparse, and scaled)."""
+    nq = draw(st.integers(1, max_q))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    Q = rng.standard_normal((nq, d))
+    if draw(st.booleans()):
+        Q[rng.random(Q.shape) < 0.7] = 0.0
+    return Q * 10.0 ** draw(st.integers(-3, 3))
+
+
+def random_partition(n: int, seed: int, max_parts: int = 6):
+    """Split range(n) into consecutive blocks of random sizes (some may be empty)."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.integers(0, n + 1, size=int(rng.integers(0, max_parts))))
+    edges = np.concatenate([[0], cuts, [n]])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def score_tolerance(K) -> float:
+    """Absolute accuracy of leverage scores that exact float64 algorithms can promise for K.
+
+    About 1e-9 for well-conditioned keys; it grows with the condition number
+    (errors scale like u * cond(K)) and is 1e-3 for rank-deficient keys, whose
+    round-off directions are damped by the relative ridge.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    if K.size == 0:
+        return 1e-9
+    m = np.max(np.abs(K))
+    if m == 0:
+        return 1e-9
+    s = np.linalg.svd(np.ldexp(K, -int(np.frexp(m)[1])), compute_uv=False)
+    cond = s[0] / s[-1] if s[-1] > 0 else np.inf
+    if cond < 1e4:
+        return 1e-9
+    if cond < 1e10:
+        return 1e-6
+    return 1e-3
+
+
+def assert_no_false_negatives(U, K, eps: float, p: float = 2.0, *, rtol: float = 1e-9) -> None:
+    """Check the universal-set contract for every key outside ``U``.
+
+    For p = 2 each key j not in U is attacked with its worst-case query
+    ``q_j = (K^T K)^+ k_j``, which maximises the x^2 attention share of key j;
+    the share must be below ``eps * (1 + rtol)``. For other p the exact
+    sensitivity oracle :func:`streamlev.sensitivities` is used (slow: small K).
+
+    Raises
+    ------
+    AssertionError naming the first keys whose attention can reach eps.
+    """
+    K = np.asarray(K, dtype=np.float64)
+    U = np.asarray(U, dtype=np.int64)
+    out = np.setdiff1d(np.arange(K.shape[0]), U)
+    if out.size == 0:
+        return
+    if float(p) == 2.0:
+        m = np.max(np.abs(K))
+        Ks = np.ldexp(K, -int(np.frexp(m)[1])) if m > 0 else K
+        Q = worst_case_queries(Ks, DEFAULT_RTOL)[out]
+        num = np.einsum("ij,ij->i", Q, Ks[out]) ** 2
+        den = np.sum((Q @ Ks.T) ** 2, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+        # leverage itself is the supremum; use it too in case the query lost precision
+        share = np.maximum(share, leverage_scores(Ks)[out])
+    else:
+        from .sensitivity import sensitivities
+
+        share = sensitivities(K, p, idx=out)
+    bad = out[share >= eps * (1 + rtol)]
+    if bad.size:
+        raise AssertionError(f"false negatives: keys {bad[:10].tolist()} are outside U but can receive attention "
+                             f"share {np.round(share[np.isin(out, bad)][:10], 6).tolist()} >= eps={eps}")
