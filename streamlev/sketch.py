@@ -504,6 +504,13 @@ class LevSketch:
             out[s : s + chunk] = _factor.score_rows(self._R, X, self._rtol, kappa=kappa)
         return out
 
+    # -------------------------------------------------------------- attention
+    def heavy_attention(self, Q, eps: float | None = None):
+        """Every (query, key) pair with x^2 attention >= eps over all keys seen; see :mod:`streamlev.attention`."""
+        from .attention import heavy_attention
+
+        return heavy_attention(self, Q, eps)
+
     # ------------------------------------------------------------------ merge
     def _check_compatible(self, other, caller):
         if not isinstance(other, LevSketch):
