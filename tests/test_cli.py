@@ -204,7 +204,9 @@ def test_other_p_uses_lpsketch_or_says_it_is_missing(capsys, tmp_path):
         assert rc == 0, err
         res = json.loads(out)
         assert res["p"] == 3.0
-        np.testing.assert_array_equal(res["ids"], sl.universal_set(_keys(200, 3), 0.2, p=3.0))
+        direct = sl.LpSketch(3, 0.2, p=3.0).update(_keys(200, 3))  # one chunk: the same single update
+        np.testing.assert_array_equal(res["ids"], direct.universal_set())
+        assert res["bound"] == sl.LpSketch.max_retained(3, 0.2, 3.0)
     else:
         _assert_one_line_error(rc, out, err)
         assert "LpSketch" in err
