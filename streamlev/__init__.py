@@ -8,8 +8,12 @@ See the README and ``docs/`` for the guarantee and its limits.
 from __future__ import annotations
 
 from .leverage import leverage_scores, universal_set
+from .lewis import lewis_weights, sensitivity_upper_bounds
+from .lp import LpSketch
+from .sensitivity import sensitivities
 from .sketch import Changes, LevSketch
 
 __version__ = "0.1.0"
 
-__all__ = ["leverage_scores", "universal_set", "LevSketch", "Changes", "__version__"]
+__all__ = ["leverage_scores", "universal_set", "lewis_weights", "sensitivities", "sensitivity_upper_bounds",
+           "LevSketch", "LpSketch", "Changes", "__version__"]
