@@ -20,7 +20,7 @@ from . import _factor, _format
 from ._validation import check_dim, check_eps, check_ids, check_keys, check_p
 from .lewis import sensitivity_upper_bounds
 from .reference import DEFAULT_RTOL
-from .sketch import CHUNK_ROWS, _NO_DATA_EXP
+from .sketch import CHUNK_ROWS, _NO_DATA_EXP, _check_id_interval, _check_merge_ids, _extend_id_range
 
 __all__ = ["LpSketch", "universal_set_p"]
 
@@ -85,6 +85,8 @@ class LpSketch:
         self._rtol = float(rtol)
         self._lock = threading.RLock()
         self._n = 0
+        self._id_lo, self._id_hi = 0, -1
+        self._r = 0  # kept equal to len(_ids) for the shared id checks
         self._e = _NO_DATA_EXP
         self._R = np.zeros((self._d, self._d))
         self._K = np.zeros((0, self._d))
@@ -135,14 +137,23 @@ class LpSketch:
                 clash = ids_arr[np.isin(ids_arr, self._ids)]
                 raise ValueError(f"LpSketch.update: id(s) {clash[:5].tolist()} are already retained by this "
                                  "sketch; ids must be distinct across updates.")
-            snap = (self._n, self._e, self._R, self._K, self._ids, self._ub)
+            _check_id_interval(self, ids_arr, "LpSketch.update")
+            snap = self._snapshot()
             try:
                 for s in range(0, m, CHUNK_ROWS):
                     self._fold(K[s : s + CHUNK_ROWS], ids_arr[s : s + CHUNK_ROWS])
+                _extend_id_range(self, ids_arr.min(), ids_arr.max(), m)
             except BaseException:
-                self._n, self._e, self._R, self._K, self._ids, self._ub = snap
+                self._restore(snap)
                 raise
             return self
+
+    def _snapshot(self):
+        return (self._n, self._id_lo, self._id_hi, self._e, self._R, self._K, self._ids, self._ub)
+
+    def _restore(self, snap):
+        self._n, self._id_lo, self._id_hi, self._e, self._R, self._K, self._ids, self._ub = snap
+        self._r = int(self._ids.shape[0])
 
     def _prepare(self, B):
         X = B.astype(np.float64)
@@ -194,6 +205,7 @@ class LpSketch:
             keep = ub >= self._eps
             K, ids, ub = K[keep], ids[keep], ub[keep]
         self._K, self._ids, self._ub = K, ids, ub
+        self._r = int(ids.shape[0])
 
     def _subset_bounds(self, K, tol):
         import warnings
@@ -247,7 +259,8 @@ class LpSketch:
                 clash = other._ids[np.isin(other._ids, self._ids)]
                 raise ValueError(f"LpSketch.merge: id(s) {clash[:5].tolist()} are retained by both sketches; "
                                  "merged sketches must be built on disjoint ids (pass ids= to update).")
-            snap = (self._n, self._e, self._R, self._K, self._ids, self._ub)
+            _check_merge_ids(self, other, "LpSketch.merge")
+            snap = self._snapshot()
             try:
                 self._rescale(other._e)
                 shift = other._e - self._e
@@ -264,8 +277,9 @@ class LpSketch:
                     if oK.shape[0]:
                         ub_o = np.minimum(ub_o, _factor.score_rows(self._R, oK, self._rtol, kappa=kappa) ** half)
                 self._absorb(oK, other._ids.copy(), ub_o, ub_old)
+                _extend_id_range(self, other._id_lo, other._id_hi, other._n)
             except BaseException:
-                self._n, self._e, self._R, self._K, self._ids, self._ub = snap
+                self._restore(snap)
                 raise
             return self
 
@@ -277,6 +291,7 @@ class LpSketch:
             return _format.dump("LpSketch", {
                 "d": np.int64(self._d), "eps": np.float64(self._eps), "p": np.float64(self._p),
                 "rtol": np.float64(self._rtol), "n": np.int64(self._n), "scale_exp": np.int64(self._e),
+                "id_range": np.array([self._id_lo, self._id_hi], dtype=np.int64),
                 "R": self._R, "ids": self._ids[order], "keys": self._K[order], "ub": self._ub[order],
             })
 
@@ -285,8 +300,8 @@ class LpSketch:
         """Rebuild a sketch from :meth:`to_bytes` output; raise ValueError on anything else."""
         f = _format.load(data, "LpSketch", {
             "d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
-            "scale_exp": ((), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"), "keys": (("r", "d"), "f8"),
-            "ub": (("r",), "f8"),
+            "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
+            "keys": (("r", "d"), "f8"), "ub": (("r",), "f8"),
         })
         try:
             sk = cls(int(f["d"]), float(f["eps"]), p=float(f["p"]), rtol=float(f["rtol"]))
@@ -302,8 +317,12 @@ class LpSketch:
             raise ValueError("LpSketch.from_bytes: retained bounds must lie in [eps, 1].")
         if r > 1 and np.any(np.diff(ids) <= 0):
             raise ValueError("LpSketch.from_bytes: retained ids are not sorted and distinct.")
-        sk._n, sk._e, sk._R = n, e, np.ascontiguousarray(f["R"])
-        sk._K, sk._ids, sk._ub = f["keys"], ids, ub
+        lo, hi = (int(v) for v in f["id_range"])
+        if (n == 0 and (lo, hi) != (0, -1)) or (n > 0 and (hi < lo or hi - lo + 1 < n)) \
+                or (r and (ids[0] < lo or ids[-1] > hi)):
+            raise ValueError(f"LpSketch.from_bytes: id range [{lo}, {hi}] is inconsistent with n={n} and the ids.")
+        sk._n, sk._id_lo, sk._id_hi, sk._e, sk._R = n, lo, hi, e, np.ascontiguousarray(f["R"])
+        sk._K, sk._ids, sk._ub, sk._r = f["keys"], ids, ub, r
         return sk
 
     def copy(self) -> LpSketch:

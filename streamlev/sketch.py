@@ -117,6 +117,7 @@ class LevSketch:
     def _reset_state(self):
         d = self._d
         self._n = 0
+        self._id_lo, self._id_hi = 0, -1  # smallest and largest id seen (to catch reused id ranges)
         self._e = _NO_DATA_EXP  # stored arrays hold true values * 2**-e
         self._R = np.zeros((d, d))
         self._K = np.zeros((0, d))
@@ -132,12 +133,12 @@ class LevSketch:
 
     def _snapshot(self):
         r = self._r
-        return (self._n, self._e, self._R.copy(), self._K[:r].copy(), self._ids[:r].copy(),
+        return (self._n, self._id_lo, self._id_hi, self._e, self._R.copy(), self._K[:r].copy(), self._ids[:r].copy(),
                 self._tau[:r].copy(), None if self._V is None else self._V[:r].copy(),
                 self._pending, self._sm_steps, self._kappa, self._fro2_ref, self._fro2_now)
 
     def _restore(self, s):
-        (self._n, self._e, self._R, self._K, self._ids, self._tau, self._V,
+        (self._n, self._id_lo, self._id_hi, self._e, self._R, self._K, self._ids, self._tau, self._V,
          self._pending, self._sm_steps, self._kappa, self._fro2_ref, self._fro2_now) = s
         self._r = self._ids.shape[0]
 
@@ -258,13 +259,16 @@ class LevSketch:
                 clash = ids_arr[np.isin(ids_arr, self._ids[: self._r])]
                 raise ValueError(f"LevSketch.update: id(s) {clash[:5].tolist()} are already retained by this "
                                  "sketch; ids must be distinct across updates.")
+            _check_id_interval(self, ids_arr, "LevSketch.update")
             before = self._ids[: self._r].copy() if return_changes else None
+            lo, hi = int(ids_arr.min()), int(ids_arr.max())
             if m <= DECODE_MAX_ROWS and self._decode_ready():
                 # Small blocks: everything that can fail is checked before the state changes.
                 X, e = self._prepare_block(K)
                 if e == self._e:
                     for i in range(m):
                         self._decode_one(X[i], ids_arr[i : i + 1], None if V is None else V[i : i + 1])
+                    _extend_id_range(self, lo, hi, m)
                     return self._changes(before, ids_arr) if return_changes else self
             snap = self._snapshot()
             try:
@@ -272,6 +276,7 @@ class LevSketch:
                     t = min(m, s + CHUNK_ROWS)
                     self._fold(K[s:t], ids_arr[s:t], None if V is None else V[s:t])
                 self._enforce_bound()
+                _extend_id_range(self, lo, hi, m)
             except BaseException:
                 self._restore(snap)
                 raise
@@ -551,6 +556,7 @@ class LevSketch:
                 clash = o_ids[np.isin(o_ids, self._ids[: self._r])]
                 raise ValueError(f"LevSketch.merge: id(s) {clash[:5].tolist()} are retained by both sketches; "
                                  "merged sketches must be built on disjoint ids (pass ids= to update).")
+            _check_merge_ids(self, other, "LevSketch.merge")
             before = self._ids[: self._r].copy() if return_changes else None
             snap = self._snapshot()
             try:
@@ -562,6 +568,7 @@ class LevSketch:
                     self._R = np.zeros_like(self._R)
                 self._R = _factor.update_factor(self._R, oR)
                 self._n += other._n
+                _extend_id_range(self, other._id_lo, other._id_hi, other._n)
                 oV = None if other._V is None else other._V[:ro].copy()
                 self._append(oK, o_ids.copy(), np.ones(ro), oV, oV)
                 self._rescore()
@@ -584,6 +591,7 @@ class LevSketch:
             fields = {
                 "d": np.int64(self._d), "eps": np.float64(self._eps), "p": np.float64(self._p),
                 "rtol": np.float64(self._rtol), "n": np.int64(self._n), "scale_exp": np.int64(self._e),
+                "id_range": np.array([self._id_lo, self._id_hi], dtype=np.int64),
                 "R": self._R, "ids": ids, "keys": keys_scaled,
             }
             if vals is not None:
@@ -601,7 +609,8 @@ class LevSketch:
         """Rebuild a sketch from :meth:`to_bytes` output; raise ValueError on anything else."""
         f = _format.load(data, "LevSketch", {
             "d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
-            "scale_exp": ((), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"), "keys": (("r", "d"), "f8"),
+            "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
+            "keys": (("r", "d"), "f8"),
         }, optional={"values": (("r", None), "f8")})
         try:
             sk = cls(int(f["d"]), float(f["eps"]), p=float(f["p"]), rtol=float(f["rtol"]))
@@ -617,6 +626,11 @@ class LevSketch:
                              "with a non-negative diagonal.")
         if r > 1 and np.any(np.diff(ids) <= 0):
             raise ValueError("LevSketch.from_bytes: retained ids are not sorted and distinct.")
+        lo, hi = (int(v) for v in f["id_range"])
+        if (n == 0 and (lo, hi) != (0, -1)) or (n > 0 and (hi < lo or hi - lo + 1 < n)) \
+                or (r and (ids[0] < lo or ids[-1] > hi)):
+            raise ValueError(f"LevSketch.from_bytes: id range [{lo}, {hi}] is inconsistent with n={n} and the ids.")
+        sk._id_lo, sk._id_hi = lo, hi
         V = f.get("values")
         if V is not None and not np.isfinite(V).all():
             raise ValueError("LevSketch.from_bytes: values contain NaN or Inf.")
@@ -651,6 +665,43 @@ class LevSketch:
 
 def _from_bytes(data):
     return LevSketch.from_bytes(data)
+
+
+# Ids of evicted keys are not stored (bounded memory), but when a sketch's ids are
+# exactly the interval [lo, hi] (the default running positions, or one shard's row
+# range) any id inside it is known to be taken. That catches the common mistake of
+# merging two sketches that both counted ids from 0.
+def _is_interval(sk) -> bool:
+    return sk._n > 0 and sk._id_hi - sk._id_lo + 1 == sk._n
+
+
+def _check_id_interval(sk, ids, caller):
+    if _is_interval(sk):
+        inside = ids[(ids >= sk._id_lo) & (ids <= sk._id_hi)]
+        if inside.size:
+            raise ValueError(f"{caller}: id(s) {inside[:5].tolist()} were already used: this sketch has seen exactly "
+                             f"the ids {sk._id_lo}..{sk._id_hi}. Pass fresh ids (e.g. ids=np.arange(n0, n0 + m)).")
+
+
+def _check_merge_ids(sk, other, caller):
+    both = _is_interval(sk) and _is_interval(other)
+    if both and sk._id_lo <= other._id_hi and other._id_lo <= sk._id_hi:
+        raise ValueError(f"{caller}: the sketches' ids overlap: this one has seen ids {sk._id_lo}..{sk._id_hi}, "
+                         f"the other {other._id_lo}..{other._id_hi}. Build shards with disjoint ids "
+                         "(update(keys, ids=offset + np.arange(m))).")
+    for a, b in ((sk, other), (other, sk)):
+        if _is_interval(a) and b._r:
+            ids = b._ids[: b._r] if hasattr(b, "_r") else b._ids
+            _check_id_interval(a, ids, caller)
+
+
+def _extend_id_range(sk, lo, hi, count):
+    if count <= 0:
+        return
+    if sk._id_hi < sk._id_lo:
+        sk._id_lo, sk._id_hi = int(lo), int(hi)
+    else:
+        sk._id_lo, sk._id_hi = min(sk._id_lo, int(lo)), max(sk._id_hi, int(hi))
 
 
 def _grow(a, cap, r):

@@ -171,3 +171,21 @@ def test_absurd_sizes_do_not_allocate():
     data = body + struct.pack("<I", zlib.crc32(body))
     with pytest.raises(ValueError, match="truncated or corrupt"):
         sl.LevSketch.from_bytes(data)
+
+
+def test_reused_id_ranges_are_caught_even_after_eviction():
+    K = make_keys("gaussian", 500, 3, 0)
+    a = sl.LevSketch(3, 0.2).update(K[:250])
+    b = sl.LevSketch(3, 0.2).update(K[250:])  # forgot ids=: both count from 0
+    before = a.to_bytes()
+    with pytest.raises(ValueError, match="ids overlap"):
+        a.merge(b)
+    with pytest.raises(ValueError, match="were already used"):
+        a.update(K[:5], ids=np.arange(10, 15))  # ids 10..14 were evicted long ago, but are known taken
+    assert a.to_bytes() == before
+    a.merge(sl.LevSketch(3, 0.2).update(K[250:], ids=np.arange(250, 500)))
+    assert a.n == 500
+    # interleaved shards (not intervals) stay legal
+    ev = sl.LevSketch(3, 0.2).update(K[::2], ids=np.arange(0, 500, 2))
+    od = sl.LevSketch(3, 0.2).update(K[1::2], ids=np.arange(1, 500, 2))
+    np.testing.assert_array_equal(ev.merge(od).universal_set(), sl.universal_set(K, 0.2))
