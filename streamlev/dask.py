@@ -20,12 +20,13 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import os
 
 import numpy as np
 
 from ._validation import check_eps, check_p
 
-__all__ = ["sketch_array", "sketch_heads", "sketch_class"]
+__all__ = ["sketch_array", "sketch_heads", "sketch_class", "from_npy"]
 
 DEFAULT_SPLIT_EVERY = 8  # the fan-in dask itself uses for tree reductions
 _TRANSPORTS = ("bytes", "pickle")
@@ -172,6 +173,63 @@ def _prepare(x, eps, p, split_every, ids_offset, transport, kwargs, *, caller, m
     # Build one empty sketch here so that bad sketch parameters fail now, not inside a task on a worker.
     cls(int(x.shape[-1]), eps, p=p, **kwargs)
     return x, eps, p, split_every, ids_offset, transport, cls
+
+
+# ------------------------------------------------------------------ input
+class _NpyRows:
+    """Array-like view of a .npy file that pickles as its path: each task memory-maps the file itself.
+
+    ``da.from_array(np.load(path, mmap_mode="r"))`` puts the memory map in the
+    graph, and pickling a memory map copies all of its data; this object
+    keeps only the path, so the bytes are read where the task runs.
+    """
+
+    def __init__(self, path, shape, dtype):
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index):
+        return np.asarray(np.load(self.path, mmap_mode="r")[index])
+
+
+def from_npy(path, chunks=65_536):
+    """A dask array of the keys in a ``.npy`` file, read by the tasks (memory-mapped) rather than the client.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.npy`` file holding a 2-D array (n, d) or a grouped one
+        (groups..., n, d), visible at the same path to every worker (local
+        disk of a single machine, or a shared file system).
+    chunks : int or tuple, default=65536
+        Rows per chunk (int), or full dask chunks. An int chunks the second-to-last
+        axis (rows) and keeps the last axis whole; group axes are chunked by 1.
+
+    Returns
+    -------
+    dask.array.Array with the file's shape and dtype.
+
+    Notes
+    -----
+    The task graph holds only the path, shape and dtype, so building and
+    submitting it costs the same for a kilobyte or a terabyte of keys.
+    """
+    da, dask = _dask_array()
+    path = os.fspath(path)
+    mm = np.load(path, mmap_mode="r")  # reads the header only: shape and dtype
+    if mm.ndim < 2:
+        raise ValueError(f"streamlev.dask.from_npy: {path!r} holds an array of shape {mm.shape}; expected keys "
+                         "of shape (n, d) or (groups..., n, d).")
+    if isinstance(chunks, numbers.Integral) and not isinstance(chunks, (bool, np.bool_)):
+        if int(chunks) < 1:
+            raise ValueError(f"streamlev.dask.from_npy: chunks must be >= 1 rows. Got {chunks!r}.")
+        chunks = (1,) * (mm.ndim - 2) + (int(chunks), -1)
+    st = os.stat(path)
+    name = "from-npy-" + dask.base.tokenize(path, st.st_mtime_ns, st.st_size, mm.shape, str(mm.dtype), chunks)
+    rows = _NpyRows(path, mm.shape, mm.dtype)
+    del mm
+    return da.from_array(rows, chunks=chunks, name=name, asarray=True, fancy=False,
+                         meta=np.empty((0,) * len(rows.shape), dtype=rows.dtype))
 
 
 # ------------------------------------------------------------------ public
