@@ -61,27 +61,36 @@ def _chol(G: np.ndarray):
     return (c, True) if info == 0 else (None, False)
 
 
-def update_factor(R: np.ndarray, B: np.ndarray) -> np.ndarray:
+def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False):
     """Return the upper-triangular R' (non-negative diagonal) with R'^T R' = R^T R + B^T B.
 
     Parameters
     ----------
     R : ndarray of shape (d, d), float64, upper triangular
     B : ndarray of shape (m, d), float64
+    return_kappa : bool
+        Also return :func:`cond_estimate` of R' (computed anyway on the fast path).
 
     Returns
     -------
     ndarray of shape (d, d), C-contiguous; R and B are not modified.
     """
+    if return_kappa:
+        Rn, kappa = _update(R, B)
+        return Rn, (cond_estimate(Rn) if kappa is None else kappa)
+    return _update(R, B)[0]
+
+
+def _update(R, B):
     if B.shape[0] == 0:
-        return R.copy()
+        return R.copy(), None
     G = blas.dsyrk(1.0, B, trans=1, lower=0)  # upper triangle of B^T B
     G += R.T @ R
     R1, ok = _chol(G)
     if ok:
         kappa = cond_estimate(R1)
         if kappa <= KAPPA_GRAM:
-            return _positive_diagonal(R1)
+            return _positive_diagonal(R1), kappa
         if kappa <= KAPPA_CHOLQR2:
             # CholeskyQR2: re-orthogonalise Q1 = [R; B] R1^{-1} once more.
             Q1b = blas.dtrsm(1.0, R1, np.asfortranarray(B), side=1, lower=0)
@@ -90,8 +99,8 @@ def update_factor(R: np.ndarray, B: np.ndarray) -> np.ndarray:
             G2 += Q1r.T @ Q1r
             R2, ok2 = _chol(G2)
             if ok2:
-                return _positive_diagonal(np.triu(R2) @ np.triu(R1))
-    return _householder(R, B)
+                return _positive_diagonal(np.triu(R2) @ np.triu(R1)), None
+    return _householder(R, B), None
 
 
 def ridge_lambda(R: np.ndarray, rtol: float) -> float:

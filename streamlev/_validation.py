@@ -70,7 +70,7 @@ def check_keys(keys, d: int, *, caller: str, name: str = "keys", check_finite: b
         arr = arr.reshape(1, -1)
     if arr.ndim != 2:
         raise ValueError(f"{caller}: {name} must be 2-D of shape (m, {d}) or 1-D of shape ({d},). "
-                         f"Got an array of shape {arr.shape}; for (heads, m, d) blocks use one sketch per head.")
+                         f"Got an array of shape {arr.shape}; for (heads, m, d) blocks use streamlev.MultiHeadSketch.")
     if arr.shape[1] != d:
         raise ValueError(f"{caller}: {name} has {arr.shape[1]} columns but this sketch was built with d={d}. "
                          f"Pass keys of shape (m, {d}).")

@@ -311,7 +311,7 @@ class LevSketch:
             if diag.size and np.ldexp(diag.min(), self._e - be) < np.finfo(np.float64).tiny:
                 raise ValueError("LevSketch.update: new keys are too large relative to earlier keys for float64 "
                                  f"(block max {bmax:.3g} vs sketch scale 2^{self._e}); rescale the input.")
-        X = np.ldexp(X, -e)
+        np.ldexp(X, -e, out=X)
         if be < e - 1000 and np.any(np.any(B != 0, axis=1) & ~np.any(X != 0, axis=1)):
             raise ValueError("LevSketch.update: keys are too small relative to earlier keys for float64 "
                              f"(block max {bmax:.3g} vs sketch scale 2^{self._e}); rescale the input.")
@@ -345,9 +345,8 @@ class LevSketch:
             for i in range(m):
                 self._decode_one(X[i], ids[i : i + 1], None if V is None else V[i : i + 1])
             return
-        self._R = _factor.update_factor(self._R, X)
+        self._R, kappa = _factor.update_factor(self._R, X, return_kappa=True)
         self._n += m
-        kappa = _factor.cond_estimate(self._R)
         tau_new = _factor.score_rows(self._R, X, self._rtol, kappa=kappa)
         keep = tau_new >= self._eps
         self._append(X[keep], ids[keep], tau_new[keep], None if V is None else V[keep], V)
