@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _factor, _format
-from ._kernels.rank_one import decode_step
+from ._kernels.rank_one import decode_key
 from ._validation import check_dim, check_eps, check_ids, check_keys, check_values
 from .reference import DEFAULT_RTOL
 
@@ -419,34 +419,26 @@ class LevSketch:
         if getattr(self, "_scratch", None) is None or self._scratch[0].shape[0] != d:
             self._scratch = (np.empty(d), np.empty(d), np.empty(d))
         y, u, xs = self._scratch
-        r = self._r
-        h = decode_step(self._R, x, u, y, xs)
-        if r:
-            c = self._K[:r] @ u
-            c *= c
-            c /= 1.0 + h
-            tau = self._tau[:r]
-            tau -= c
-            np.maximum(tau, 0.0, out=tau)
+        h, lowest, xx = decode_key(self._R, x, self._K, self._tau, self._r, y, u, xs)
         tau_x = h / (1.0 + h)
         self._n += 1
         self._sm_steps += 1
-        self._fro2_now += float(x @ x)
+        self._fro2_now += xx
         # Rank-one updates accumulate rounding ~ steps * u * kappa^2; decide only outside that band.
         kappa = self._kappa * math.sqrt(self._fro2_now / self._fro2_ref)
         margin = min(1.0, 64.0 * self._sm_steps * _U * kappa * kappa * d)
         eps = self._eps
         if tau_x >= eps - margin:
             self._append(x[None, :], ident, np.array([tau_x]), V, V)
+            lowest = min(lowest, tau_x)
         r = self._r
-        if r:
+        if r and lowest < eps + margin:
             tau = self._tau[:r]
-            if tau.min() < eps + margin:
-                near = np.flatnonzero(np.abs(tau - eps) < margin)
-                if near.size:
-                    tau[near] = _factor.score_rows(self._R, self._K[:r][near], self._rtol, kappa=kappa)
-                if tau.min() < eps:
-                    self._compact(tau >= eps)
+            near = np.flatnonzero(np.abs(tau - eps) < margin)
+            if near.size:
+                tau[near] = _factor.score_rows(self._R, self._K[:r][near], self._rtol, kappa=kappa)
+            if tau.min() < eps:
+                self._compact(tau >= eps)
         if self._sm_steps >= max(32, d):
             self._rescore()
 

@@ -70,3 +70,54 @@ def decode_step(R, x, u, y, xs):
         xs[i] = x[i]
     givens_add_row(R, xs)
     return h
+
+
+@jit
+def _dot4(a, b, d):
+    # four independent partial sums: the same IEEE operations on every run, without the
+    # add-latency chain of a single accumulator (fastmath is off by policy)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    j = 0
+    while j + 4 <= d:
+        s0 += a[j] * b[j]
+        s1 += a[j + 1] * b[j + 1]
+        s2 += a[j + 2] * b[j + 2]
+        s3 += a[j + 3] * b[j + 3]
+        j += 4
+    while j < d:
+        s0 += a[j] * b[j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@jit
+def decode_key(R, x, K, tau, r, y, u, xs):
+    """One key through a nonsingular factor, scores included: the whole rank-one step in one call.
+
+    Computes h and u = M^{-1} x as :func:`decode_step` does, lowers every
+    retained score by (k_a . u)^2 / (1 + h), and folds x into R.
+
+    R   : (d, d) float64 C-contiguous upper triangular, nonsingular; updated in place.
+    x   : (d,) float64 key (scaled), not modified.
+    K   : (cap, d) float64 C-contiguous retained keys; rows [0, r) are used.
+    tau : (cap,) float64 retained scores; entries [0, r) updated in place (clipped at 0).
+    y, u, xs : (d,) float64 scratch.
+    Returns (h, min over the updated scores or inf when r == 0, x . x).
+    """
+    d = R.shape[0]
+    xx = _dot4(x, x, d)
+    h = decode_step(R, x, u, y, xs)
+    inv = 1.0 / (1.0 + h)
+    lo = np.inf
+    for a in range(r):
+        c = _dot4(K[a], u, d)
+        t = tau[a] - c * c * inv
+        if t < 0.0:
+            t = 0.0
+        tau[a] = t
+        if t < lo:
+            lo = t
+    return h, lo, xx
