@@ -1,0 +1,363 @@
+"""Key selectors for softmax attention caches: heuristics built on the exact sketches.
+
+Softmax attention has no query-agnostic universal set (a query ``t * k_j``
+makes any distinct key heavy as ``t`` grows), so nothing here carries the
+|x|^p guarantee of :class:`~streamlev.LevSketch`. What *is* exact is stated per
+function: the scores are exactly the documented quantities, computed in one
+streaming, mergeable pass where that is said. Whether a score keeps the
+softmax mass is an empirical question; ``docs/softmax_selectors.md`` measures
+it on real heads.
+
+Two classes of selectors:
+
+* key-only (no query information): :func:`shift_invariant_leverage`
+  (:class:`ShiftInvariantSketch` in streaming form), :func:`key_norm_scores`,
+  :func:`keydiff_scores`;
+* query-statistics (a :class:`~streamlev.query_sketch.QuerySketch` of the
+  queries seen so far, never the future ones): :func:`expected_logit_scores`
+  (Gaussian model of the queries) and :func:`query_span_leverage`.
+
+:func:`budget_split` and :func:`select` turn scores into a kept set of a given
+budget, with attention sinks and a recent window for causal models.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import _format
+from ._validation import check_dim, check_eps, check_keys
+from .query_sketch import QuerySketch
+from .reference import DEFAULT_RTOL
+from .sketch import LevSketch
+
+__all__ = ["ShiftInvariantSketch", "shift_invariant_leverage", "key_norm_scores", "keydiff_scores",
+           "expected_logit_scores", "query_span_leverage", "query_span_basis", "budget_split", "select",
+           "SINKS", "RECENT_FRACTION"]
+
+SINKS = 4  # attention sinks kept by causal budgets (StreamingLLM, Xiao et al. 2023, keeps 4 initial tokens)
+RECENT_FRACTION = 0.25  # share of a causal budget given to the most recent keys (see budget_split)
+
+
+# --------------------------------------------------------------------------- translation-invariant leverage
+class ShiftInvariantSketch:
+    """Leverage of the keys augmented with a constant coordinate, ``[k, c]``: one-pass, mergeable, exact.
+
+    Softmax attention is unchanged when every key is shifted by the same vector
+    (the shift adds ``<q, shift>`` to every logit of a query), so a softmax key
+    score should be shift-invariant; plain leverage is not. The leverage of the
+    augmented rows ``[k_j, c]`` is
+
+        tau_j([K, c 1]) = 1/n + tau_j(K - 1 mu^T),   mu = mean key,
+
+    (the column space of ``[K, c1]`` is ``span(1)`` plus the orthogonal span of
+    the centred keys), which is shift-invariant up to the constant ``1/n``, and
+    -- being ordinary leverage of a growing row set -- never increases as keys
+    arrive. So the exact streaming, merge and threshold machinery of
+    :class:`LevSketch` carries over: this class *is* a ``LevSketch(d + 1, eps)``
+    fed with ``[k, c]``.
+
+    Parameters
+    ----------
+    d : int
+        Key dimension (the inner sketch has d + 1 columns).
+    eps : float in (0, 1]
+        Smallest augmented leverage kept.
+    c : float, default=1.0
+        The constant coordinate. Mathematically irrelevant: ``[K, c1]`` and
+        ``[K, 1]`` have the same column space for every ``c != 0``, so the scores
+        do not depend on ``c``. Numerically it matters only through conditioning:
+        a ``c`` far from the typical key norm makes the (d+1)-column factor
+        ill-conditioned (error ~ u * cond), so pick ``c`` of the order of the
+        key norms (e.g. the RMS norm of the first block). It is fixed for the
+        life of the sketch and must match to merge.
+
+    Notes
+    -----
+    Guarantee (exact, inherited from LevSketch): after any sequence of updates
+    and merges over keys K, ``universal_set(e) == {j : 1/n + tau_j(K_c) >= e}``
+    for all ``e >= eps``, ``num_retained <= (d + 1)/eps``. For the x^2 attention
+    of *augmented* queries ``[q, b]`` (a query with a bias, i.e. logits
+    ``<q, k> + b c``) it is the universal set. For softmax it is a heuristic
+    ranking only: no share of softmax mass is guaranteed.
+    """
+
+    def __init__(self, d: int, eps: float, *, c: float = 1.0, rtol: float = DEFAULT_RTOL):
+        self._d = check_dim(d, caller="ShiftInvariantSketch")
+        check_eps(eps, caller="ShiftInvariantSketch")
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(c) or float(c) == 0.0:
+            raise ValueError(f"ShiftInvariantSketch: c must be a finite non-zero real number (about the typical "
+                             f"key norm); got {c!r}.")
+        self._c = float(c)
+        self._sk = LevSketch(self._d + 1, eps, rtol=rtol)
+        self._lock = threading.RLock()
+
+    def _augment(self, keys, caller):
+        K = check_keys(keys, self._d, caller=caller, check_finite=False)
+        return np.hstack([K.astype(np.float64, copy=False), np.full((K.shape[0], 1), self._c)])
+
+    @property
+    def d(self) -> int:
+        """Key dimension (without the constant coordinate)."""
+        return self._d
+
+    @property
+    def c(self) -> float:
+        """The constant coordinate."""
+        return self._c
+
+    @property
+    def eps(self) -> float:
+        """Threshold the sketch was built for."""
+        return self._sk.eps
+
+    @property
+    def n(self) -> int:
+        """Number of keys seen."""
+        return self._sk.n
+
+    @property
+    def num_retained(self) -> int:
+        """Number of keys held (<= ``max_retained(d, eps)``)."""
+        return self._sk.num_retained
+
+    @staticmethod
+    def max_retained(d: int, eps: float) -> int:
+        """A-priori bound on ``num_retained``: ``floor((d + 1) / eps)``."""
+        return LevSketch.max_retained(check_dim(d, caller="ShiftInvariantSketch.max_retained") + 1, eps)
+
+    def __repr__(self) -> str:
+        return f"ShiftInvariantSketch(d={self._d}, eps={self.eps!r}, c={self._c!r}; n={self.n})"
+
+    def update(self, keys, ids=None, values=None, *, return_changes: bool = False):
+        """Fold keys (m, d) or (d,) in; same contract as :meth:`LevSketch.update`."""
+        with self._lock:
+            out = self._sk.update(self._augment(keys, "ShiftInvariantSketch.update"), ids=ids, values=values,
+                                  return_changes=return_changes)
+            return self if out is self._sk else out
+
+    def merge(self, other: ShiftInvariantSketch, *, return_changes: bool = False):
+        """Fold another sketch built on disjoint keys with the same ``c`` in; exact."""
+        if not isinstance(other, ShiftInvariantSketch):
+            raise TypeError(f"ShiftInvariantSketch.merge: expected a ShiftInvariantSketch, got {type(other).__name__}.")
+        if other._c != self._c:
+            raise ValueError(f"ShiftInvariantSketch.merge: constant coordinates differ (c={self._c!r} here, "
+                             f"{other._c!r} in the other sketch); build both with the same c.")
+        with self._lock:
+            out = self._sk.merge(other._sk, return_changes=return_changes)
+            return self if out is self._sk else out
+
+    def scores(self):
+        """Retained ids (sorted) and their exact augmented leverage ``1/n + tau_j(K_c)``."""
+        return self._sk.scores()
+
+    def universal_set(self, eps: float | None = None) -> np.ndarray:
+        """Sorted ids with augmented leverage >= eps (default ``self.eps``)."""
+        return self._sk.universal_set(eps)
+
+    def top(self, budget: int) -> np.ndarray:
+        """Sorted ids of the ``budget`` keys of largest augmented leverage among those retained.
+
+        Exact (equal to the offline top-``budget``, ties towards lower id)
+        whenever ``num_retained >= budget``: every key outside the retained set
+        has augmented leverage < eps <= every retained score. When fewer keys
+        are retained, all of them are returned (size < budget): choose ``eps``
+        below the budget-th largest score you expect (scores sum to at most
+        d + 1, so the budget-th largest is at most ``(d + 1) / budget``; memory
+        is at most ``(d + 1) / eps`` keys).
+        """
+        if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)) or budget < 0:
+            raise ValueError(f"ShiftInvariantSketch.top: budget must be an int >= 0, got {budget!r}.")
+        ids, tau = self._sk.scores()
+        order = np.lexsort((ids, -tau))[: int(budget)]
+        return np.sort(ids[order])
+
+    def retained(self):
+        """Retained ids, keys (without the constant coordinate) and payload values."""
+        ids, K, V = self._sk.retained()
+        return ids, K[:, : self._d], V
+
+    def to_bytes(self) -> bytes:
+        """Checksummed bytes: the constant and the inner LevSketch's bytes."""
+        with self._lock:
+            inner = self._sk.to_bytes()
+            pad = (-len(inner)) % 8
+            words = np.frombuffer(inner + b"\0" * pad, dtype="<i8")
+            return _format.dump("ShiftInvariantSketch", {"c": np.float64(self._c), "inner_len": np.int64(len(inner)),
+                                                         "inner": words})
+
+    @classmethod
+    def from_bytes(cls, data) -> ShiftInvariantSketch:
+        """Rebuild from :meth:`to_bytes` output; ValueError on anything else."""
+        f = _format.load(data, "ShiftInvariantSketch", {"c": ((), "f8"), "inner_len": ((), "i8"),
+                                                         "inner": ((None,), "i8")})
+        raw = f["inner"].astype("<i8").tobytes()
+        m = int(f["inner_len"])
+        if not 0 <= m <= len(raw) < m + 8:
+            raise ValueError("ShiftInvariantSketch.from_bytes: inconsistent inner length.")
+        inner = LevSketch.from_bytes(raw[:m])
+        if inner.d < 2:
+            raise ValueError("ShiftInvariantSketch.from_bytes: the inner sketch must have d + 1 >= 2 columns.")
+        sk = cls(inner.d - 1, inner.eps, c=float(f["c"]), rtol=inner.rtol)
+        sk._sk = inner
+        return sk
+
+
+def shift_invariant_leverage(K, *, c: float | None = None, rtol: float = DEFAULT_RTOL) -> np.ndarray:
+    """Offline augmented leverage ``tau_j([K, c1]) = 1/n + tau_j(K - mean)`` of every key, shape (n,).
+
+    Equals the scores of a :class:`ShiftInvariantSketch` fed with ``K`` (any
+    blocks). ``c`` defaults to the RMS key norm (irrelevant except for rounding).
+    """
+    K = np.asarray(check_keys(K, np.shape(K)[-1] if np.ndim(K) == 2 else -1, caller="shift_invariant_leverage"),
+                   dtype=np.float64)
+    n = K.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    if c is None:
+        c = float(np.sqrt(np.mean(np.sum(K * K, axis=1)))) or 1.0
+    from .leverage import leverage_scores
+
+    return leverage_scores(np.hstack([K, np.full((n, 1), float(c))]), rtol=rtol)
+
+
+# --------------------------------------------------------------------------- simple key-only scores
+def key_norm_scores(K) -> np.ndarray:
+    """``||k_j||``: keep the largest keys (a common baseline; kvpress ``KnormPress`` keeps the *smallest*)."""
+    K = np.asarray(K, dtype=np.float64)
+    return np.linalg.norm(K, axis=1)
+
+
+def keydiff_scores(K) -> np.ndarray:
+    """KeyDiff (Park et al., arXiv:2504.15364): ``-cos(k_j, mean_l k_l/||k_l||)``; keeps the most distinct keys."""
+    K = np.asarray(K, dtype=np.float64)
+    norms = np.maximum(np.linalg.norm(K, axis=1), 1e-12)
+    anchor = (K / norms[:, None]).mean(axis=0)
+    return -(K @ anchor) / (norms * max(np.linalg.norm(anchor), 1e-12))
+
+
+# --------------------------------------------------------------------------- query-statistics scores
+def _check_qs(qs, d, caller):
+    if not isinstance(qs, QuerySketch):
+        raise TypeError(f"{caller}: expected a QuerySketch of the queries seen so far, got {type(qs).__name__}.")
+    if qs.d != d:
+        raise ValueError(f"{caller}: the QuerySketch has d={qs.d} but the keys have {d} columns.")
+    if qs.n == 0:
+        raise ValueError(f"{caller}: the QuerySketch is empty; feed it the queries seen so far first.")
+
+
+def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, covariance: bool = True) -> np.ndarray:
+    """Log of the expected unnormalised softmax weight of each key under a Gaussian model of the queries.
+
+    For ``q ~ N(mu, Sigma)`` (mean and covariance from ``qs``) and logits
+    ``scale * <q, k>``, ``E exp(scale <q,k>) = exp(scale mu.k + scale^2 k^T Sigma k / 2)``
+    (the Gaussian moment generating function); this returns the exponent,
+    shape (n,). Ranking by it ranks keys by expected softmax *numerator*; the
+    softmax denominator is common to all keys of one query, so it does not
+    change the ranking for a single query and only approximately for the
+    average over queries (a heuristic).
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+    qs : QuerySketch
+        Statistics of the queries seen so far.
+    scale : float, default ``1/sqrt(d)``
+        The logit scale of the model.
+    covariance : bool, default=True
+        Include the ``k^T Sigma k / 2`` term (False: ``scale * mu.k`` only).
+    """
+    K = np.asarray(K, dtype=np.float64)
+    _check_qs(qs, K.shape[1], "expected_logit_scores")
+    s = 1.0 / np.sqrt(K.shape[1]) if scale is None else float(scale)
+    out = s * (K @ qs.mean)
+    if covariance:
+        out += 0.5 * s * s * np.einsum("ij,jk,ik->i", K, qs.covariance, K)
+    return out
+
+
+def query_span_basis(qs: QuerySketch, energy: float = 0.99) -> np.ndarray:
+    """Orthonormal basis (d, r) of the effective span of the queries seen.
+
+    The span of ``r`` leading eigenvectors of the raw second moment ``S``
+    where ``r`` is the smallest rank with ``sum_{i<=r} lambda_i >= energy * tr S``
+    (``energy=1`` gives the exact numerical span: eigenvalues above ``d u lambda_1``).
+    """
+    if not isinstance(qs, QuerySketch) or qs.n == 0:
+        raise ValueError("query_span_basis: need a non-empty QuerySketch.")
+    if not (0.0 < float(energy) <= 1.0):
+        raise ValueError(f"query_span_basis: energy must be in (0, 1], got {energy!r}.")
+    w, V = np.linalg.eigh(qs.second_moment)
+    w, V = np.maximum(w[::-1], 0.0), V[:, ::-1]
+    if float(energy) == 1.0:
+        r = int(np.sum(w > qs.d * np.finfo(float).eps * w[0]))
+    else:
+        r = int(np.searchsorted(np.cumsum(w), float(energy) * w.sum()) + 1)
+    return V[:, : max(1, min(r, qs.d))]
+
+
+def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float = DEFAULT_RTOL) -> np.ndarray:
+    """Leverage of the keys projected onto the span of the observed queries: the x^2 sensitivity over that span.
+
+    With ``P = B B^T`` the projector onto the query span (:func:`query_span_basis`),
+
+        max_{q in span} <q, k_j>^2 / ||K q||^2 = tau_j(K P) = tau_j(K B),
+
+    because for ``q = B a``: ``<q,k_j> = <a, B^T k_j>`` and ``K q = (K B) a``, so
+    the maximum over ``a`` is the leverage of row j of ``K B`` (n x r). Exact
+    for queries in the span (``energy=1``); with ``energy<1`` the span is the
+    dominant eigenspace of the query second moment (a heuristic truncation).
+    Shape (n,).
+    """
+    K = np.asarray(K, dtype=np.float64)
+    _check_qs(qs, K.shape[1], "query_span_leverage")
+    from .leverage import leverage_scores
+
+    return leverage_scores(K @ query_span_basis(qs, energy), rtol=rtol)
+
+
+# --------------------------------------------------------------------------- budgets
+def budget_split(budget: int, n: int, *, causal: bool) -> tuple[int, int]:
+    """Number of sink and recent keys in a budget: the documented rule.
+
+    Causal models: ``min(SINKS, budget // 4)`` initial keys (attention sinks,
+    StreamingLLM keeps 4) and ``floor(RECENT_FRACTION * budget)`` most recent
+    keys; the rest is chosen by score. The fraction is fixed in advance, the
+    same for every model, head and data set. Non-causal models: (0, 0).
+    """
+    if budget < 0 or n < 0:
+        raise ValueError(f"budget_split: budget and n must be >= 0, got budget={budget}, n={n}.")
+    budget = min(int(budget), int(n))
+    if not causal:
+        return 0, 0
+    sinks = min(SINKS, budget // 4)
+    recent = min(int(RECENT_FRACTION * budget), budget - sinks)
+    return sinks, recent
+
+
+def select(scores, budget: int, *, sinks: int = 0, recent: int = 0) -> np.ndarray:
+    """Sorted indices of the kept keys: the first ``sinks``, the last ``recent``, the rest by highest score.
+
+    Ties are broken towards the lower index (stable). ``budget`` is clipped to
+    ``len(scores)``; exactly ``min(budget, n)`` indices are returned.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    n = s.shape[0]
+    budget = min(int(budget), n)
+    if budget <= 0:
+        return np.zeros(0, np.int64)
+    if sinks < 0 or recent < 0 or sinks + recent > budget:
+        raise ValueError(f"select: need 0 <= sinks + recent <= budget; got sinks={sinks}, recent={recent}, "
+                         f"budget={budget}.")
+    forced = np.zeros(n, bool)
+    forced[:sinks] = True
+    if recent:
+        forced[n - recent:] = True
+    rest = budget - int(forced.sum())
+    cand = np.flatnonzero(~forced)
+    s_c = np.where(np.isnan(s[cand]), -np.inf, s[cand])
+    order = np.argsort(-s_c, kind="stable")[:rest]
+    return np.sort(np.concatenate([np.flatnonzero(forced), cand[order]])).astype(np.int64)
