@@ -1,0 +1,580 @@
+"""Quality of key selection on real attention: streamlev leverage against the selectors used today.
+
+Given per-head queries, keys and values, every selector keeps a subset of the
+keys of each head and the attention restricted to it is compared with full
+attention. Selectors (``METHODS``; higher score = keep, ties to the earlier key):
+
+===================  =====================================================================
+``leverage``         streamlev: exact leverage ``tau_j`` of K. Threshold mode: the
+                     universal set ``{tau_j >= eps}`` of a streaming :class:`LevSketch`.
+``lewis_p1``         streamlev: l_1 Lewis weights of K (:func:`streamlev.lewis_weights`).
+``knorm_small``      ``-||k_j||``: keep small-norm keys (the rule of kvpress ``KnormPress``).
+``knorm_large``      ``+||k_j||``: keep large-norm keys (the opposite rule).
+``sketch_leverage``  the rule of kvpress ``LeverageScorePress``: centre K over the sequence,
+                     right Gaussian sketch ``X = (K - mean) Phi``, ``Phi`` of shape (d, 48)
+                     scaled by ``1/sqrt(48)`` (seeded here), score ``x_j^T (X^T X + c I)^{-1} x_j``
+                     in float32 with Cholesky jitter ``c = 1e-2, 1e-1, ...``, clamped at 0.
+``keydiff``          the rule of kvpress ``KeyDiffPress``: ``-cos(k_j, a)`` with anchor
+                     ``a = mean_j k_j/||k_j||`` (keep the keys least aligned with it).
+``streaming_llm``    StreamingLLM: the first 4 keys (sinks) plus the most recent ones.
+``random``           uniform random subset (seeded).
+``oracle``           **sees the queries**: keys with the largest softmax attention received
+                     (column sums of ``softmax(Q K^T * scale)``). An upper reference only.
+===================  =====================================================================
+
+Metrics of a kept set per head (:func:`head_metrics`): recall of heavy entries
+``A_ij >= eps`` under x^2 attention (``A = <q,k>^2 / sum_l <q,k_l>^2``) and
+under softmax, the softmax attention mass the kept keys receive, and the
+Frobenius relative error of the attention output ``A V`` when softmax is
+restricted to the kept keys and renormalised.
+
+Nothing here imports torch or matplotlib.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._arrays import as_real_array
+from ._validation import check_eps
+
+__all__ = ["METHODS", "QUERY_AWARE", "FRACTIONS", "EPS", "key_scores", "select", "head_metrics",
+           "evaluate_head", "evaluate", "summarize"]
+
+METHODS = ("leverage", "lewis_p1", "knorm_small", "knorm_large", "sketch_leverage", "keydiff", "streaming_llm",
+           "random", "oracle")
+QUERY_AWARE = frozenset({"oracle"})
+FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+EPS = (0.1, 0.15, 0.2, 0.3)
+N_SINK = 4  # StreamingLLM attention sinks (kvpress StreamingLLMPress default n_sink=4)
+SKETCH_DIM = 48  # kvpress LeverageScorePress default sketch_dimension
+_JITTER, _JITTER_TRIES = 1e-2, 5  # kvpress LeverageScorePress: first jitter 1e-2, x10 per failure, 5 tries
+HEAVY_SLACK = 1e-9  # relative: x^2 entries this close to eps are near-ties of rounding, not misses
+
+
+# ------------------------------------------------------------------- validation
+def _check_method(method, caller):
+    if method not in METHODS:
+        raise ValueError(f"{caller}: unknown method {method!r}; expected one of {METHODS}.")
+    return method
+
+
+def _check_budget(budget, caller):
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"{caller}: budget must be an int >= 1. Got {budget!r} of type {type(budget).__name__}.")
+    if int(budget) < 1:
+        raise ValueError(f"{caller}: budget must be an int >= 1. Got {budget}.")
+    return int(budget)
+
+
+def _check_seed(seed, caller):
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or int(seed) < 0:
+        raise TypeError(f"{caller}: seed must be an int >= 0. Got {seed!r}.")
+    return int(seed)
+
+
+def _check_scale(scale, d, caller):
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
+        raise TypeError(f"{caller}: scale must be a finite real number or None (1/sqrt(d)). Got {scale!r}.")
+    return float(scale)
+
+
+def _check_qkv(Q, K, V, caller, need_q=True):
+    K = np.asarray(as_real_array(K, name="K", caller=caller), dtype=np.float64)
+    n, d = K.shape
+    if Q is None:
+        if need_q:
+            raise ValueError(f"{caller}: this needs the queries Q of shape (n_q, {d}); got Q=None.")
+    else:
+        Q = np.asarray(as_real_array(Q, name="Q", caller=caller), dtype=np.float64)
+        if Q.shape[1] != d:
+            raise ValueError(f"{caller}: Q has shape {Q.shape} but K has shape {K.shape}; both need {d} columns.")
+    if V is not None:
+        V = np.asarray(as_real_array(V, name="V", caller=caller), dtype=np.float64)
+        if V.shape[0] != n:
+            raise ValueError(f"{caller}: V has shape {V.shape}; it needs one row per key ({n}).")
+    return Q, K, V
+
+
+def _check_fractions(fractions, caller):
+    fr = tuple(float(f) for f in fractions)
+    if any(not (0.0 < f <= 1.0) for f in fr):
+        raise ValueError(f"{caller}: fractions must lie in (0, 1]; got {fractions!r}.")
+    return fr
+
+
+# ---------------------------------------------------------------------- scores
+def _softmax_rows(S, visible=None):
+    if visible is not None:
+        S = np.where(visible, S, -np.inf)
+    S = S - S.max(axis=1, keepdims=True)
+    P = np.exp(S)
+    return P / P.sum(axis=1, keepdims=True)
+
+
+def _sketch_leverage(K, seed):
+    n, d = K.shape
+    phi = np.random.default_rng(seed).standard_normal((d, SKETCH_DIM)) / math.sqrt(SKETCH_DIM)
+    X = ((K - K.mean(axis=0)) @ phi).astype(np.float32)  # kvpress casts the sketched keys to float32
+    G = X.T @ X
+    G = 0.5 * (G + G.T)
+    c = _JITTER
+    for _ in range(_JITTER_TRIES):
+        try:
+            L = np.linalg.cholesky(G + np.float32(c) * np.eye(SKETCH_DIM, dtype=np.float32))
+            break
+        except np.linalg.LinAlgError:
+            c = max(1e-8, 10.0 * c)
+    else:
+        raise np.linalg.LinAlgError("sketch_leverage: Cholesky failed after 5 jitter increases.")
+    Y = np.linalg.solve(L, X.T)  # L^{-1} X^T: score_j = ||L^{-1} x_j||^2 = x_j^T (G + cI)^{-1} x_j
+    return np.maximum(np.einsum("ij,ij->j", Y, Y), 0.0).astype(np.float64)
+
+
+def _keydiff(K):
+    nrm = np.linalg.norm(K, axis=1)
+    anchor = (K / np.maximum(nrm, 1e-12)[:, None]).mean(axis=0)
+    cos = (K @ anchor) / (np.maximum(nrm, 1e-8) * max(float(np.linalg.norm(anchor)), 1e-8))
+    return -cos
+
+
+def key_scores(method, K, Q=None, *, seed: int = 0, scale=None, causal: bool = False) -> np.ndarray:
+    """Score of every key under one selector's rule (higher = keep).
+
+    Parameters
+    ----------
+    method : str, one of :data:`METHODS`
+    K : array_like of shape (n, d)
+        Keys of one head (post-projection, as the attention sees them).
+    Q : array_like of shape (n_q, d), optional
+        Queries; only ``"oracle"`` reads them.
+    seed : int, default 0
+        Seed of ``"random"`` and of the Gaussian sketch of ``"sketch_leverage"``.
+    scale : float, optional
+        Softmax scale of the oracle (default ``1/sqrt(d)``).
+    causal : bool, default False
+        Oracle only: query i sees keys 0..i (needs ``n_q == n``).
+
+    Returns
+    -------
+    scores : ndarray of shape (n,), float64
+
+    Notes
+    -----
+    ``"streaming_llm"`` scores ``2n - j`` for the first 4 keys and ``j``
+    otherwise, so the top ``b`` are the sinks plus the ``b - 4`` most recent
+    keys (the first ``b`` keys when ``b <= 4``). ``"random"`` scores are the
+    first n uniforms of ``default_rng(seed)``, so a prefix of K gets a prefix
+    of the same scores.
+    """
+    caller = "key_scores"
+    method = _check_method(method, caller)
+    seed = _check_seed(seed, caller)
+    Q, K, _ = _check_qkv(Q, K, None, caller, need_q=method in QUERY_AWARE)
+    n, d = K.shape
+    if method == "leverage":
+        from .leverage import leverage_scores
+
+        return leverage_scores(K)
+    if method == "lewis_p1":
+        from .lewis import lewis_weights
+
+        return np.asarray(lewis_weights(K, 1.0), dtype=np.float64)
+    if method in ("knorm_small", "knorm_large"):
+        nrm = np.linalg.norm(K, axis=1)
+        return -nrm if method == "knorm_small" else nrm
+    if method == "sketch_leverage":
+        return _sketch_leverage(K, seed)
+    if method == "keydiff":
+        return _keydiff(K)
+    if method == "streaming_llm":
+        j = np.arange(n, dtype=np.float64)
+        return np.where(j < N_SINK, 2.0 * n - j, j)
+    if method == "random":
+        return np.random.default_rng(seed).random(n)
+    # oracle: attention received, summed over the queries (which the other selectors never see)
+    S = (Q @ K.T) * _check_scale(scale, d, caller)
+    visible = None
+    if causal:
+        if Q.shape[0] != n:
+            raise ValueError(f"{caller}: causal needs one query per key; got Q {Q.shape} and K {K.shape}.")
+        visible = np.tri(n, dtype=bool)
+    return _softmax_rows(S, visible).sum(axis=0)
+
+
+def _top(scores, budget):
+    order = np.lexsort((np.arange(scores.size), -scores))
+    return np.sort(order[:budget]).astype(np.int64)
+
+
+def select(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: bool = False):
+    """The keys one selector keeps at a budget.
+
+    Parameters
+    ----------
+    method : str, one of :data:`METHODS`
+    K : array_like of shape (n, d)
+    budget : int >= 1, or (causal only) array of n ints >= 1
+        Keys kept (all keys if ``budget >= n``; per prefix when causal).
+    Q : array_like of shape (n_q, d), optional (required by ``"oracle"``)
+    seed, scale : see :func:`key_scores`
+    causal : bool, default False
+        Query i sees keys 0..i and its kept set is computed from the prefix
+        ``K[:i+1]`` (and ``Q[:i+1]`` for the oracle) alone: the top
+        ``min(budget_i, i+1)`` scores of the prefix.
+
+    Returns
+    -------
+    kept : sorted int64 indices (non-causal), or a scipy.sparse.csr_matrix of
+        bool of shape (n, n) whose row i holds the keys kept for query i.
+
+    Notes
+    -----
+    Each prefix is re-scored from scratch (O(n) score evaluations): simple
+    and exact, meant for evaluation, not for serving.
+    """
+    caller = "select"
+    method = _check_method(method, caller)
+    Q, K, _ = _check_qkv(Q, K, None, caller, need_q=method in QUERY_AWARE)
+    n = K.shape[0]
+    if not causal:
+        budget = _check_budget(budget, caller)
+        return _top(key_scores(method, K, Q, seed=seed, scale=scale), min(budget, n))
+    b = np.broadcast_to(np.asarray(budget), (n,))
+    for x in b:
+        _check_budget(x.item() if isinstance(x, np.generic) else x, caller)
+    if method in QUERY_AWARE and Q.shape[0] != n:
+        raise ValueError(f"{caller}: causal needs one query per key; got Q {Q.shape} and K {K.shape}.")
+    rows = []
+    for i in range(n):
+        m = i + 1
+        if b[i] >= m:
+            rows.append(np.arange(m, dtype=np.int64))
+            continue
+        s = key_scores(method, K[:m], None if Q is None else Q[:m], seed=seed, scale=scale, causal=True)
+        rows.append(_top(s, int(b[i])))
+    indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])]).astype(np.int64)
+    idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return sp.csr_matrix((np.ones(idx.size, dtype=bool), idx, indptr), shape=(n, n))
+
+
+# --------------------------------------------------------------------- metrics
+class _Head:
+    """Full attention of one head, computed once and reused for every kept set."""
+
+    def __init__(self, Q, K, V, scale, causal):
+        n_q, n = Q.shape[0], K.shape[0]
+        if causal and n_q != n:
+            raise ValueError(f"causal attention needs one query per key; got Q {Q.shape} and K {K.shape}.")
+        self.causal = causal
+        self.visible = np.tri(n, dtype=bool) if causal else None
+        self.A2 = _x2_attention(Q, K, self.visible)
+        # x^2 attention of the worst-case query of every key (q_j = (K^T K)^+ k_j gives key j its
+        # largest possible share tau_j): the guarantee is "for any query", the real queries are one draw.
+        from .reference import worst_case_queries
+
+        Ks = _pow2_scaled(K)
+        self.A2wc = None if causal else _x2_attention(worst_case_queries(Ks), Ks, None)
+        self.P = _softmax_rows((Q @ K.T) * scale, self.visible)
+        self.V = V
+        self.O = None if V is None else self.P @ V
+        self._cols = {}
+
+    def mask(self, kept):
+        """Bool (n_q, n) mask of a causal kept matrix, or the sorted column indices of a non-causal set."""
+        if sp.issparse(kept):
+            M = kept.toarray().astype(bool)
+            return M & self.visible if self.causal else M
+        if self.causal:  # one set for every query, intersected with what each query can see
+            M = np.zeros(self.P.shape, dtype=bool)
+            M[:, kept] = True
+            return M & self.visible
+        return np.asarray(kept, dtype=np.int64)
+
+    def _heavy_cols(self, name, A, e):
+        key = (name, e)
+        if key not in self._cols:
+            self._cols[key] = (A >= e).sum(axis=0)
+        return self._cols[key]
+
+    def metrics(self, M, eps):
+        """Metrics of a kept set given by :meth:`mask` (columns: fast path, O(n) per threshold)."""
+        cols = M.ndim == 1
+        tables = [("x2", self.A2, 1.0), ("softmax", self.P, 1.0), ("x2_sure", self.A2, 1.0 + HEAVY_SLACK)]
+        if self.A2wc is not None:
+            tables += [("x2wc", self.A2wc, 1.0), ("x2wc_sure", self.A2wc, 1.0 + HEAVY_SLACK)]
+        out = {}
+        for e in eps:
+            for name, A, slack in tables:
+                if cols:
+                    c = self._heavy_cols(name, A, e * slack)
+                    heavy, kept = int(c.sum()), int(c[M].sum())
+                else:
+                    H = A >= e * slack
+                    heavy, kept = int(H.sum()), int((H & M).sum())
+                if name.endswith("_sure"):
+                    # entries clearly above eps (not within rounding of it): what the guarantee is about
+                    out[f"{name[:-5]}_missed_sure@{e:g}"] = heavy - kept
+                else:
+                    out[f"{name}_heavy@{e:g}"], out[f"{name}_kept@{e:g}"] = heavy, kept
+        PS = self.P[:, M] if cols else np.where(M, self.P, 0.0)
+        mass = PS.sum(axis=1)
+        out["mass"] = float(mass.mean())
+        if self.O is not None:
+            PS = np.divide(PS, mass[:, None], out=np.zeros_like(PS), where=mass[:, None] > 0)
+            OS = PS @ (self.V[M] if cols else self.V)
+            den = float(np.linalg.norm(self.O))
+            out["out_err"] = float(np.linalg.norm(OS - self.O) / den) if den > 0 else 0.0
+        return out
+
+
+def _pow2_scaled(K):
+    m = float(np.max(np.abs(K))) if K.size else 0.0
+    return np.ldexp(K, -int(np.frexp(m)[1])) if m > 0 else K
+
+
+def _x2_attention(Q, K, visible):
+    S = Q @ K.T
+    S2 = S * S if visible is None else np.where(visible, S * S, 0.0)
+    z = S2.sum(axis=1, keepdims=True)
+    return np.divide(S2, z, out=np.zeros_like(S2), where=z > 0)
+
+
+def head_metrics(Q, K, V, kept, *, eps=EPS, scale=None, causal: bool = False) -> dict:
+    """Quality of one kept set of keys for one head, against full attention.
+
+    Parameters
+    ----------
+    Q : array_like of shape (n_q, d)
+    K : array_like of shape (n, d)
+    V : array_like of shape (n, dv), or None (no output error)
+    kept : int indices of kept keys, or (causal) a sparse/bool (n, n) matrix
+        whose row i holds the keys kept for query i.
+    eps : sequence of float in (0, 1]
+        Heavy-entry thresholds.
+    scale : float, optional
+        Softmax scale (default ``1/sqrt(d)``).
+    causal : bool, default False
+        Query i sees keys 0..i only (for full and restricted attention alike).
+
+    Returns
+    -------
+    dict with, for every e in eps, ``x2_heavy@e`` / ``x2_kept@e`` (number of
+    x^2 entries ``A_ij >= e`` and how many of them have j kept for query i),
+    ``x2_missed_sure@e`` (missed entries with ``A_ij >= e (1 + 1e-9)``); the
+    same three for x^2 attention of the *worst-case queries* (``x2wc_*``,
+    non-causal only: query j is ``(K^T K)^+ k_j``, which gives key j its
+    largest possible share ``tau_j``, so these entries probe "any query"
+    rather than the model's queries); ``softmax_heavy@e`` /
+    ``softmax_kept@e`` for softmax; ``mass`` (mean
+    over queries of the softmax share of the kept keys) and, when V is given,
+    ``out_err = ||A_S V - A V||_F / ||A V||_F`` with ``A_S`` softmax restricted
+    to the kept keys and renormalised per row.
+
+    Notes
+    -----
+    x^2 attention is ``<q_i,k_j>^2 / sum_l <q_i,k_l>^2`` (invariant to the
+    scale of q); softmax is ``softmax(Q K^T * scale)``. A row whose kept set is
+    empty contributes output 0 (and mass 0).
+    """
+    caller = "head_metrics"
+    Q, K, V = _check_qkv(Q, K, V, caller)
+    eps = tuple(check_eps(e, caller=caller) for e in eps)
+    h = _Head(Q, K, V, _check_scale(scale, K.shape[1], caller), bool(causal))
+    if sp.issparse(kept) or (np.ndim(kept) == 2):
+        kept = sp.csr_matrix(np.asarray(kept.toarray() if sp.issparse(kept) else kept, dtype=bool))
+        if kept.shape != h.P.shape:
+            raise ValueError(f"{caller}: kept has shape {kept.shape}; expected {h.P.shape} (queries x keys).")
+    else:
+        kept = np.asarray(kept, dtype=np.int64)
+        if kept.size and (kept.min() < 0 or kept.max() >= K.shape[0]):
+            raise ValueError(f"{caller}: kept indices must lie in [0, {K.shape[0]}); got {kept.min()}..{kept.max()}.")
+    return h.metrics(h.mask(kept), eps)
+
+
+# -------------------------------------------------------------------- harness
+def _threshold_sets(K, e, causal):
+    """The streamlev universal set at eps=e: a streaming LevSketch (non-causal) or per prefix."""
+    if causal:
+        from .attention import select_keys
+
+        return select_keys(K, eps=e, causal=True)
+    from .sketch import LevSketch
+
+    sk = LevSketch(K.shape[1], e)
+    for start in range(0, K.shape[0], 64):  # fed as a stream of blocks, as a prefill would
+        sk.update(K[start:start + 64])
+    return sk.universal_set(e)
+
+
+def evaluate_head(Q, K, V, *, fractions=FRACTIONS, eps=EPS, methods=METHODS, recall_eps=0.1, seed: int = 0,
+                  scale=None, causal: bool = False) -> list:
+    """Every selector at every budget and threshold on one head.
+
+    Parameters
+    ----------
+    Q, K, V : arrays of shape (n_q, d), (n, d), (n, dv)
+    fractions : budgets ``ceil(f n)`` for f in fractions (budget mode).
+    eps : thresholds (threshold mode): streamlev keeps its universal set
+        ``{tau_j >= e}`` (a streaming :class:`~streamlev.LevSketch`; per prefix
+        when causal) and every other selector keeps the same number of keys
+        (per query when causal).
+    methods : subset of :data:`METHODS`
+    recall_eps : heavy-entry threshold of the recall metrics in budget mode.
+    seed : seed of the random and sketch selectors.
+    scale, causal : see :func:`head_metrics`.
+
+    Returns
+    -------
+    list of dict records: ``mode`` ("budget" or "eps"), ``param`` (fraction or
+    eps), ``budget`` (keys kept per query, mean over queries when causal),
+    ``method``, ``recall_eps`` and the fields of :func:`head_metrics` at it.
+
+    Raises
+    ------
+    AssertionError
+        If streamlev's threshold set misses an x^2 entry ``A_ij >= e (1 +
+        1e-9)``: the guarantee (100% x^2 recall at threshold) is checked on
+        every head evaluated.
+    """
+    caller = "evaluate_head"
+    Q, K, V = _check_qkv(Q, K, V, caller)
+    fractions = _check_fractions(fractions, caller)
+    eps = tuple(check_eps(e, caller=caller) for e in eps)
+    recall_eps = check_eps(recall_eps, name="recall_eps", caller=caller)
+    methods = tuple(_check_method(m, caller) for m in methods)
+    seed = _check_seed(seed, caller)
+    n = K.shape[0]
+    sc = _check_scale(scale, K.shape[1], caller)
+    head = _Head(Q, K, V, sc, bool(causal))
+    # Scores do not depend on the budget: compute them once per method (non-causal).
+    scores = {} if causal else {m: key_scores(m, K, Q, seed=seed, scale=sc) for m in methods}
+    recs = []
+
+    def run(mode, param, budget, rec_eps, lev_set=None):
+        for m in methods:
+            if m == "leverage" and lev_set is not None:
+                kept = lev_set
+            elif causal:
+                kept = select(m, K, budget, Q, seed=seed, scale=sc, causal=True)
+            else:
+                kept = _top(scores[m], min(int(budget), n))
+            M = head.mask(kept)
+            r = {"mode": mode, "param": param, "method": m, "budget": float(M.size if M.ndim == 1 else M.sum(axis=1).mean()),
+                 "recall_eps": rec_eps}
+            r.update(head.metrics(M, (rec_eps,)))
+            if m == "leverage" and mode == "eps":
+                for qs in ("x2", "x2wc"):
+                    missed = r.get(f"{qs}_missed_sure@{rec_eps:g}", 0)
+                    assert missed == 0, (f"streamlev universal set at eps={rec_eps} missed {missed} x^2 entries "
+                                         f"A_ij >= eps ({qs} queries): the no-false-negative guarantee is violated")
+            recs.append(r)
+
+    for f in fractions:
+        run("budget", f, max(1, math.ceil(f * n)), recall_eps)
+    for e in eps:
+        U = _threshold_sets(K, e, bool(causal))
+        if causal:
+            b = np.maximum(np.diff(U.indptr), 1)  # others keep as many keys as streamlev, per query
+        else:
+            b = max(1, U.size)
+        run("eps", e, b, e, lev_set=U)
+    return recs
+
+
+def evaluate(q, k, v, *, fractions=FRACTIONS, eps=EPS, methods=METHODS, recall_eps=0.1, seed: int = 0,
+             scale=None, causal: bool = False, doc_ptr=None, layers=None, heads=None, progress=None) -> list:
+    """:func:`evaluate_head` over layers, heads and documents.
+
+    Parameters
+    ----------
+    q, k, v : arrays of shape (n_layers, n_heads, n_tokens, d)
+        As returned by :func:`streamlev.datasets.load_minilm` / ``load_qkv``.
+    doc_ptr : int array of shape (n_docs + 1,), optional
+        Document boundaries on the token axis; each document is its own
+        attention problem (its queries see only its keys).
+    layers, heads : iterables of int, optional
+        Subset to evaluate (default all).
+    seed : base seed; head (doc, layer, head) uses
+        ``SeedSequence([seed, doc, layer, head])``.
+    progress : callable, optional
+        Called with (doc, layer, head) before each head.
+    other parameters : see :func:`evaluate_head`.
+
+    Returns
+    -------
+    list of dict records (those of :func:`evaluate_head` plus ``doc``,
+    ``layer``, ``head``, ``n``).
+    """
+    caller = "evaluate"
+    arrs = [np.asarray(as_real_array(a, name=nm, caller=caller, ndim=(4,))) for a, nm in ((q, "q"), (k, "k"), (v, "v"))]
+    if arrs[0].shape[:3] != arrs[1].shape[:3] or arrs[1].shape[:3] != arrs[2].shape[:3]:
+        raise ValueError(f"{caller}: q, k, v must share (layers, heads, tokens); got {[a.shape for a in arrs]}.")
+    q, k, v = arrs
+    L, H, N, _ = k.shape
+    ptr = np.array([0, N] if doc_ptr is None else doc_ptr, dtype=np.int64)
+    if ptr[0] != 0 or ptr[-1] != N or np.any(np.diff(ptr) < 1):
+        raise ValueError(f"{caller}: doc_ptr must increase strictly from 0 to {N}; got {ptr.tolist()}.")
+    seed = _check_seed(seed, caller)
+    recs = []
+    for doc in range(ptr.size - 1):
+        a, b = int(ptr[doc]), int(ptr[doc + 1])
+        for li in (range(L) if layers is None else layers):
+            for hi in (range(H) if heads is None else heads):
+                if progress is not None:
+                    progress(doc, li, hi)
+                s = int(np.random.SeedSequence([seed, doc, li, hi]).generate_state(1)[0])
+                for r in evaluate_head(q[li, hi, a:b], k[li, hi, a:b], v[li, hi, a:b], fractions=fractions,
+                                       eps=eps, methods=methods, recall_eps=recall_eps, seed=s, scale=scale,
+                                       causal=causal):
+                    r.update(doc=doc, layer=int(li), head=int(hi), n=b - a)
+                    recs.append(r)
+    return recs
+
+
+def summarize(records, by=("mode", "param", "method")) -> list:
+    """Aggregate records over heads: pooled recalls, mean mass, mean and max output error.
+
+    Parameters
+    ----------
+    records : list of dict from :func:`evaluate` or :func:`evaluate_head`
+    by : tuple of record keys to group by (add ``"layer"`` for per-layer rows)
+
+    Returns
+    -------
+    list of dict, one per group in first-seen order, with the ``by`` keys and
+    ``heads`` (records pooled), ``budget`` (mean keys kept), ``recall_x2``,
+    ``recall_x2wc`` (worst-case queries) and ``recall_softmax`` (kept heavy
+    entries / heavy entries over all heads of the group, NaN if there are
+    none), ``heavy_x2`` / ``heavy_x2wc`` / ``heavy_softmax`` (the
+    denominators), ``x2_missed_sure`` (x^2 entries clearly >= eps that were
+    missed, real and worst-case queries), ``mass`` (mean), ``out_err`` (mean)
+    and ``out_err_max``.
+    """
+    groups = {}
+    for r in records:
+        groups.setdefault(tuple(r[b] for b in by), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        row = dict(zip(by, key))
+        row["heads"] = len(rs)
+        row["budget"] = float(np.mean([r["budget"] for r in rs]))
+        for name in ("x2", "x2wc", "softmax"):
+            heavy = sum(r.get(f"{name}_heavy@{r['recall_eps']:g}", 0) for r in rs)
+            kept = sum(r.get(f"{name}_kept@{r['recall_eps']:g}", 0) for r in rs)
+            row[f"heavy_{name}"] = heavy
+            row[f"recall_{name}"] = kept / heavy if heavy else float("nan")
+        row["x2_missed_sure"] = sum(r[f"x2_missed_sure@{r['recall_eps']:g}"]
+                                    + r.get(f"x2wc_missed_sure@{r['recall_eps']:g}", 0) for r in rs)
+        row["mass"] = float(np.mean([r["mass"] for r in rs]))
+        if all("out_err" in r for r in rs):
+            errs = [r["out_err"] for r in rs]
+            row["out_err"], row["out_err_max"] = float(np.mean(errs)), float(np.max(errs))
+        out.append(row)
+    return out
