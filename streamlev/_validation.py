@@ -21,7 +21,13 @@ def check_eps(eps, *, name: str = "eps", caller: str) -> float:
     eps = float(eps)
     if not (0.0 < eps <= 1.0):
         raise ValueError(f"The {name!r} parameter of {caller} must be in (0, 1]. Got {eps!r} instead.")
+    if eps < EPS_MIN:
+        raise ValueError(f"The {name!r} parameter of {caller} must be >= {EPS_MIN:.3g}: float64 scores cannot "
+                         f"resolve smaller shares (and d/eps would overflow). Got {eps!r} instead.")
     return eps
+
+
+EPS_MIN = 2.0**-52  # leverage is computed to ~1e-12 at best; below machine epsilon eps is meaningless
 
 
 def check_p(p, *, caller: str) -> float:

@@ -20,7 +20,8 @@ from . import _factor, _format
 from ._validation import check_dim, check_eps, check_ids, check_keys, check_p
 from .lewis import sensitivity_upper_bounds
 from .reference import DEFAULT_RTOL
-from .sketch import CHUNK_ROWS, _NO_DATA_EXP, _check_id_interval, _check_merge_ids, _extend_id_range
+from .sketch import (CHUNK_ROWS, _NO_DATA_EXP, _check_id_interval, _check_merge_ids, _check_scaled_state,
+                     _extend_id_range)
 
 __all__ = ["LpSketch", "universal_set_p"]
 
@@ -313,6 +314,7 @@ class LpSketch:
             raise ValueError(f"LpSketch.from_bytes: inconsistent sizes (n={n}, retained={r}, scale={e}).")
         if not (np.isfinite(f["R"]).all() and np.isfinite(f["keys"]).all()) or np.any(np.tril(f["R"], -1) != 0):
             raise ValueError("LpSketch.from_bytes: the factor or keys are not finite / not upper triangular.")
+        _check_scaled_state(f["R"], f["keys"], n, sk._d, "LpSketch.from_bytes")
         if r and (np.any(~(ub >= sk._eps)) or np.any(ub > 1.0)):
             raise ValueError("LpSketch.from_bytes: retained bounds must lie in [eps, 1].")
         if r > 1 and np.any(np.diff(ids) <= 0):

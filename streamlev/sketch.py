@@ -324,12 +324,12 @@ class LevSketch:
             diag = np.abs(np.diag(self._R))
             tiny = diag[diag > 0]
             if tiny.size and np.ldexp(tiny.min(), shift) < np.finfo(np.float64).tiny:
-                raise ValueError("LevSketch.update: new keys are too large relative to earlier keys for float64 "
+                raise ValueError("LevSketch: keys are too large relative to earlier keys for float64 "
                                  f"(more than 2^1000 apart; scale exponent {self._e} -> {new_e}).")
             self._R = np.ldexp(self._R, shift)
             self._K = np.ldexp(self._K, shift)
             if r and np.any(np.all(self._K[:r] == 0, axis=1)):
-                raise ValueError("LevSketch.update: new keys are too large relative to retained keys for float64.")
+                raise ValueError("LevSketch: keys are too large relative to retained keys for float64.")
             self._fro2_ref = self._fro2_ref * 2.0 ** (2 * shift)
             self._fro2_now = self._fro2_now * 2.0 ** (2 * shift)
         self._e = new_e
@@ -615,6 +615,7 @@ class LevSketch:
                 or np.any(np.diag(R) < 0):
             raise ValueError("LevSketch.from_bytes: the factor R is not a finite upper-triangular matrix "
                              "with a non-negative diagonal.")
+        _check_scaled_state(R, K, n, sk._d, "LevSketch.from_bytes")
         if r > 1 and np.any(np.diff(ids) <= 0):
             raise ValueError("LevSketch.from_bytes: retained ids are not sorted and distinct.")
         lo, hi = (int(v) for v in f["id_range"])
@@ -693,6 +694,17 @@ def _extend_id_range(sk, lo, hi, count):
         sk._id_lo, sk._id_hi = int(lo), int(hi)
     else:
         sk._id_lo, sk._id_hi = min(sk._id_lo, int(lo)), max(sk._id_hi, int(hi))
+
+
+def _check_scaled_state(R, K, n, d, caller):
+    # Stored keys are scaled below 1 in absolute value and R^T R is their Gram matrix, so a
+    # genuine sketch has |K| < 1 and ||R||_F^2 <= n d; anything else would overflow later.
+    fro2 = float(np.sum(R * R))
+    if K.size and float(np.max(np.abs(K))) >= 1.0:
+        raise ValueError(f"{caller}: stored keys are not scaled below 1; the bytes were not written by streamlev.")
+    if not np.isfinite(fro2) or fro2 > n * d * (1.0 + 1e-6):
+        raise ValueError(f"{caller}: the factor's norm ({fro2:.3g}) exceeds what {n} scaled keys of dimension {d} "
+                         "can produce; the bytes are corrupt.")
 
 
 def _grow(a, cap, r):

@@ -58,7 +58,8 @@ def _container(fields, kind="LevSketch", version=1, count=None) -> bytes:
 def _scalar_fields(d=2, eps=0.5, n=0, e=-1100):
     return [_field("d", 2, (), struct.pack("<q", d)), _field("eps", 1, (), struct.pack("<d", eps)),
             _field("p", 1, (), struct.pack("<d", 2.0)), _field("rtol", 1, (), struct.pack("<d", 1e-13)),
-            _field("n", 2, (), struct.pack("<q", n)), _field("scale_exp", 2, (), struct.pack("<q", e))]
+            _field("n", 2, (), struct.pack("<q", n)), _field("scale_exp", 2, (), struct.pack("<q", e)),
+            _field("id_range", 2, (2,), struct.pack("<2q", 0, n - 1))]
 
 
 def check_decode(data):
@@ -309,21 +310,15 @@ def test_memoryview_of_other_item_size_round_trips():
         check_decode(mv)
 
 
-# ------------------------------------------------------------ known bugs (fix in sketch.py / _validation.py)
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="LevSketch.max_retained computes int(floor(d / eps)); for a subnormal eps (accepted by "
-                          "check_eps) d / eps is inf and int() raises OverflowError, outside from_bytes' "
-                          "try/except, so from_bytes raises OverflowError instead of ValueError")
+# ------------------------------------------------- regressions: bugs this fuzzing found (fixed)
 def test_subnormal_eps_in_header_raises_value_error():
+    # was OverflowError: d / eps overflowed in max_retained
     data = _container(_scalar_fields(eps=5e-324) + [
         _field("R", 1, (2, 2), bytes(32)), _field("ids", 2, (0,)), _field("keys", 1, (0, 2))])
     with pytest.raises(ValueError):
         sl.LevSketch.from_bytes(data)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="same root cause: LevSketch(2, 5e-324) is accepted, then update() -> _enforce_bound() -> "
-                          "max_retained raises OverflowError")
 def test_subnormal_eps_is_rejected_or_works():
     try:
         sk = sl.LevSketch(2, 5e-324)
@@ -333,14 +328,11 @@ def test_subnormal_eps_is_rejected_or_works():
     assert sk.num_retained == 2
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="from_bytes accepts a factor no sketch can produce: stored (scaled) keys have entries "
-                          "< 1, so ||R||_F^2 <= n*d; a CRC-valid R with 1e300 entries is decoded, the ridge "
-                          "overflows and scores become NaN internally (silently pruned)")
 def test_factor_larger_than_any_sketch_can_hold_is_rejected():
     fields = {"d": np.int64(2), "eps": np.float64(0.5), "p": np.float64(2.0), "rtol": np.float64(1e-13),
-              "n": np.int64(3), "scale_exp": np.int64(0), "R": np.array([[1e300, 0], [0, 1.0]]),
+              "n": np.int64(3), "scale_exp": np.int64(0), "id_range": np.array([0, 2]),
+              "R": np.array([[1e300, 0], [0, 1.0]]),
               "ids": np.array([0, 1]), "keys": np.array([[0.5, 0], [0, 0.5]])}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exceeds what 3 scaled keys"):
         with np.errstate(all="ignore"):
             sl.LevSketch.from_bytes(_format.dump("LevSketch", fields))
