@@ -426,6 +426,7 @@ class LevAttention(nn.Module):
         return new
 
     def extra_repr(self) -> str:
+        """The selection settings, shown in ``repr(module)``."""
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, budget={self.budget}, eps={self.eps}, "
                 f"p={self.p!r}, keep_first={self.keep_first}, causal={self.causal}")
 
