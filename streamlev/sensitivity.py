@@ -259,7 +259,9 @@ def sensitivities(K, p, *, idx=None, method: str = "auto", rtol: float = DEFAULT
     out = np.zeros(rows.size)
     if rows.size == 0 or r == 0:
         return out
-    nzb = np.any(B != 0, axis=1)
+    # Zero rows of K have basis rows at round-off level (not exactly 0), on which the LP is unbounded;
+    # rows with leverage below 1e-26 are zero rows or round-off and get sensitivity 0.
+    nzb = np.any(K != 0, axis=1) & (np.einsum("ij,ij->i", B, B) > 1e-26)
     if method == "closed-form":
         return np.minimum(np.einsum("ij,ij->i", B[rows], B[rows]), 1.0)
     if method == "enumerate":
