@@ -302,5 +302,6 @@ def test_worker_killed_mid_reduction_recovers_exactly_or_raises(client, npy_keys
         print(f"worker killed: the computation raised {exc!r}")
     else:
         assert_same_sketch(got, want)
-        print(f"worker killed: Dask recomputed the lost tasks; the sketch is exact (n={got.n}) after {time.monotonic() - t_kill:.1f} s")
+        print(f"worker killed: Dask recomputed the lost tasks; the sketch is exact (n={got.n}), "
+              f"{time.monotonic() - t_kill:.1f} s after the kill")
     # This test stays last in the module: the nanny is still restarting the killed worker.
