@@ -34,7 +34,7 @@ from .reference import DEFAULT_RTOL
 from .sketch import LevSketch
 
 __all__ = ["ShiftInvariantSketch", "shift_invariant_leverage", "key_norm_scores", "keydiff_scores",
-           "expected_logit_scores", "query_span_leverage", "query_span_basis", "budget_split", "select",
+           "expected_logit_scores", "rope_rotations", "query_span_leverage", "query_span_basis", "budget_split", "select",
            "SINKS", "RECENT_FRACTION"]
 
 SINKS = 4  # attention sinks kept by causal budgets (StreamingLLM, Xiao et al. 2023, keeps 4 initial tokens)
@@ -249,16 +249,45 @@ def _check_qs(qs, d, caller):
         raise ValueError(f"{caller}: the QuerySketch is empty; feed it the queries seen so far first.")
 
 
-def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, covariance: bool = True) -> np.ndarray:
+def rope_rotations(d: int, positions, theta: float) -> np.ndarray:
+    """Rotary-embedding matrices ``R_t`` (len(positions), d, d), Llama "rotate-half" convention.
+
+    ``R_t q`` is the query of pre-RoPE vector ``q`` at position ``t``: pairs
+    ``(i, i + d/2)`` are rotated by the angle ``t * theta**(-2i/d)``.
+    """
+    d = check_dim(d, caller="rope_rotations")
+    if d % 2:
+        raise ValueError(f"rope_rotations: d must be even, got {d}.")
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1)
+    ang = np.outer(pos, float(theta) ** (-np.arange(0, d, 2) / d))
+    cos, sin = np.cos(ang), np.sin(ang)
+    h = d // 2
+    R = np.zeros((pos.size, d, d))
+    i = np.arange(h)
+    R[:, i, i] = cos
+    R[:, i + h, i + h] = cos
+    R[:, i, i + h] = -sin
+    R[:, i + h, i] = sin
+    return R
+
+
+def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, covariance: bool = True,
+                          rotations=None) -> np.ndarray:
     """Log of the expected unnormalised softmax weight of each key under a Gaussian model of the queries.
 
     For ``q ~ N(mu, Sigma)`` (mean and covariance from ``qs``) and logits
     ``scale * <q, k>``, ``E exp(scale <q,k>) = exp(scale mu.k + scale^2 k^T Sigma k / 2)``
     (the Gaussian moment generating function); this returns the exponent,
-    shape (n,). Ranking by it ranks keys by expected softmax *numerator*; the
-    softmax denominator is common to all keys of one query, so it does not
-    change the ranking for a single query and only approximately for the
-    average over queries (a heuristic).
+    shape (n,). With ``rotations`` ``R_1..R_T`` (e.g. :func:`rope_rotations`
+    of the next positions, ``qs`` then summarising *pre-rotation* queries) the
+    query is ``R_t q`` at a position ``t`` drawn uniformly, and the exact
+    expectation of that mixture is returned:
+    ``log mean_t exp(scale (R_t mu).k + scale^2 k^T R_t Sigma R_t^T k / 2)``.
+
+    Ranking by it ranks keys by expected softmax *numerator*; the softmax
+    denominator is common to all keys of one query, so it does not change the
+    ranking for a single query and only approximately for the average over
+    queries. A heuristic: exact only for the stated Gaussian model.
 
     Parameters
     ----------
@@ -269,14 +298,28 @@ def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, cov
         The logit scale of the model.
     covariance : bool, default=True
         Include the ``k^T Sigma k / 2`` term (False: ``scale * mu.k`` only).
+    rotations : array_like of shape (T, d, d), optional
+        Position-dependent linear maps applied to the queries.
     """
     K = np.asarray(K, dtype=np.float64)
     _check_qs(qs, K.shape[1], "expected_logit_scores")
     s = 1.0 / np.sqrt(K.shape[1]) if scale is None else float(scale)
-    out = s * (K @ qs.mean)
+    mu, C = qs.mean, qs.covariance
+    if rotations is None:
+        out = s * (K @ mu)
+        if covariance:
+            out += 0.5 * s * s * np.sum((K @ C) * K, axis=1)
+        return out
+    R = np.asarray(rotations, dtype=np.float64)
+    if R.ndim != 3 or R.shape[1:] != (K.shape[1], K.shape[1]) or R.shape[0] == 0:
+        raise ValueError(f"expected_logit_scores: rotations must have shape (T, {K.shape[1]}, {K.shape[1]}); "
+                         f"got {R.shape}.")
+    KR = np.matmul(K[None], R)  # (T, n, d): <R_t q, k> = <q, R_t^T k>
+    logs = s * (KR @ mu)
     if covariance:
-        out += 0.5 * s * s * np.einsum("ij,jk,ik->i", K, qs.covariance, K)
-    return out
+        logs += 0.5 * s * s * np.sum((KR @ C) * KR, axis=-1)
+    m = logs.max(axis=0)
+    return m + np.log(np.mean(np.exp(logs - m), axis=0))
 
 
 def query_span_basis(qs: QuerySketch, energy: float = 0.99) -> np.ndarray:

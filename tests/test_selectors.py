@@ -11,7 +11,8 @@ from streamlev import LevSketch
 from streamlev.query_sketch import QuerySketch
 from streamlev.reference import leverage_scores as ref_leverage
 from streamlev.selectors import (ShiftInvariantSketch, budget_split, expected_logit_scores, keydiff_scores,
-                                 query_span_basis, query_span_leverage, select, shift_invariant_leverage)
+                                 query_span_basis, query_span_leverage, rope_rotations, select,
+                                 shift_invariant_leverage)
 
 
 def _keys(rng, n, d, shift=0.0):
@@ -170,6 +171,26 @@ def test_expected_logit_is_the_gaussian_mgf(rng):
     one = QuerySketch(d).update(np.tile(q, (10, 1)))
     e = expected_logit_scores(K, one)
     assert np.array_equal(np.argsort(-e, kind="stable"), np.argsort(-(K @ q), kind="stable"))
+
+
+def test_expected_logit_over_rotated_positions(rng):
+    d = 6
+    K = rng.standard_normal((20, d))
+    Q = rng.standard_normal((300, d)) + 0.5
+    qs = QuerySketch(d).update(Q)
+    R = rope_rotations(d, [3, 10, 11, 500], theta=100.0)
+    assert np.allclose(np.einsum("tij,tkj->tik", R, R), np.eye(d))  # orthogonal
+    mu, C, s = Q.mean(0), np.cov(Q.T, bias=True), 1 / np.sqrt(d)
+    per_t = [s * K @ (Rt @ mu) + 0.5 * s * s * np.einsum("ij,jk,ik->i", K, Rt @ C @ Rt.T, K) for Rt in R]
+    want = np.log(np.mean(np.exp(per_t), axis=0))
+    assert np.allclose(expected_logit_scores(K, qs, rotations=R), want)
+    assert np.allclose(expected_logit_scores(K, qs, rotations=np.eye(d)[None]), expected_logit_scores(K, qs))
+    # position 0 is the identity; a rotation by t acts on pairs (i, i + d/2)
+    assert np.allclose(rope_rotations(d, [0], 10.0)[0], np.eye(d))
+    x = rng.standard_normal(d)
+    ang = 7 * 10.0 ** (-np.arange(0, d, 2) / d)
+    rot = np.concatenate([-x[d // 2:], x[: d // 2]])
+    assert np.allclose(rope_rotations(d, [7], 10.0)[0] @ x, x * np.tile(np.cos(ang), 2) + rot * np.tile(np.sin(ang), 2))
 
 
 @pytest.mark.parametrize("r", [1, 2, 4])
