@@ -50,7 +50,7 @@ import numpy as np
 
 from streamlev.datasets import load_minilm, load_qkv
 from streamlev.query_sketch import QuerySketch
-from streamlev.selectors import (budget_split, expected_logit_scores, query_span_leverage, rope_rotations, select,
+from streamlev.selectors import (SINKS, budget_split, expected_logit_scores, query_span_leverage, rope_rotations, select,
                                  shift_invariant_leverage)
 
 FRACS = (1 / 16, 1 / 8, 1 / 4)
@@ -156,6 +156,9 @@ def head_rows(Q, K, V, Qpre, causal, rope_theta):
                       "expected_logit_rope"):
                 r[m + "+SR"] = float(col[select(scores[m], B, sinks=sinks, recent=recent)].sum())
                 r[m + "+S"] = float(col[select(scores[m], B, sinks=sinks)].sum())
+        else:  # the query-class default keeps the first SINKS keys in every model (as kvpress does)
+            for m in ("expected_logit", "keydiff"):
+                r[m + "+S"] = float(col[select(scores[m], B, sinks=min(SINKS, B // 4))].sum())
         r["snapkv"] = float(col[snapkv_select(Kc, Qseen[-32:], B, causal)].sum())
         out[f] = r
     return out, (Qeval, Kc, Vc, P)
@@ -201,6 +204,46 @@ def summarize(rows):
     return out
 
 
+# The documented defaults of each class (see docs/softmax_selectors.md); filled in from the measurements.
+DEFAULTS = {"encoder": ("keydiff", "expected_logit+S"), "causal": ("keydiff+SR", "expected_logit_rope+S")}
+
+
+def _classes(ds):
+    causal = "decoder" in ds
+    key = [("oracle", "k--"), ("keydiff", "b-o"), ("knorm_small", "c-o"), ("streaming_llm", "g-o"),
+           ("sketch_leverage", "y-o"), ("leverage", "m:o"), ("ti_leverage", "r-s")]
+    qry = [("oracle", "k--"), ("eap_kvpress", "b-o"), ("eap_kvpress_novnorm", "c-o"), ("snapkv", "g-o"),
+           ("query_span_lev", "m:s"), ("expected_logit", "r-s")]
+    if not causal:
+        qry += [("expected_logit+S", "k-s")]
+    if causal:
+        key += [("ti_leverage+SR", "r--s"), ("keydiff+SR", "k-s")]
+        qry += [("expected_logit_rope+S", "k-s"), ("expected_logit_rope+SR", "r--s")]
+    return {"key-only": key, "query statistics": qry}
+
+
+KEY_PEERS = ("random", "knorm_large", "knorm_small", "keydiff", "sketch_leverage", "leverage", "streaming_llm")
+QUERY_PEERS = ("eap_kvpress", "eap_kvpress_novnorm", "snapkv")
+
+
+def markdown(summ, defaults):
+    """Markdown tables: every selector's mass and share of the oracle, per dataset and budget."""
+    lines = []
+    for ds in sorted({ds for ds, _ in summ}):
+        cols = [summ[(ds, f)] for f in FRACS]
+        names = [k for k in cols[0] if not k.startswith("_")]
+        lines += [f"\n**{ds}** ({cols[0]['_heads']} head x document pairs; mass, and share of the oracle)\n",
+                  "| selector | class | N/16 | N/8 | N/4 |", "|---|---|---|---|---|"]
+        for m in sorted(names, key=lambda m: -cols[0][m]):
+            cls = ("oracle" if m == "oracle" else "key-only peer" if m in KEY_PEERS else
+                   "query peer" if m in QUERY_PEERS else
+                   "query (ours)" if m.startswith(("expected", "query_span")) else "key-only (ours)")
+            star = " **default**" if m in defaults.get(ds, ()) else ""
+            cells = [f"{c[m]:.3f} ({c[m] / c['oracle']:.0%})" for c in cols]
+            lines.append(f"| `{m}`{star} | {cls} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(summ, classes, path):
     """One row per dataset, one column per class: share of the oracle's mass against the budget."""
     import matplotlib
@@ -232,16 +275,27 @@ def main(argv=None):
     ap.add_argument("--minilm", help="npz from examples/extract_keys.py (default: the embedded sample)")
     ap.add_argument("--decoder", help="npz from examples/extract_decoder_keys.py")
     ap.add_argument("--json", help="write per-head rows and the summary here")
+    ap.add_argument("--from-json", help="re-summarise rows written by --json instead of recomputing")
+    ap.add_argument("--figure", help="write the PNG figure here")
+    ap.add_argument("--markdown", help="write the tables here")
     ap.add_argument("--max-docs", type=int, default=None, help="use only the first documents of each file")
     a = ap.parse_args(argv)
     t = time.time()
     rows = []
+    if a.from_json:
+        with open(a.from_json) as fh:
+            rows = [{**r, "frac": float(r["frac"])} for r in json.load(fh)["rows"]]
+        return finish(a, rows, t)
     enc = load_qkv(a.minilm) if a.minilm else load_minilm()
     rows += run_dataset("MiniLM (encoder)", enc, causal=False, max_docs=a.max_docs)
     if a.decoder:
         dec = load_qkv(a.decoder)
         rows += run_dataset("SmolLM2-135M (decoder)", dec, causal=True,
                             rope_theta=float(dec.extra["rope_theta"]), max_docs=a.max_docs)
+    return finish(a, rows, t)
+
+
+def finish(a, rows, t):
     summ = summarize(rows)
     for (ds, f), r in summ.items():
         o = r["oracle"]
@@ -250,7 +304,13 @@ def main(argv=None):
             if not k.startswith("_"):
                 print(f"  {k:24s} {v:.3f}  ({v / o:6.1%} of oracle)")
     print(f"\n[{time.time() - t:.0f} s]", file=sys.stderr)
-    if a.json:
+    defaults = {ds: DEFAULTS["causal" if "decoder" in ds else "encoder"] for ds, _ in summ}
+    if a.markdown:
+        with open(a.markdown, "w") as fh:
+            fh.write(markdown(summ, defaults) + "\n")
+    if a.figure:
+        plot(summ, _classes, a.figure)
+    if a.json and not a.from_json:
         with open(a.json, "w") as fh:
             json.dump({"rows": rows, "summary": [{"dataset": ds, "frac": f, **r} for (ds, f), r in summ.items()]},
                       fh)
