@@ -15,7 +15,9 @@ Two classes of selectors:
   :func:`keydiff_scores`;
 * query-statistics (a :class:`~streamlev.query_sketch.QuerySketch` of the
   queries seen so far, never the future ones): :func:`expected_logit_scores`
-  (Gaussian model of the queries) and :func:`query_span_leverage`.
+  (Gaussian model of the queries; with :func:`rope_rotations` for rotary
+  models, whose sketch then summarises pre-RoPE queries) and
+  :func:`query_span_leverage`.
 
 :func:`budget_split` and :func:`select` turn scores into a kept set of a given
 budget, with attention sinks and a recent window for causal models.
@@ -212,8 +214,9 @@ def shift_invariant_leverage(K, *, c: float | None = None, rtol: float = DEFAULT
     Equals the scores of a :class:`ShiftInvariantSketch` fed with ``K`` (any
     blocks). ``c`` defaults to the RMS key norm (irrelevant except for rounding).
     """
-    K = np.asarray(check_keys(K, np.shape(K)[-1] if np.ndim(K) == 2 else -1, caller="shift_invariant_leverage"),
-                   dtype=np.float64)
+    if np.ndim(K) != 2:
+        raise ValueError(f"shift_invariant_leverage: K must be 2-D of shape (n, d); got shape {np.shape(K)}.")
+    K = np.asarray(check_keys(K, np.shape(K)[1], caller="shift_invariant_leverage"), dtype=np.float64)
     n = K.shape[0]
     if n == 0:
         return np.zeros(0)

@@ -111,6 +111,8 @@ def test_shift_invariant_sketch_bytes_merge_errors(rng):
     with pytest.raises(ValueError, match="checksum|truncated"):
         ShiftInvariantSketch.from_bytes(before[:-3] + b"abc")
     assert a.to_bytes() == before
+    with pytest.raises(ValueError, match="2-D"):
+        shift_invariant_leverage(np.ones(4))
     # LevSketch bytes are not ShiftInvariantSketch bytes
     with pytest.raises(ValueError, match="LevSketch"):
         ShiftInvariantSketch.from_bytes(LevSketch(4, 0.1).update(K).to_bytes())
@@ -254,3 +256,18 @@ def test_budget_split_and_select(n, budget, causal, seed):
 def test_keydiff_prefers_distinct_keys():
     K = np.array([[1.0, 0.0]] * 9 + [[0.0, 1.0]])
     assert np.argmax(keydiff_scores(K)) == 9
+
+
+def test_query_scores_from_merged_shards_equal_one_pass(rng):
+    """The query-class scores depend on the queries only through the sketch, so shards merge to the same scores."""
+    d = 8
+    K, Q = rng.standard_normal((50, d)), rng.standard_normal((300, d)) * 2 + 1
+    whole = QuerySketch(d).update(Q)
+    parts = [QuerySketch(d).update(b) for b in np.array_split(Q, 5)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged.merge(p)
+    R = rope_rotations(d, [10, 20], 1e4)
+    for f in (lambda qs: expected_logit_scores(K, qs), lambda qs: expected_logit_scores(K, qs, rotations=R),
+              lambda qs: query_span_leverage(K, qs, energy=1.0)):
+        assert np.allclose(f(merged), f(whole), rtol=1e-10, atol=1e-12)
