@@ -12,11 +12,13 @@ from .leverage import leverage_scores, universal_set
 from .lewis import lewis_weights, sensitivity_upper_bounds
 from .lp import LpSketch
 from .multihead import MultiHeadSketch
+from .query_sketch import QuerySketch
+from .selectors import ShiftInvariantSketch
 from .sensitivity import sensitivities
 from .sketch import Changes, LevSketch
 
 __version__ = "0.1.0"
 
 __all__ = ["leverage_scores", "universal_set", "lewis_weights", "sensitivities", "sensitivity_upper_bounds",
-           "LevSketch", "LpSketch", "MultiHeadSketch", "Changes", "heavy_attention", "lev_attention",
+           "LevSketch", "LpSketch", "MultiHeadSketch", "ShiftInvariantSketch", "QuerySketch", "Changes", "heavy_attention", "lev_attention",
            "restriction_cost", "select_keys", "RestrictionCost", "__version__"]
