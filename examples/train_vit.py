@@ -162,7 +162,7 @@ def summarize(runs, budgets) -> dict:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--budgets", type=int, nargs="+", default=[16, 8], help="keys kept per head (of 65 tokens)")
     ap.add_argument("--upsample", type=int, default=2, help="8x8 digits -> (8*upsample)^2 pixels")
     ap.add_argument("--patch", type=int, default=2)
