@@ -8,19 +8,52 @@ Why three update paths: the Gram/Cholesky update is the fastest (BLAS-3 syrk),
 but it squares the condition number, so it is accepted only when the new factor
 is well conditioned (relative error of leverage ~ u * kappa^2). Moderately
 ill-conditioned streams use CholeskyQR2 on the stacked [R; B] (two BLAS-3
-passes, accurate to ~u for kappa up to ~1e7), and anything worse (or singular)
+passes, accurate to ~u; used up to kappa 1e4), and anything worse (or singular)
 uses Householder QR (LAPACK tpqrt), which never forms a Gram matrix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import numpy as np
+import scipy.linalg as sla
 from scipy.linalg import blas, lapack
 
-__all__ = ["update_factor", "score_rows", "cond_estimate", "ridge_lambda", "KAPPA_GRAM", "KAPPA_CHOLQR2"]
+__all__ = ["blas_threads", "update_factor", "score_rows", "cond_estimate", "ridge_lambda", "KAPPA_GRAM", "KAPPA_CHOLQR2"]
+
+_CONTROLLER = None
+
+
+def blas_threads(n: int | None):
+    """Context manager limiting BLAS to ``n`` threads (``None``: leave BLAS as configured).
+
+    Why: the sketch issues many small BLAS/LAPACK calls (d x d factors, a few
+    retained rows) between large ones, and a multi-threaded OpenBLAS wakes its
+    pool for each. Measured on a 2-vCPU machine (benchmarks/bench_block.py):
+    the whole p=2 sketch ran 2.3x faster with one BLAS thread, and the large
+    calls gained nothing from two. Parallelism across heads or shards (threads
+    or processes, one sketch each) scales better.
+    """
+    global _CONTROLLER
+    if n is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return contextlib.nullcontext()
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=int(n), user_api="blas")
+
 
 KAPPA_GRAM = 100.0  # 1-norm condition estimate of R below which the Gram update is accurate to ~1e-12
-KAPPA_CHOLQR2 = 1e7  # CholeskyQR2 is stable up to about u^(-1/2)
+# CholeskyQR2 is stable up to cond ~ u^(-1/2) ~ 1e8, but on an exactly rank-deficient block the
+# Cholesky pivots of the Gram matrix are round-off (~sqrt(u)), which can look like cond ~ 1e6-1e8;
+# a limit of 1e4 keeps a wide margin from that floor (hypothesis found three duplicate keys
+# accepted at 1e7, with garbage null-space scores).
+KAPPA_CHOLQR2 = 1e4
 _U = np.finfo(np.float64).eps
 
 
@@ -57,8 +90,12 @@ def _householder(R: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 def _chol(G: np.ndarray):
-    c, info = lapack.dpotrf(G, lower=0, clean=1, overwrite_a=1)
-    return (c, True) if info == 0 else (None, False)
+    # numpy's Cholesky, not scipy's: measured in place (right after the block's gemm) scipy's
+    # multi-threaded potrf took 1.7-10 ms on a 128 x 128 matrix, numpy's 0.2 ms.
+    try:
+        return np.ascontiguousarray(np.linalg.cholesky(G).T), True
+    except np.linalg.LinAlgError:
+        return None, False
 
 
 def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False):
@@ -84,7 +121,7 @@ def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False):
 def _update(R, B):
     if B.shape[0] == 0:
         return R.copy(), None
-    G = blas.dsyrk(1.0, B, trans=1, lower=0)  # upper triangle of B^T B
+    G = B.T @ B  # gemm: measured 2-3x faster than syrk here, despite twice the flops
     G += R.T @ R
     R1, ok = _chol(G)
     if ok:
@@ -95,7 +132,7 @@ def _update(R, B):
             # CholeskyQR2: re-orthogonalise Q1 = [R; B] R1^{-1} once more.
             Q1b = blas.dtrsm(1.0, R1, np.asfortranarray(B), side=1, lower=0)
             Q1r = blas.dtrsm(1.0, R1, np.asfortranarray(R), side=1, lower=0)
-            G2 = blas.dsyrk(1.0, Q1b, trans=1, lower=0)
+            G2 = Q1b.T @ Q1b
             G2 += Q1r.T @ Q1r
             R2, ok2 = _chol(G2)
             if ok2:
@@ -103,9 +140,14 @@ def _update(R, B):
     return _householder(R, B), None
 
 
+def frobenius(R: np.ndarray) -> float:
+    """||R||_F without BLAS (a tiny multi-threaded ddot stalls on a busy machine)."""
+    return math.sqrt(float(np.einsum("ij,ij->", R, R)))
+
+
 def ridge_lambda(R: np.ndarray, rtol: float) -> float:
     """lam = (rtol * ||K||_F)^2, with ||K||_F = ||R||_F."""
-    return float((rtol * np.linalg.norm(R)) ** 2)
+    return float((rtol * frobenius(R)) ** 2)
 
 
 def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None = None) -> np.ndarray:
@@ -125,7 +167,7 @@ def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None
     m, d = X.shape
     if m == 0:
         return np.zeros(0)
-    fro = np.linalg.norm(R)
+    fro = frobenius(R)
     if fro == 0.0:
         return np.zeros(m)
     if kappa is None:

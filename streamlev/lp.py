@@ -141,8 +141,9 @@ class LpSketch:
             _check_id_interval(self, ids_arr, "LpSketch.update")
             snap = self._snapshot()
             try:
-                for s in range(0, m, CHUNK_ROWS):
-                    self._fold(K[s : s + CHUNK_ROWS], ids_arr[s : s + CHUNK_ROWS])
+                with _factor.blas_threads(1):  # many small LAPACK calls: see streamlev._factor.blas_threads
+                    for s in range(0, m, CHUNK_ROWS):
+                        self._fold(K[s : s + CHUNK_ROWS], ids_arr[s : s + CHUNK_ROWS])
                 _extend_id_range(self, ids_arr.min(), ids_arr.max(), m)
             except BaseException:
                 self._restore(snap)
@@ -277,7 +278,8 @@ class LpSketch:
                                                                        kappa=kappa) ** half)
                     if oK.shape[0]:
                         ub_o = np.minimum(ub_o, _factor.score_rows(self._R, oK, self._rtol, kappa=kappa) ** half)
-                self._absorb(oK, other._ids.copy(), ub_o, ub_old)
+                with _factor.blas_threads(1):
+                    self._absorb(oK, other._ids.copy(), ub_o, ub_old)
                 _extend_id_range(self, other._id_lo, other._id_hi, other._n)
             except BaseException:
                 self._restore(snap)

@@ -27,6 +27,7 @@ CHUNK_ROWS = 4096  # BLAS-3 sweet spot on a small machine (see benchmarks/bench_
 RESCORE_RATIO = 4  # re-score retained keys once 4x as many new rows arrived: <= ~1/8 extra trsm work
 DECODE_MAX_ROWS = 8  # blocks this small go through the rank-one (decode) path
 KAPPA_DECODE = 1e4  # rank-one score updates are used only below this condition number
+SAFE_EXP = 250  # keys within 2**+-SAFE_EXP are stored unscaled
 _U = np.finfo(np.float64).eps
 _NO_DATA_EXP = -1100  # scale exponent of an empty sketch (below any float64 exponent)
 
@@ -56,6 +57,13 @@ class LevSketch:
     rtol : float, default=1e-13
         Relative ridge of the numerical leverage definition (see
         :mod:`streamlev.reference`); serialized with the sketch.
+    blas_threads : int or None, default=1
+        BLAS threads used inside block updates, merges and refreshes (via
+        threadpoolctl, restored afterwards; process-wide while the call runs).
+        One thread was 2.3x faster than two on a 2-vCPU machine because the
+        sketch mixes many small LAPACK calls with large ones; run sketches of
+        different heads or shards in parallel instead. ``None`` leaves BLAS as
+        configured. A runtime setting: not serialized.
 
     Notes
     -----
@@ -98,7 +106,8 @@ class LevSketch:
     True
     """
 
-    def __init__(self, d: int, eps: float, *, p: float = 2.0, rtol: float = DEFAULT_RTOL):
+    def __init__(self, d: int, eps: float, *, p: float = 2.0, rtol: float = DEFAULT_RTOL,
+                 blas_threads: int | None = 1):
         self._d = check_dim(d, caller="LevSketch")
         self._eps = check_eps(eps, caller="LevSketch")
         if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.integer, np.floating)):
@@ -110,6 +119,10 @@ class LevSketch:
         if not isinstance(rtol, (int, float, np.floating)) or not (0.0 <= float(rtol) < 1.0):
             raise ValueError(f"The 'rtol' parameter of LevSketch must be a float in [0, 1). Got {rtol!r}.")
         self._rtol = float(rtol)
+        if blas_threads is not None and (not isinstance(blas_threads, (int, np.integer)) or blas_threads < 1):
+            raise ValueError(f"The 'blas_threads' parameter of LevSketch must be None or an int >= 1. "
+                             f"Got {blas_threads!r} instead.")
+        self._blas_threads = blas_threads
         self._lock = threading.RLock()
         self._reset_state()
 
@@ -272,10 +285,11 @@ class LevSketch:
                     return self._changes(before, ids_arr) if return_changes else self
             snap = self._snapshot()
             try:
-                for s in range(0, m, CHUNK_ROWS):
-                    t = min(m, s + CHUNK_ROWS)
-                    self._fold(K[s:t], ids_arr[s:t], None if V is None else V[s:t])
-                self._enforce_bound()
+                with _factor.blas_threads(self._blas_threads if m > DECODE_MAX_ROWS else None):
+                    for s in range(0, m, CHUNK_ROWS):
+                        t = min(m, s + CHUNK_ROWS)
+                        self._fold(K[s:t], ids_arr[s:t], None if V is None else V[s:t])
+                    self._enforce_bound()
                 _extend_id_range(self, lo, hi, m)
             except BaseException:
                 self._restore(snap)
@@ -293,28 +307,33 @@ class LevSketch:
     def _prepare_block(self, B):
         """Check a chunk and return it as float64 with the exponent it needs; mutates nothing.
 
-        Returns (X, e): X = B * 2**-e in float64, e >= the sketch's exponent.
+        Returns (X, e): X = B * 2**-e in float64, e >= the sketch's exponent. Keys whose
+        magnitudes lie within 2**+-SAFE_EXP are used as they are (e = 0, no scaling pass):
+        their squares and sums of squares stay far inside float64.
         """
-        X = B.astype(np.float64)
-        bmax = float(np.max(np.abs(X)))
-        if not np.isfinite(bmax):  # NaN or Inf anywhere propagates into the max
-            bad = int((~np.isfinite(X)).any(axis=1).sum())
+        hi, lo = float(np.max(B)), float(np.min(B))  # two reductions on the caller's dtype, no temporaries
+        amax = max(hi, -lo)
+        if not np.isfinite(amax):  # NaN or Inf anywhere propagates into max/min
+            bad = int((~np.isfinite(B)).any(axis=1).sum())
             raise ValueError(f"LevSketch.update: keys contain NaN or Inf in {bad} rows of a chunk of {B.shape[0]}. "
                              "Remove or fix those rows; the sketch was left unchanged.")
-        if bmax == 0.0:
-            return X, self._e
-        be = int(np.frexp(bmax)[1])
-        e = max(be, self._e)
+        if amax == 0.0:
+            return np.zeros(B.shape), self._e
+        be = int(np.frexp(amax)[1])
+        e = max(self._e, be if abs(be) > SAFE_EXP else 0)
         if self._n and be > self._e + 1000:
             diag = np.abs(np.diag(self._R))
             diag = diag[diag > 0]
             if diag.size and np.ldexp(diag.min(), self._e - be) < np.finfo(np.float64).tiny:
                 raise ValueError("LevSketch.update: new keys are too large relative to earlier keys for float64 "
-                                 f"(block max {bmax:.3g} vs sketch scale 2^{self._e}); rescale the input.")
+                                 f"(block max {amax:.3g} vs sketch scale 2^{self._e}); rescale the input.")
+        if e == 0:
+            return np.ascontiguousarray(B, dtype=np.float64), e  # no copy for C-ordered float64 input
+        X = B.astype(np.float64)
         np.ldexp(X, -e, out=X)
         if be < e - 1000 and np.any(np.any(B != 0, axis=1) & ~np.any(X != 0, axis=1)):
             raise ValueError("LevSketch.update: keys are too small relative to earlier keys for float64 "
-                             f"(block max {bmax:.3g} vs sketch scale 2^{self._e}); rescale the input.")
+                             f"(block max {amax:.3g} vs sketch scale 2^{self._e}); rescale the input.")
         return X, e
 
     def _rescale(self, new_e):
@@ -330,8 +349,8 @@ class LevSketch:
             self._K = np.ldexp(self._K, shift)
             if r and np.any(np.all(self._K[:r] == 0, axis=1)):
                 raise ValueError("LevSketch: keys are too large relative to retained keys for float64.")
-            self._fro2_ref = self._fro2_ref * 2.0 ** (2 * shift)
-            self._fro2_now = self._fro2_now * 2.0 ** (2 * shift)
+            self._fro2_ref = float(np.ldexp(self._fro2_ref, 2 * shift))
+            self._fro2_now = float(np.ldexp(self._fro2_now, 2 * shift))
         self._e = new_e
 
     def _fold(self, B, ids, V):
@@ -399,7 +418,7 @@ class LevSketch:
         self._pending = 0
         self._sm_steps = 0
         self._kappa = kappa
-        self._fro2_ref = self._fro2_now = float(np.sum(self._R * self._R))
+        self._fro2_ref = self._fro2_now = float(np.einsum("ij,ij->", self._R, self._R))
 
     def _enforce_bound(self):
         if self._r > self.max_retained(self._d, self._eps):
@@ -445,7 +464,8 @@ class LevSketch:
     # ---------------------------------------------------------------- queries
     def _refresh(self):
         if self._pending or self._sm_steps:
-            self._rescore()
+            with _factor.blas_threads(self._blas_threads):
+                self._rescore()
 
     def scores(self):
         """Retained ids and their exact leverage with respect to all keys seen.
@@ -551,24 +571,28 @@ class LevSketch:
             before = self._ids[: self._r].copy() if return_changes else None
             snap = self._snapshot()
             try:
-                if other._e > self._e:
-                    self._rescale(other._e)
-                oR = np.ldexp(other._R, other._e - self._e)
-                oK = np.ldexp(other._K[:ro], other._e - self._e)
-                if self._n == 0:
-                    self._R = np.zeros_like(self._R)
-                self._R = _factor.update_factor(self._R, oR)
-                self._n += other._n
-                _extend_id_range(self, other._id_lo, other._id_hi, other._n)
-                oV = None if other._V is None else other._V[:ro].copy()
-                self._append(oK, o_ids.copy(), np.ones(ro), oV, oV)
-                self._rescore()
+                with _factor.blas_threads(self._blas_threads):
+                    self._merge_state(other, ro, o_ids)
             except BaseException:
                 self._restore(snap)
                 raise
             if return_changes:
                 return self._changes(before, o_ids)
             return self
+
+    def _merge_state(self, other, ro, o_ids):
+        if other._e > self._e:
+            self._rescale(other._e)
+        oR = np.ldexp(other._R, other._e - self._e)
+        oK = np.ldexp(other._K[:ro], other._e - self._e)
+        if self._n == 0:
+            self._R = np.zeros_like(self._R)
+        self._R = _factor.update_factor(self._R, oR)
+        self._n += other._n
+        _extend_id_range(self, other._id_lo, other._id_hi, other._n)
+        oV = None if other._V is None else other._V[:ro].copy()
+        self._append(oK, o_ids.copy(), np.ones(ro), oV, oV)
+        self._rescore()
 
     # ---------------------------------------------------------- serialization
     def to_bytes(self) -> bytes:
@@ -697,11 +721,12 @@ def _extend_id_range(sk, lo, hi, count):
 
 
 def _check_scaled_state(R, K, n, d, caller):
-    # Stored keys are scaled below 1 in absolute value and R^T R is their Gram matrix, so a
-    # genuine sketch has |K| < 1 and ||R||_F^2 <= n d; anything else would overflow later.
-    fro2 = float(np.sum(R * R))
-    if K.size and float(np.max(np.abs(K))) >= 1.0:
-        raise ValueError(f"{caller}: stored keys are not scaled below 1; the bytes were not written by streamlev.")
+    # Stored keys are scaled below 2**(SAFE_EXP+1) in absolute value and R^T R is their Gram
+    # matrix, so a genuine sketch has |K| < 2**(SAFE_EXP+1) and ||R||_F^2 <= n d 4**(SAFE_EXP+1).
+    top = 2.0 ** (SAFE_EXP + 1)
+    fro2 = float(np.sum((R / top) ** 2))
+    if K.size and float(np.max(np.abs(K))) >= top:
+        raise ValueError(f"{caller}: stored keys exceed the scaled range; the bytes were not written by streamlev.")
     if not np.isfinite(fro2) or fro2 > n * d * (1.0 + 1e-6):
         raise ValueError(f"{caller}: the factor's norm ({fro2:.3g}) exceeds what {n} scaled keys of dimension {d} "
                          "can produce; the bytes are corrupt.")
