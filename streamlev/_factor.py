@@ -150,7 +150,8 @@ def ridge_lambda(R: np.ndarray, rtol: float) -> float:
     return float((rtol * frobenius(R)) ** 2)
 
 
-def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None = None) -> np.ndarray:
+def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None = None,
+               below: float | None = None) -> np.ndarray:
     """Leverage ``x^T (R^T R + lam I)^{-1} x`` of each row of X.
 
     Parameters
@@ -159,6 +160,10 @@ def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None
     X : ndarray of shape (m, d), float64 rows to score (not modified)
     rtol : relative ridge (see :mod:`streamlev.reference`)
     kappa : optional precomputed :func:`cond_estimate` of R
+    below : float, optional
+        Rows whose certified upper bound on tau is below this value may get that
+        bound (< ``below``) instead of their exact score; callers that only keep
+        rows with tau >= ``below`` lose nothing and skip most of the work.
 
     Returns
     -------
@@ -176,6 +181,26 @@ def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None
     if (rtol * kappa * np.sqrt(d)) ** 2 > 1e-17:
         lam = (rtol * fro) ** 2
         R = _householder(R.copy(), np.sqrt(lam) * np.eye(d))
+    if kappa <= KAPPA_GRAM and m >= 4 * d:
+        # Well conditioned: multiply by the explicit inverse (trmm ran ~20% faster than trsm here);
+        # the inverse of a triangle with cond <= 100 costs only ~cond * u in relative accuracy.
+        Ri, info = lapack.dtrtri(R, lower=0)
+        if info == 0:
+            tau = np.empty(m)
+            rows = np.arange(m)
+            if below is not None:
+                # tau_i <= ||x_i||^2 ||R^{-1}||_2^2 and ||A||_2^2 <= min(||A||_F^2, ||A||_1 ||A||_inf):
+                # an O(m d) certificate that most keys of a long stream cannot reach `below`.
+                aR = np.abs(Ri)
+                inv2 = min(float(np.einsum("ij,ij->", Ri, Ri)), float(aR.sum(0).max() * aR.sum(1).max()))
+                ub = np.einsum("ij,ij->i", X, X) * (inv2 * (1.0 + 1e-12))
+                rows = np.flatnonzero(ub >= below)
+                tau[:] = np.minimum(ub, 1.0)
+            if rows.size:
+                Xs = X if rows.size == m else X[rows]
+                Y = blas.dtrmm(1.0, np.asfortranarray(Ri), Xs.T, side=0, lower=0, trans_a=1)
+                tau[rows] = np.minimum(np.einsum("ij,ij->j", Y, Y), 1.0)
+            return tau
     Y = blas.dtrsm(1.0, R, X.T, side=0, lower=0, trans_a=1)  # R^{-T} X^T, (d, m), X.T is F-ordered
     tau = np.einsum("ij,ij->j", Y, Y)
     return np.minimum(tau, 1.0)

@@ -24,7 +24,7 @@ from .reference import DEFAULT_RTOL
 __all__ = ["LevSketch", "Changes"]
 
 CHUNK_ROWS = 4096  # BLAS-3 sweet spot on a small machine (see benchmarks/bench_block.py)
-RESCORE_RATIO = 4  # re-score retained keys once 4x as many new rows arrived: <= ~1/8 extra trsm work
+RESCORE_RATIO = 8  # re-score retained keys once 8x as many new rows arrived: <= 1/8 extra scoring work
 DECODE_MAX_ROWS = 8  # blocks this small go through the rank-one (decode) path
 KAPPA_DECODE = 1e4  # rank-one score updates are used only below this condition number
 SAFE_EXP = 250  # keys within 2**+-SAFE_EXP are stored unscaled
@@ -366,7 +366,7 @@ class LevSketch:
             return
         self._R, kappa = _factor.update_factor(self._R, X, return_kappa=True)
         self._n += m
-        tau_new = _factor.score_rows(self._R, X, self._rtol, kappa=kappa)
+        tau_new = _factor.score_rows(self._R, X, self._rtol, kappa=kappa, below=self._eps * (1.0 - 1e-9))
         keep = tau_new >= self._eps
         self._append(X[keep], ids[keep], tau_new[keep], None if V is None else V[keep], V)
         self._pending += m
