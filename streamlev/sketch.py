@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _factor, _format
-from ._kernels.rank_one import decode_key
+from ._kernels.rank_one import abs_max, decode_key
 from ._validation import check_dim, check_eps, check_ids, check_keys, check_values
 from .reference import DEFAULT_RTOL
 
@@ -267,14 +267,15 @@ class LevSketch:
                                  caller="LevSketch.update")
             if m == 0:
                 return Changes(np.zeros(0, np.int64), np.zeros(0, np.int64)) if return_changes else self
-            if self._r and (np.any(self._ids[: self._r] == ids_arr[0]) if m == 1
-                            else np.isin(ids_arr, self._ids[: self._r]).any()):
+            lo, hi = (int(ids_arr[0]),) * 2 if m == 1 else (int(ids_arr.min()), int(ids_arr.max()))
+            # retained ids lie in [id_lo, id_hi]: new ids outside it cannot clash (O(1) on the decode path)
+            if self._r and lo <= self._id_hi and hi >= self._id_lo and np.isin(ids_arr, self._ids[: self._r]).any():
                 clash = ids_arr[np.isin(ids_arr, self._ids[: self._r])]
                 raise ValueError(f"LevSketch.update: id(s) {clash[:5].tolist()} are already retained by this "
                                  "sketch; ids must be distinct across updates.")
-            _check_id_interval(self, ids_arr, "LevSketch.update")
+            if _is_interval(self) and lo <= self._id_hi and hi >= self._id_lo:
+                _check_id_interval(self, ids_arr, "LevSketch.update")
             before = self._ids[: self._r].copy() if return_changes else None
-            lo, hi = int(ids_arr.min()), int(ids_arr.max())
             if m <= DECODE_MAX_ROWS and self._decode_ready():
                 # Small blocks: everything that can fail is checked before the state changes.
                 X, e = self._prepare_block(K)
@@ -311,8 +312,11 @@ class LevSketch:
         magnitudes lie within 2**+-SAFE_EXP are used as they are (e = 0, no scaling pass):
         their squares and sums of squares stay far inside float64.
         """
-        hi, lo = float(np.max(B)), float(np.min(B))  # two reductions on the caller's dtype, no temporaries
-        amax = max(hi, -lo)
+        if B.shape[0] == 1:
+            amax = abs_max(B[0].astype(np.float64, copy=False))  # one numba call on the decode path
+        else:
+            hi, lo = float(np.max(B)), float(np.min(B))  # two reductions on the caller's dtype, no temporaries
+            amax = max(hi, -lo)
         if not np.isfinite(amax):  # NaN or Inf anywhere propagates into max/min
             bad = int((~np.isfinite(B)).any(axis=1).sum())
             raise ValueError(f"LevSketch.update: keys contain NaN or Inf in {bad} rows of a chunk of {B.shape[0]}. "

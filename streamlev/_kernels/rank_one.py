@@ -121,3 +121,16 @@ def decode_key(R, x, K, tau, r, y, u, xs):
         if t < lo:
             lo = t
     return h, lo, xx
+
+
+@jit
+def abs_max(x):
+    """max |x_i| of a (d,) float64 vector; NaN if any entry is NaN, inf if any is infinite."""
+    m = 0.0
+    for i in range(x.shape[0]):
+        a = abs(x[i])
+        if a != a:
+            return a
+        if a > m:
+            m = a
+    return m
