@@ -25,7 +25,7 @@ from .sketch import (CHUNK_ROWS, _NO_DATA_EXP, _check_id_interval, _check_merge_
 
 __all__ = ["LpSketch", "universal_set_p"]
 
-_FAST_TOL = 1e-6  # Lewis residual for routine pruning; bounds stay certified whatever the residual
+_FAST_TOL = 1e-3  # Lewis residual for routine pruning; bounds stay certified whatever the residual
 _TIGHT_TOL = 1e-11  # used when loose bounds would exceed the a-priori size bound
 
 
@@ -158,16 +158,17 @@ class LpSketch:
         self._r = int(self._ids.shape[0])
 
     def _prepare(self, B):
-        X = B.astype(np.float64)
-        bmax = float(np.max(np.abs(X)))
+        bmax = max(float(np.max(B)), -float(np.min(B)))  # no temporaries; NaN/Inf propagate
         if not np.isfinite(bmax):
-            bad = int((~np.isfinite(X)).any(axis=1).sum())
+            bad = int((~np.isfinite(B)).any(axis=1).sum())
             raise ValueError(f"LpSketch.update: keys contain NaN or Inf in {bad} rows of a chunk of {B.shape[0]}. "
                              "Remove or fix those rows; the sketch was left unchanged.")
         if bmax == 0.0:
-            return X, self._e
+            return np.zeros(B.shape), self._e
         e = max(int(np.frexp(bmax)[1]), self._e)
-        return np.ldexp(X, -e), e
+        X = B.astype(np.float64)
+        np.ldexp(X, -e, out=X)
+        return X, e
 
     def _rescale(self, e):
         if e > self._e:
@@ -186,7 +187,8 @@ class LpSketch:
             self._R = _factor.update_factor(self._R, X)
             kappa = _factor.cond_estimate(self._R)
             half = self._p / 2.0
-            ub_new = np.minimum(ub_new, _factor.score_rows(self._R, X, self._rtol, kappa=kappa) ** half)
+            floor = self._eps ** (1.0 / half) * (1.0 - 1e-9)  # tau^(p/2) >= eps  <=>  tau >= eps^(2/p)
+            ub_new = np.minimum(ub_new, _factor.score_rows(self._R, X, self._rtol, kappa=kappa, below=floor) ** half)
             if self._K.shape[0]:
                 ub_old = np.minimum(ub_old, _factor.score_rows(self._R, self._K, self._rtol, kappa=kappa) ** half)
         nz = np.any(X != 0, axis=1)
