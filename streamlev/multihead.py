@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from . import _format
+from ._bytes_mixin import ByteRoundTrip
 from ._arrays import as_real_array
 from ._validation import check_dim, check_eps, check_ids
 from .reference import DEFAULT_RTOL
@@ -24,7 +25,7 @@ from .sketch import Changes, LevSketch
 __all__ = ["MultiHeadSketch"]
 
 
-class MultiHeadSketch:
+class MultiHeadSketch(ByteRoundTrip):
     """Universal sets of keys for several attention heads at once (x^2 attention, p = 2).
 
     Parameters
@@ -328,22 +329,6 @@ class MultiHeadSketch:
                                  f"header says {(out._d, float(out._eps[h]), out._rtol)}.")
             out._sk[h] = sk
         return out
-
-    def copy(self) -> MultiHeadSketch:
-        """An independent copy (through the byte format)."""
-        return MultiHeadSketch.from_bytes(self.to_bytes())
-
-    __copy__ = copy
-
-    def __deepcopy__(self, memo):
-        return self.copy()
-
-    def __reduce__(self):
-        return (_from_bytes, (self.to_bytes(),))
-
-
-def _from_bytes(data):
-    return MultiHeadSketch.from_bytes(data)
 
 
 def _keys_ndim(keys) -> int:

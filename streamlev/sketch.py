@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _factor, _format
+from ._bytes_mixin import ByteRoundTrip
 from ._kernels.rank_one import abs_max, decode_key
 from ._validation import check_dim, check_eps, check_ids, check_keys, check_values
 from .reference import DEFAULT_RTOL
@@ -43,7 +44,7 @@ class Changes(NamedTuple):
     evicted: np.ndarray
 
 
-class LevSketch:
+class LevSketch(ByteRoundTrip):
     """One-pass, mergeable universal set of keys for x^2 attention (leverage >= eps).
 
     Parameters
@@ -661,30 +662,6 @@ class LevSketch:
         if n:
             sk._rescore()
         return sk
-
-    def copy(self) -> LevSketch:
-        """An independent copy (through the byte format)."""
-        return LevSketch.from_bytes(self.to_bytes())
-
-    __copy__ = copy
-
-    def __deepcopy__(self, memo):
-        return self.copy()
-
-    def __getstate__(self):
-        return {"bytes": self.to_bytes()}
-
-    def __setstate__(self, state):
-        other = LevSketch.from_bytes(state["bytes"])
-        self.__dict__.update(other.__dict__)
-        self._lock = threading.RLock()
-
-    def __reduce__(self):
-        return (_from_bytes, (self.to_bytes(),))
-
-
-def _from_bytes(data):
-    return LevSketch.from_bytes(data)
 
 
 # Ids of evicted keys are not stored (bounded memory), but when a sketch's ids are
