@@ -45,7 +45,7 @@ def heavy_attention(sketch, Q, eps: float | None = None, *, id_map: bool = False
 
     Parameters
     ----------
-    sketch : LevSketch
+    sketch : LevSketch or LpSketch built with normalizer=True
         Sketch of the keys K (any number n of keys; only its state is used).
     Q : array_like of shape (n_q, d) or (d,)
         Queries; float16/32/64, integers, or a CPU torch tensor.
@@ -82,15 +82,34 @@ def heavy_attention(sketch, Q, eps: float | None = None, *, id_map: bool = False
     Cost: ``O(n_q (r d + d^2))`` time for r candidate keys (``r <=
     d / eps``), processed in query blocks of bounded memory; no key outside
     the sketch is read.
+
+    General p (an :class:`~streamlev.LpSketch` built with ``normalizer=True``):
+    ``A_ij = |<q_i,k_j>|^p / ||K q_i||_p^p``. Candidates are the retained keys
+    with sensitivity bound >= eps (every key with ``A_ij >= eps`` for some i
+    is one). The numerator is exact; the denominator is the embedding's
+    estimate ``est_i`` (:class:`~streamlev.embedding.LpEmbedding`), and the
+    reported value is ``|<q_i,k_j>|^p / est_i``. Entries are included
+    conservatively: (i, j) is reported when ``|<q_i,k_j>|^p >= eps (1 -
+    delta) est_i``. Whenever ``est_i`` is within ``(1 +- delta)`` of
+    ``||K q_i||_p^p`` this has no false negatives, every reported entry has
+    true ``A_ij >= eps (1 - delta)^2``, and the reported value is within
+    a factor ``[1/(1+delta), 1/(1-delta)]`` of the true ``A_ij``. The
+    probability that the estimate leaves that band is the embedding's failure
+    probability (see ``LpEmbedding.error_bound``: not proven for the default
+    coreset size, measured in tests/test_embedding.py). Cost ``O(n_q (r + N)
+    d)`` for N embedding rows.
     """
+    from .lp import LpSketch
     from .sketch import LevSketch
 
     p = getattr(sketch, "p", None)
+    if isinstance(sketch, LpSketch) and sketch.normalizer is not None:
+        return _heavy_attention_p(sketch, Q, eps, id_map)
     if p is not None and not isinstance(sketch, LevSketch) and float(p) != 2.0:
         raise NotImplementedError(
             f"heavy_attention: p={p!r} is not supported yet. For p != 2 the row normaliser "
-            "sum_l |<q,k_l>|^p needs the general-p sketch's subspace embedding, which does not expose one yet; "
-            "use a LevSketch (p = 2).")
+            "sum_l |<q,k_l>|^p needs a subspace embedding of all keys: build the sketch with "
+            "LpSketch(d, eps, p=..., normalizer=True), or use a LevSketch (p = 2).")
     if not isinstance(sketch, LevSketch):
         raise TypeError(f"heavy_attention: expected a LevSketch, got {type(sketch).__name__}.")
     d = sketch.d
@@ -109,6 +128,61 @@ def heavy_attention(sketch, Q, eps: float | None = None, *, id_map: bool = False
     cand = np.flatnonzero(tau >= max(sketch.eps, e - CANDIDATE_SLACK))
     indptr, cols, vals = _heavy_rows(Q, R, Ks[cand], e)
     n_q = Q.shape[0]
+    if id_map:
+        return sp.csr_matrix((vals, cand[cols], indptr), shape=(n_q, ids.size)), ids
+    width = max(n, int(ids[-1]) + 1 if ids.size else 0)
+    return sp.csr_matrix((vals, ids[cand][cols], indptr), shape=(n_q, width))
+
+
+def _heavy_attention_p(sketch, Q, eps, id_map):
+    """|x|^p heavy entries of an LpSketch with a normaliser (p != 2 or p == 2 alike).
+
+    Candidates: retained keys whose sensitivity bound is >= eps (``alpha_j >=
+    A_ij``, so no heavy key is missing). Numerator ``|<q,k_j>|^p`` exact;
+    denominator ``est(q)`` from the LpEmbedding; entry reported when
+    ``|<q,k_j>|^p >= eps (1 - delta) est(q)``, with value ``|<q,k_j>|^p / est(q)``.
+    """
+    e = sketch.eps if eps is None else check_eps(eps, caller="heavy_attention")
+    if e < sketch.eps:
+        raise ValueError(f"heavy_attention: eps={e!r} is below the sketch's eps={sketch.eps!r}; keys with smaller "
+                         "bounds were not kept, so smaller entries cannot be found. Build the sketch with a "
+                         "smaller eps.")
+    if not isinstance(id_map, (bool, np.bool_)):
+        raise TypeError(f"heavy_attention: id_map must be True or False, got {id_map!r}.")
+    d, p = sketch.d, sketch.p
+    Q = np.asarray(check_keys(Q, d, caller="heavy_attention", name="Q"), dtype=np.float64)
+    with sketch._lock:
+        ids, ub = sketch.scores()
+        _, Kr = sketch.retained()
+        emb = sketch.normalizer
+        S, w = emb._terms(Q)
+        n, delta = sketch.n, emb.delta
+    if not id_map and ids.size and ids[0] < 0:
+        raise ValueError(f"heavy_attention: the sketch holds negative key ids (e.g. {int(ids[0])}), which cannot be "
+                         "column indices; pass id_map=True to get columns labelled by an id array.")
+    cand = np.flatnonzero(ub >= e)
+    n_q = Q.shape[0]
+    indptr, cols, vals = [0], [], []
+    step = max(1, BLOCK_ELEMS // max(1, S.shape[0] + cand.size))
+    for a in range(0, n_q, step):
+        Qb = Q[a : a + step]
+        # each query scaled by a power of two: A is invariant to the scale of q, |.|^p cannot overflow early
+        mq = np.max(np.abs(Qb), axis=1)
+        Qb = np.ldexp(Qb, -_pow2_scale(mq)[:, None])
+        Y = Qb @ S.T
+        my = np.max(np.abs(Y), axis=1) if S.shape[0] else np.zeros(Qb.shape[0])
+        sh = _pow2_scale(my)[:, None]
+        est = np.abs(np.ldexp(Y, -sh)) ** p @ w
+        num = np.abs(np.ldexp(Qb @ Kr[cand].T, -sh)) ** p
+        hit = (num >= (e * (1.0 - delta)) * est[:, None]) & (num > 0) & (est[:, None] > 0)
+        for i in range(Qb.shape[0]):
+            jj = np.flatnonzero(hit[i])
+            cols.append(jj)
+            vals.append(num[i, jj] / est[i])
+            indptr.append(indptr[-1] + jj.size)
+    cols = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    vals = np.concatenate(vals) if vals else np.zeros(0)
+    indptr = np.asarray(indptr, dtype=np.int64)
     if id_map:
         return sp.csr_matrix((vals, cand[cols], indptr), shape=(n_q, ids.size)), ids
     width = max(n, int(ids[-1]) + 1 if ids.size else 0)

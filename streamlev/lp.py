@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _factor, _format
 from ._validation import check_dim, check_eps, check_ids, check_keys, check_p
+from .embedding import LpEmbedding
 from .lewis import sensitivity_upper_bounds
 from .reference import DEFAULT_RTOL
 from .sketch import (CHUNK_ROWS, _NO_DATA_EXP, _check_id_interval, _check_merge_ids, _check_scaled_state,
@@ -42,6 +43,14 @@ class LpSketch:
         Attention exponent, f(x) = |x|^p, any ``0 < p < inf``.
     rtol : float, default=1e-13
         Relative ridge of every leverage evaluation (see :mod:`streamlev.reference`).
+    normalizer : bool, default=False
+        Also maintain an :class:`streamlev.embedding.LpEmbedding` of all keys,
+        the row normaliser ``||K q||_p^p`` that :func:`streamlev.heavy_attention`
+        needs for p != 2. Off by default: it holds ``O(rows d log n)`` numbers
+        (thousands of rows) where the candidate set holds ``<= d^max(1,p/2)/eps``.
+    delta, seed, normalizer_rows
+        Accuracy, sampling seed and coreset size of the normaliser (see
+        :class:`~streamlev.embedding.LpEmbedding`); ignored without it.
 
     Notes
     -----
@@ -77,13 +86,18 @@ class LpSketch:
     True
     """
 
-    def __init__(self, d: int, eps: float, *, p: float = 1.0, rtol: float = DEFAULT_RTOL):
+    def __init__(self, d: int, eps: float, *, p: float = 1.0, rtol: float = DEFAULT_RTOL, normalizer: bool = False,
+                 delta: float = 0.1, seed: int = 0, normalizer_rows: int | None = None):
         self._d = check_dim(d, caller="LpSketch")
         self._eps = check_eps(eps, caller="LpSketch")
         self._p = check_p(p, caller="LpSketch")
         if not isinstance(rtol, (int, float, np.floating)) or not (0.0 < float(rtol) < 1.0):
             raise ValueError(f"The 'rtol' parameter of LpSketch must be a float in (0, 1). Got {rtol!r}.")
         self._rtol = float(rtol)
+        if not isinstance(normalizer, (bool, np.bool_)):
+            raise TypeError(f"The 'normalizer' parameter of LpSketch must be True or False. Got {normalizer!r}.")
+        self._emb = LpEmbedding(self._d, self._p, delta=delta, seed=seed, rows=normalizer_rows) if normalizer \
+            else None
         self._lock = threading.RLock()
         self._n = 0
         self._id_lo, self._id_hi = 0, -1
@@ -102,11 +116,13 @@ class LpSketch:
     n = property(lambda self: self._n, doc="Number of keys seen (including merged sketches).")
     num_retained = property(lambda self: int(self._ids.shape[0]), doc="Candidates held.")
     is_empty = property(lambda self: self._n == 0, doc="True when no key has been seen.")
+    normalizer = property(lambda self: self._emb, doc="The LpEmbedding of all keys, or None (normalizer=False).")
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the sketch's arrays."""
-        return int(self._R.nbytes + self._K.nbytes + self._ids.nbytes + self._ub.nbytes)
+        emb = self._emb.nbytes if self._emb is not None else 0
+        return int(self._R.nbytes + self._K.nbytes + self._ids.nbytes + self._ub.nbytes + emb)
 
     @staticmethod
     def max_retained(d: int, eps: float, p: float = 1.0) -> int:
@@ -144,6 +160,8 @@ class LpSketch:
                 with _factor.blas_threads(1):  # many small LAPACK calls: see streamlev._factor.blas_threads
                     for s in range(0, m, CHUNK_ROWS):
                         self._fold(K[s : s + CHUNK_ROWS], ids_arr[s : s + CHUNK_ROWS])
+                    if self._emb is not None:
+                        self._emb.update(K)
                 _extend_id_range(self, ids_arr.min(), ids_arr.max(), m)
             except BaseException:
                 self._restore(snap)
@@ -151,11 +169,14 @@ class LpSketch:
             return self
 
     def _snapshot(self):
-        return (self._n, self._id_lo, self._id_hi, self._e, self._R, self._K, self._ids, self._ub)
+        emb = self._emb._snapshot() if self._emb is not None else None
+        return (self._n, self._id_lo, self._id_hi, self._e, self._R, self._K, self._ids, self._ub, emb)
 
     def _restore(self, snap):
-        self._n, self._id_lo, self._id_hi, self._e, self._R, self._K, self._ids, self._ub = snap
+        self._n, self._id_lo, self._id_hi, self._e, self._R, self._K, self._ids, self._ub, emb = snap
         self._r = int(self._ids.shape[0])
+        if emb is not None:
+            self._emb._restore(emb)
 
     def _prepare(self, B):
         bmax = max(float(np.max(B)), -float(np.min(B)))  # no temporaries; NaN/Inf propagate
@@ -255,6 +276,11 @@ class LpSketch:
         if mine != theirs:
             raise ValueError(f"LpSketch.merge: incompatible sketches: this one has (d, eps, p, rtol)={mine}, "
                              f"the other has {theirs}. Only sketches built with the same parameters merge.")
+        mine, theirs = _emb_params(self), _emb_params(other)
+        if mine != theirs:
+            raise ValueError(f"LpSketch.merge: incompatible normalizers: this one has (delta, seed, rows)={mine}, "
+                             f"the other has {theirs} (None = no normalizer). Build both with the same "
+                             "normalizer, delta, seed and normalizer_rows.")
         first, second = (self, other) if id(self) < id(other) else (other, self)
         with first._lock, second._lock:
             if other._n == 0:
@@ -282,6 +308,8 @@ class LpSketch:
                         ub_o = np.minimum(ub_o, _factor.score_rows(self._R, oK, self._rtol, kappa=kappa) ** half)
                 with _factor.blas_threads(1):
                     self._absorb(oK, other._ids.copy(), ub_o, ub_old)
+                    if self._emb is not None:
+                        self._emb.merge(other._emb)
                 _extend_id_range(self, other._id_lo, other._id_hi, other._n)
             except BaseException:
                 self._restore(snap)
@@ -293,12 +321,15 @@ class LpSketch:
         """Serialize to versioned, self-describing, CRC32-checked bytes (no pickle)."""
         with self._lock:
             order = np.argsort(self._ids, kind="stable")
-            return _format.dump("LpSketch", {
+            fields = {
                 "d": np.int64(self._d), "eps": np.float64(self._eps), "p": np.float64(self._p),
                 "rtol": np.float64(self._rtol), "n": np.int64(self._n), "scale_exp": np.int64(self._e),
                 "id_range": np.array([self._id_lo, self._id_hi], dtype=np.int64),
                 "R": self._R, "ids": self._ids[order], "keys": self._K[order], "ub": self._ub[order],
-            })
+            }
+            if self._emb is not None:  # optional fields: bytes without them (older sketches) still load
+                fields.update(self._emb._fields(_NZ))
+            return _format.dump("LpSketch", fields)
 
     @classmethod
     def from_bytes(cls, data) -> LpSketch:
@@ -307,7 +338,10 @@ class LpSketch:
             "d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
             "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
             "keys": (("r", "d"), "f8"), "ub": (("r",), "f8"),
-        })
+        }, optional=LpEmbedding._schema(_NZ, dname="d"))
+        has = [k for k in f if k.startswith(_NZ)]
+        if has and len(has) != len(LpEmbedding._schema(_NZ)):
+            raise ValueError("LpSketch.from_bytes: the normalizer fields are incomplete.")
         try:
             sk = cls(int(f["d"]), float(f["eps"]), p=float(f["p"]), rtol=float(f["rtol"]))
         except (TypeError, ValueError) as exc:
@@ -329,6 +363,12 @@ class LpSketch:
             raise ValueError(f"LpSketch.from_bytes: id range [{lo}, {hi}] is inconsistent with n={n} and the ids.")
         sk._n, sk._id_lo, sk._id_hi, sk._e, sk._R = n, lo, hi, e, np.ascontiguousarray(f["R"])
         sk._K, sk._ids, sk._ub, sk._r = f["keys"], ids, ub, r
+        if has:
+            emb = LpEmbedding._from_fields(f, _NZ, caller="LpSketch.from_bytes")
+            if (emb.d, emb.p, emb.n) != (sk._d, sk._p, n):
+                raise ValueError(f"LpSketch.from_bytes: the normalizer has (d, p, n)={(emb.d, emb.p, emb.n)}, "
+                                 f"the sketch {(sk._d, sk._p, n)}.")
+            sk._emb = emb
         return sk
 
     def copy(self) -> LpSketch:
@@ -346,6 +386,14 @@ class LpSketch:
 
 def _from_bytes(data):
     return LpSketch.from_bytes(data)
+
+
+_NZ = "nz_"  # prefix of the optional normalizer fields in LpSketch bytes
+
+
+def _emb_params(sk):
+    e = sk._emb
+    return None if e is None else (e.delta, e.seed, e.rows)
 
 
 def universal_set_p(K, eps: float, *, p: float, rtol: float = DEFAULT_RTOL) -> np.ndarray:

@@ -137,3 +137,89 @@ def test_default_rows_and_error_bound_text():
     emb = LpEmbedding(4, 1.0)
     assert "NOT proven" in emb.error_bound
     assert LpEmbedding(4, 1.0).norm_p(np.ones((2, 4))).tolist() == [0.0, 0.0]
+
+
+# ------------------------------------------------------------ LpSketch integration and heavy_attention
+import streamlev as sl  # noqa: E402
+from streamlev.lp import LpSketch  # noqa: E402
+
+
+def _brute(K, Q, p):
+    N = np.abs(Q @ K.T) ** p
+    return N / N.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_heavy_attention_no_false_negatives_and_band(p, seed):
+    d, n, eps, delta = 4, 4000, 0.05, 0.2
+    K = _keys(n, d, seed)
+    sk = LpSketch(d, eps, p=p, normalizer=True, delta=delta, seed=seed)
+    for a in range(0, n, 700):
+        sk.update(K[a : a + 700])
+    assert sk.normalizer.levels >= 2  # the estimate is sampled, not exact
+    rng = np.random.default_rng(seed + 10)
+    # adversarial queries: aligned with single keys (large shares), the rare direction, singular directions
+    Q = np.vstack([rng.standard_normal((150, d)), K[:20], np.linalg.svd(K, full_matrices=False)[2],
+                   np.eye(d)[-1]])
+    A = _brute(K, Q, p)
+    H = sl.heavy_attention(sk, Q)
+    assert H.shape == (Q.shape[0], n)
+    true = set(zip(*np.nonzero(A >= eps)))
+    got = set(zip(*H.nonzero()))
+    assert true, "test must contain heavy entries"
+    assert true <= got  # no false negatives
+    i, j = H.nonzero()
+    a_true, a_rep = A[i, j], np.asarray(H[i, j]).ravel()
+    assert np.all(a_true >= eps * (1 - delta) ** 2)
+    assert np.all(a_rep >= a_true / (1 + delta)) and np.all(a_rep <= a_true / (1 - delta))
+    Hm, ids = sl.heavy_attention(sk, Q, id_map=True)
+    assert set(zip(np.nonzero(Hm)[0], ids[np.nonzero(Hm)[1]])) == got
+
+
+def test_heavy_attention_without_normalizer_says_how_to_fix():
+    sk = LpSketch(3, 0.2, p=3.0).update(_keys(50, 3, 0))
+    with pytest.raises(NotImplementedError, match="normalizer=True"):
+        sl.heavy_attention(sk, np.ones((2, 3)))
+    empty = LpSketch(3, 0.2, p=3.0, normalizer=True)
+    assert sl.heavy_attention(empty, np.ones((2, 3))).nnz == 0
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0])
+def test_lpsketch_normalizer_merge_and_bytes(p):
+    d, rows = 3, 100
+    K = _keys(8 * rows, d, 4)
+    one = LpSketch(d, 0.2, p=p, normalizer=True, seed=3, normalizer_rows=rows).update(K)
+    a = LpSketch(d, 0.2, p=p, normalizer=True, seed=3, normalizer_rows=rows).update(K[: 4 * rows])
+    b = LpSketch(d, 0.2, p=p, normalizer=True, seed=3, normalizer_rows=rows)
+    b.update(K[4 * rows :], ids=np.arange(4 * rows, 8 * rows))
+    b_bytes = b.to_bytes()
+    a.merge(b)
+    assert b.to_bytes() == b_bytes
+    assert a.normalizer.to_bytes() == one.normalizer.to_bytes()
+    back = LpSketch.from_bytes(a.to_bytes())
+    assert back.normalizer.to_bytes() == a.normalizer.to_bytes() and back.to_bytes() == a.to_bytes()
+    # different seed, or one sketch without a normalizer: refuse
+    for other in (LpSketch(d, 0.2, p=p, normalizer=True, seed=4, normalizer_rows=rows),
+                  LpSketch(d, 0.2, p=p)):
+        other.update(K[:10], ids=np.arange(10**6, 10**6 + 10))
+        before = a.to_bytes()
+        with pytest.raises(ValueError, match="normalizer"):
+            a.merge(other)
+        assert a.to_bytes() == before
+
+
+def test_lpsketch_old_bytes_without_normalizer_still_load_and_bad_input_is_atomic():
+    K = _keys(300, 3, 6)
+    plain = LpSketch(3, 0.2, p=1.0).update(K)
+    back = LpSketch.from_bytes(plain.to_bytes())
+    assert back.normalizer is None and back.to_bytes() == plain.to_bytes()
+    sk = LpSketch(3, 0.2, p=1.0, normalizer=True, normalizer_rows=50).update(K)
+    before = sk.to_bytes()
+    bad = _keys(100, 3, 7)
+    bad[60, 0] = np.inf
+    with pytest.raises(ValueError):
+        sk.update(bad)
+    assert sk.to_bytes() == before
+    with pytest.raises(TypeError):
+        LpSketch(3, 0.2, normalizer="yes")
