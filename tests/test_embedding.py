@@ -132,8 +132,8 @@ def test_bad_input_leaves_state_unchanged():
 
 
 def test_default_rows_and_error_bound_text():
-    assert default_rows(4, 1.0, 0.2) == int(np.ceil(4 * np.log(16) / 0.04))
-    assert default_rows(4, 3.0, 0.2) == int(np.ceil(8 * np.log(32) / 0.04))
+    assert default_rows(4, 1.0, 0.2) == int(np.ceil(2 * 4 * np.log(16) / 0.04))
+    assert default_rows(4, 3.0, 0.2) == int(np.ceil(2 * 8 * np.log(32) / 0.04))
     emb = LpEmbedding(4, 1.0)
     assert "NOT proven" in emb.error_bound
     assert LpEmbedding(4, 1.0).norm_p(np.ones((2, 4))).tolist() == [0.0, 0.0]
@@ -152,7 +152,7 @@ def _brute(K, Q, p):
 @pytest.mark.parametrize("p", [1.0, 3.0])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_heavy_attention_no_false_negatives_and_band(p, seed):
-    d, n, eps, delta = 4, 4000, 0.05, 0.2
+    d, n, eps, delta = 4, 8000, 0.05, 0.2
     K = _keys(n, d, seed)
     sk = LpSketch(d, eps, p=p, normalizer=True, delta=delta, seed=seed)
     for a in range(0, n, 700):
