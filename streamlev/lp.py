@@ -22,7 +22,7 @@ from .embedding import LpEmbedding
 from .lewis import sensitivity_upper_bounds
 from .reference import DEFAULT_RTOL
 from .sketch import (CHUNK_ROWS, _NO_DATA_EXP, _check_id_interval, _check_merge_ids, _check_scaled_state,
-                     _extend_id_range)
+                     _checked_id_range, _extend_id_range)
 
 __all__ = ["LpSketch", "universal_set_p"]
 
@@ -357,10 +357,7 @@ class LpSketch:
             raise ValueError("LpSketch.from_bytes: retained bounds must lie in [eps, 1].")
         if r > 1 and np.any(np.diff(ids) <= 0):
             raise ValueError("LpSketch.from_bytes: retained ids are not sorted and distinct.")
-        lo, hi = (int(v) for v in f["id_range"])
-        if (n == 0 and (lo, hi) != (0, -1)) or (n > 0 and (hi < lo or hi - lo + 1 < n)) \
-                or (r and (ids[0] < lo or ids[-1] > hi)):
-            raise ValueError(f"LpSketch.from_bytes: id range [{lo}, {hi}] is inconsistent with n={n} and the ids.")
+        lo, hi = _checked_id_range(f["id_range"], n, ids, "LpSketch.from_bytes")
         sk._n, sk._id_lo, sk._id_hi, sk._e, sk._R = n, lo, hi, e, np.ascontiguousarray(f["R"])
         sk._K, sk._ids, sk._ub, sk._r = f["keys"], ids, ub, r
         if has:

@@ -647,11 +647,7 @@ class LevSketch(ByteRoundTrip):
         _check_scaled_state(R, K, n, sk._d, "LevSketch.from_bytes")
         if r > 1 and np.any(np.diff(ids) <= 0):
             raise ValueError("LevSketch.from_bytes: retained ids are not sorted and distinct.")
-        lo, hi = (int(v) for v in f["id_range"])
-        if (n == 0 and (lo, hi) != (0, -1)) or (n > 0 and (hi < lo or hi - lo + 1 < n)) \
-                or (r and (ids[0] < lo or ids[-1] > hi)):
-            raise ValueError(f"LevSketch.from_bytes: id range [{lo}, {hi}] is inconsistent with n={n} and the ids.")
-        sk._id_lo, sk._id_hi = lo, hi
+        sk._id_lo, sk._id_hi = _checked_id_range(f["id_range"], n, ids, "LevSketch.from_bytes")
         V = f.get("values")
         if V is not None and not np.isfinite(V).all():
             raise ValueError("LevSketch.from_bytes: values contain NaN or Inf.")
@@ -690,6 +686,15 @@ def _check_merge_ids(sk, other, caller):
         if _is_interval(a) and b._r:
             ids = b._ids[: b._r] if hasattr(b, "_r") else b._ids
             _check_id_interval(a, ids, caller)
+
+
+def _checked_id_range(id_range, n, ids, caller):
+    """Decoded (lo, hi) after checking it can describe n distinct ids that include the retained ones."""
+    lo, hi = (int(v) for v in id_range)
+    if (n == 0 and (lo, hi) != (0, -1)) or (n > 0 and (hi < lo or hi - lo + 1 < n)) \
+            or (ids.size and (ids[0] < lo or ids[-1] > hi)):
+        raise ValueError(f"{caller}: id range [{lo}, {hi}] is inconsistent with n={n} and the ids.")
+    return lo, hi
 
 
 def _extend_id_range(sk, lo, hi, count):
