@@ -393,7 +393,7 @@ def write_report(args, summary, recs, e2e_rows, e2e_model, inputs, fractions, ep
     L.append("| ORACLE | column sums of `softmax(Q K^T / sqrt(d))`: **sees the queries**, an upper reference, "
              "not a competitor | like kvpress `ObservedAttentionPress` (non-causal) |")
     L.append("\nRules are re-implemented from their descriptions (kvpress 0.5.4, commit 8bb29b9; see "
-             "`/work/shared/research/peers.md`), in numpy; no kvpress code is used. "
+             "the team's peer survey), in numpy; no kvpress code is used. "
              "With d = 32 <= 48 the Gaussian sketch is injective on the row space, so `sketch_leverage` equals the "
              "exact leverage of the *mean-centred* keys up to the jitter and float32 rounding.\n")
     L.append("## Metrics\n")
