@@ -112,22 +112,35 @@ def heavy_attention(sketch, Q, eps: float | None = None, *, id_map: bool = False
             "LpSketch(d, eps, p=..., normalizer=True), or use a LevSketch (p = 2).")
     if not isinstance(sketch, LevSketch):
         raise TypeError(f"heavy_attention: expected a LevSketch, got {type(sketch).__name__}.")
-    d = sketch.d
+    e = _query_threshold(sketch, eps, id_map)
+    Q = check_keys(Q, sketch.d, caller="heavy_attention", name="Q")
+    ids, Ks, tau, R, n = _sketch_state(sketch)
+    _check_ids_as_columns(ids, id_map)
+    cand = np.flatnonzero(tau >= max(sketch.eps, e - CANDIDATE_SLACK))
+    indptr, cols, vals = _heavy_rows(Q, R, Ks[cand], e)
+    return _entries_matrix(vals, cols, indptr, cand, ids, n, Q.shape[0], id_map)
+
+
+def _query_threshold(sketch, eps, id_map) -> float:
+    """The entry threshold of a heavy_attention call (>= the sketch's eps), with id_map checked."""
     e = sketch.eps if eps is None else check_eps(eps, caller="heavy_attention")
     if e < sketch.eps:
-        raise ValueError(f"heavy_attention: eps={e!r} is below the sketch's eps={sketch.eps!r}; keys with smaller "
-                         "leverage were not kept, so smaller entries cannot be found. Build the sketch with a "
+        raise ValueError(f"heavy_attention: eps={e!r} is below the sketch's eps={sketch.eps!r}; keys whose score "
+                         "was below it were not kept, so smaller entries cannot be found. Build the sketch with a "
                          "smaller eps.")
     if not isinstance(id_map, (bool, np.bool_)):
         raise TypeError(f"heavy_attention: id_map must be True or False, got {id_map!r}.")
-    Q = check_keys(Q, d, caller="heavy_attention", name="Q")
-    ids, Ks, tau, R, n = _sketch_state(sketch)
+    return e
+
+
+def _check_ids_as_columns(ids, id_map):
     if not id_map and ids.size and ids[0] < 0:
         raise ValueError(f"heavy_attention: the sketch holds negative key ids (e.g. {int(ids[0])}), which cannot be "
                          "column indices; pass id_map=True to get columns labelled by an id array.")
-    cand = np.flatnonzero(tau >= max(sketch.eps, e - CANDIDATE_SLACK))
-    indptr, cols, vals = _heavy_rows(Q, R, Ks[cand], e)
-    n_q = Q.shape[0]
+
+
+def _entries_matrix(vals, cols, indptr, cand, ids, n, n_q, id_map):
+    """CSR of the heavy entries: columns are key ids (or positions in ``ids`` with id_map)."""
     if id_map:
         return sp.csr_matrix((vals, cand[cols], indptr), shape=(n_q, ids.size)), ids
     width = max(n, int(ids[-1]) + 1 if ids.size else 0)
@@ -142,13 +155,7 @@ def _heavy_attention_p(sketch, Q, eps, id_map):
     denominator ``est(q)`` from the LpEmbedding; entry reported when
     ``|<q,k_j>|^p >= eps (1 - delta) est(q)``, with value ``|<q,k_j>|^p / est(q)``.
     """
-    e = sketch.eps if eps is None else check_eps(eps, caller="heavy_attention")
-    if e < sketch.eps:
-        raise ValueError(f"heavy_attention: eps={e!r} is below the sketch's eps={sketch.eps!r}; keys with smaller "
-                         "bounds were not kept, so smaller entries cannot be found. Build the sketch with a "
-                         "smaller eps.")
-    if not isinstance(id_map, (bool, np.bool_)):
-        raise TypeError(f"heavy_attention: id_map must be True or False, got {id_map!r}.")
+    e = _query_threshold(sketch, eps, id_map)
     d, p = sketch.d, sketch.p
     Q = np.asarray(check_keys(Q, d, caller="heavy_attention", name="Q"), dtype=np.float64)
     with sketch._lock:
@@ -157,9 +164,7 @@ def _heavy_attention_p(sketch, Q, eps, id_map):
         emb = sketch.normalizer
         S, w = emb._terms(Q)
         n, delta = sketch.n, emb.delta
-    if not id_map and ids.size and ids[0] < 0:
-        raise ValueError(f"heavy_attention: the sketch holds negative key ids (e.g. {int(ids[0])}), which cannot be "
-                         "column indices; pass id_map=True to get columns labelled by an id array.")
+    _check_ids_as_columns(ids, id_map)
     cand = np.flatnonzero(ub >= e)
     n_q = Q.shape[0]
     indptr, cols, vals = [0], [], []
@@ -183,10 +188,7 @@ def _heavy_attention_p(sketch, Q, eps, id_map):
     cols = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
     vals = np.concatenate(vals) if vals else np.zeros(0)
     indptr = np.asarray(indptr, dtype=np.int64)
-    if id_map:
-        return sp.csr_matrix((vals, cand[cols], indptr), shape=(n_q, ids.size)), ids
-    width = max(n, int(ids[-1]) + 1 if ids.size else 0)
-    return sp.csr_matrix((vals, ids[cand][cols], indptr), shape=(n_q, width))
+    return _entries_matrix(vals, cols, indptr, cand, ids, n, n_q, id_map)
 
 
 def _sketch_state(sketch):
