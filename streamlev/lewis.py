@@ -226,6 +226,17 @@ def _lewis_core(K: np.ndarray, p: float, tol: float, max_iter: int | None, rtol:
     return w, tau_full, info
 
 
+def _checked_core(K, p, tol, max_iter, rtol, caller):
+    """Validate the public arguments once and run the iteration: (p, tol, rtol, K, w, tau, info)."""
+    p = check_p(p, caller=caller)
+    K = check_matrix(K, caller=caller)
+    tol = check_positive_float(tol, name="tol", caller=caller)
+    rtol = check_positive_float(rtol, name="rtol", caller=caller, upper=1.0)
+    max_iter = check_max_iter(max_iter, caller=caller)
+    w, tau, info = _lewis_core(K, p, tol, max_iter, rtol)
+    return p, tol, rtol, K, w, tau, info
+
+
 def lewis_weights(K, p, *, tol: float = 1e-10, max_iter: int | None = None, rtol: float = DEFAULT_RTOL,
                   return_info: bool = False):
     """l_p Lewis weights of the rows of ``K``.
@@ -317,13 +328,7 @@ def lewis_weights(K, p, *, tol: float = 1e-10, max_iter: int | None = None, rtol
     >>> round(float(w.sum()), 8)
     3.0
     """
-    caller = "lewis_weights"
-    p = check_p(p, caller=caller)
-    K = check_matrix(K, caller=caller)
-    tol = check_positive_float(tol, name="tol", caller=caller)
-    rtol = check_positive_float(rtol, name="rtol", caller=caller, upper=1.0)
-    max_iter = check_max_iter(max_iter, caller=caller)
-    w, _, info = _lewis_core(K, p, tol, max_iter, rtol)
+    p, tol, _, K, w, _, info = _checked_core(K, p, tol, max_iter, rtol, "lewis_weights")
     if not info["converged"]:
         raise LewisConvergenceError(
             f"lewis_weights: the {info['method']} iteration for p={p:g} did not converge in "
@@ -407,13 +412,7 @@ def sensitivity_upper_bounds(K, p, *, rtol: float = DEFAULT_RTOL, tol: float = 1
     >>> bool(ub.sum() <= 2 * (1 + 1e-6))
     True
     """
-    caller = "sensitivity_upper_bounds"
-    p = check_p(p, caller=caller)
-    K = check_matrix(K, caller=caller)
-    tol = check_positive_float(tol, name="tol", caller=caller)
-    rtol = check_positive_float(rtol, name="rtol", caller=caller, upper=1.0)
-    max_iter = check_max_iter(max_iter, caller=caller)
-    w, tau, info = _lewis_core(K, p, tol, max_iter, rtol)
+    p, tol, rtol, K, w, tau, info = _checked_core(K, p, tol, max_iter, rtol, "sensitivity_upper_bounds")
     if not info["converged"]:
         warnings.warn(f"sensitivity_upper_bounds: the Lewis iteration for p={p:g} stopped after "
                       f"{info['iterations']} iterations with residual {info['residual']:.3e} > tol={tol:.3e}; "
