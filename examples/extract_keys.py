@@ -230,7 +230,7 @@ def load_weights(model_dir: Path):
     return cfg, w
 
 
-def forward(ids: np.ndarray, cfg: dict, w: dict):
+def forward(ids: np.ndarray, cfg: dict, w: dict, select=None):
     """BERT encoder forward pass in float64; returns per-layer Q, K, V and the last hidden state.
 
     Q, K, V have shape ``(layers, heads, n, head_dim)``.
@@ -257,8 +257,16 @@ def forward(ids: np.ndarray, cfg: dict, w: dict):
         q, k, v = (lin(f"attention.self.{t}", x).reshape(n, H, dh).transpose(1, 0, 2)
                    for t in ("query", "key", "value"))
         qs.append(q), ks.append(k), vs.append(v)
-        attn = _softmax(q @ k.transpose(0, 2, 1) / np.sqrt(dh))  # (H, n, n)
-        ctx = (attn @ v).transpose(1, 0, 2).reshape(n, H * dh)
+        if select is None:
+            attn = _softmax(q @ k.transpose(0, 2, 1) / np.sqrt(dh))  # (H, n, n)
+            ctx = (attn @ v).transpose(1, 0, 2).reshape(n, H * dh)
+        else:  # each head attends only to the keys select(layer, head, q, k) keeps (None = all)
+            ctx = np.empty((H, n, dh))
+            for h in range(H):
+                kept = select(layer, h, q[h], k[h])
+                kh, vh = (k[h], v[h]) if kept is None else (k[h][kept], v[h][kept])
+                ctx[h] = _softmax(q[h] @ kh.T / np.sqrt(dh)) @ vh
+            ctx = ctx.transpose(1, 0, 2).reshape(n, H * dh)
         x = _layer_norm(x + lin("attention.output.dense", ctx),
                         w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
         h = _gelu(lin("intermediate.dense", x))

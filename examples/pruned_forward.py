@@ -2,7 +2,7 @@
 
 Used by ``benchmarks/quality.py`` for the end-to-end comparison of key
 selectors. The model code (layer norm, GELU, weights, tokenizer, texts) is
-imported from ``examples/extract_keys.py``; this module adds the one change:
+imported from ``examples/extract_keys.py`` (whose ``forward`` takes the selector); this module adds the one change:
 in each layer and head, the queries attend only to the keys (and values)
 chosen by a selector from *that layer's* post-projection keys
 ``K = X W_k^T + b_k`` (bias included; all-MiniLM-L6-v2 has learned absolute
@@ -27,10 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract_keys import (  # noqa: E402
     DOCUMENTS,
     WordPiece,
-    _gelu,
-    _layer_norm,
-    _softmax,
     default_model_dir,
+    forward,
     load_texts,
     load_weights,
     sentence_embedding,
@@ -65,34 +63,8 @@ def forward_pruned(ids: np.ndarray, cfg: dict, w: dict, select=None):
     -------
     hidden : ndarray of shape (n, hidden_size), the last hidden state.
     """
-    n = len(ids)
-    H = cfg["num_attention_heads"]
-    dh = cfg["hidden_size"] // H
-    eps = cfg["layer_norm_eps"]
-    x = (w["embeddings.word_embeddings.weight"][ids]
-         + w["embeddings.position_embeddings.weight"][:n]
-         + w["embeddings.token_type_embeddings.weight"][0])
-    x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"encoder.layer.{layer}."
-
-        def lin(name, inp):
-            return inp @ w[p + name + ".weight"].T + w[p + name + ".bias"]
-
-        q, k, v = (lin(f"attention.self.{t}", x).reshape(n, H, dh).transpose(1, 0, 2)
-                   for t in ("query", "key", "value"))
-        ctx = np.empty((H, n, dh))
-        for h in range(H):
-            kept = None if select is None else select(layer, h, q[h], k[h])
-            kh, vh = (k[h], v[h]) if kept is None else (k[h][kept], v[h][kept])
-            ctx[h] = _softmax(q[h] @ kh.T / np.sqrt(dh)) @ vh
-        ctx = ctx.transpose(1, 0, 2).reshape(n, H * dh)
-        x = _layer_norm(x + lin("attention.output.dense", ctx),
-                        w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
-        hmid = _gelu(lin("intermediate.dense", x))
-        x = _layer_norm(x + lin("output.dense", hmid),
-                        w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps)
-    return x
+    # a selector that keeps everything still takes the per-head path, as a pruned model does
+    return forward(ids, cfg, w, select=select or (lambda *args: None))[3]
 
 
 def random_bert(seed: int = 0, *, layers: int = 2, hidden: int = 32, heads: int = 4, vocab: int = 50,
