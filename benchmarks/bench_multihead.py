@@ -12,11 +12,15 @@ Run: python benchmarks/bench_multihead.py
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from streamlev.multihead import MultiHeadSketch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median_time  # noqa: E402
+
+from streamlev.multihead import MultiHeadSketch  # noqa: E402
 
 HEADS, D, EPS = 12, 64, 0.05
 PREFILL_M, PREFILL_BLOCKS, DECODE_STEPS, REPS = 2048, 4, 256, 5
@@ -44,12 +48,7 @@ def vec_decode(Minv, Kret, tau, steps):
 
 
 def med(fn):
-    ts = []
-    for _ in range(REPS):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    return median_time(fn, REPS, warmup=0)
 
 
 def main():
