@@ -82,17 +82,25 @@ def _lp_p1(B: np.ndarray, j: int) -> tuple[float, float]:
     b = B[j]
     c = np.zeros(n + 1)
     c[-1] = -1.0
-    A_eq = np.hstack([B.T, -b[:, None]])
     bounds = [(-1.0, 1.0)] * n + [(None, None)]
-    res = linprog(c, A_eq=A_eq, b_eq=np.zeros(r), bounds=bounds, method="highs",
-                  options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10})
-    if res.status != 0:
+    tight = {"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10}
+    # Scaling column k of B by D_k scales equality row k only: u and lam are unchanged and the
+    # multipliers come back as D y. Badly scaled rows (spikes of 1e-8 next to 1e-2) can stall
+    # HiGHS, so a failed solve is retried on the equilibrated problem, then with default tolerances.
+    norms = np.linalg.norm(B, axis=0)
+    D = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 1.0)
+    for scale, options in ((np.ones(r), tight), (D, tight), (D, {})):
+        A_eq = np.hstack([(B * scale).T, -(b * scale)[:, None]])
+        res = linprog(c, A_eq=A_eq, b_eq=np.zeros(r), bounds=bounds, method="highs", options=options)
+        if res.status == 0:
+            break
+    else:
         raise RuntimeError(f"sensitivities: HiGHS failed on row {j} (status {res.status}: {res.message}).")
     lam = -float(res.fun)
     lo = 0.0
     y = getattr(getattr(res, "eqlin", None), "marginals", None)
     if y is not None and np.any(y):
-        lo = _ratio(B, j, np.asarray(y, dtype=np.float64), 1.0)  # multipliers = primal minimiser z
+        lo = _ratio(B, j, scale * np.asarray(y, dtype=np.float64), 1.0)  # multipliers = primal minimiser z
     lo = max(lo, _ratio(B, j, b, 1.0))
     hi = _certificate(B, b, res.x[:n] / lam, 1.0) if lam > 0 else 1.0
     return lo, min(hi, 1.0)

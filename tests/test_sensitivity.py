@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from streamlev.lewis import lewis_weights
 from streamlev.reference import leverage_scores
 from streamlev.sensitivity import sensitivities
+from streamlev.testing import make_keys
 
 HSET = settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow])
 P_ALL = [0.5, 1.0, 1.5, 3.0, 4.0, 6.0]
@@ -120,3 +121,26 @@ def test_bad_inputs():
         sensitivities(K, -1)
     with pytest.raises(ValueError, match=r"ndim=1"):
         sensitivities(np.ones(3), 1.0)
+
+
+def _p1_by_vertices(K, j):
+    """1 / min ||K z||_1 over <k_j, z> = 1, by enumerating the vertices <k_i, z> = 0 for d - 1 rows i."""
+    from itertools import combinations
+
+    n, d = K.shape
+    best = np.inf
+    for rows in combinations([i for i in range(n) if i != j], d - 1):
+        A = np.vstack([K[j], K[list(rows)]])
+        if abs(np.linalg.det(A)) < 1e-300 or np.linalg.cond(A) > 1e12:
+            continue
+        z = np.linalg.solve(A, np.eye(d)[0])
+        best = min(best, np.abs(K @ z).sum())
+    return 1.0 / best
+
+
+def test_p1_oracle_survives_badly_scaled_rows():
+    # found by the p=1 state machine: spikes of 1e-8 beside 1e-2 made HiGHS stop with status 4
+    K = np.vstack([make_keys("heavy_tailed", 7, 3, 1), make_keys("spikes", 10, 3, 1)])
+    alpha = sensitivities(K, 1.0)
+    want = np.array([_p1_by_vertices(K, j) for j in range(K.shape[0])])
+    np.testing.assert_allclose(alpha, want, rtol=1e-6, atol=1e-12)
