@@ -57,6 +57,11 @@ KAPPA_CHOLQR2 = 1e4
 _U = np.finfo(np.float64).eps
 
 
+def solve_upper(R: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """u with R u = v for C-ordered upper-triangular R: one BLAS trsv, overwriting v (returned)."""
+    return blas.dtrsv(R.T, v, lower=1, trans=1, overwrite_x=1)
+
+
 def cond_estimate(R: np.ndarray) -> float:
     """1-norm condition number estimate of upper-triangular R (inf when singular). O(d^2)."""
     d = R.shape[0]

@@ -15,10 +15,11 @@ import threading
 from typing import NamedTuple
 
 import numpy as np
+import scipy.linalg as sla
 
 from . import _factor, _format
 from ._bytes_mixin import ByteRoundTrip
-from ._kernels.rank_one import abs_max, decode_key
+from ._kernels.rank_one import abs_max, band_split, fold_key, lower_scores
 from ._validation import check_dim, check_eps, check_ids, check_keys, check_values
 from .reference import DEFAULT_RTOL
 
@@ -28,9 +29,14 @@ CHUNK_ROWS = 4096  # BLAS-3 sweet spot on a small machine (see benchmarks/bench_
 RESCORE_RATIO = 8  # re-score retained keys once 8x as many new rows arrived: <= 1/8 extra scoring work
 DECODE_MAX_ROWS = 8  # blocks this small go through the rank-one (decode) path
 KAPPA_DECODE = 1e4  # rank-one score updates are used only below this condition number
+MARGIN_REFRESH = 1e-6  # exact refresh once the rank-one rounding band is this wide ...
+REFRESH_STEPS = 8192  # ... or after this many rank-one steps, whichever comes first
+SVD_MAX_D = 256  # the rank-one path measures kappa with an O(d^3) SVD up to this d
 SAFE_EXP = 250  # keys within 2**+-SAFE_EXP are stored unscaled
+_SAFE_LO, _SAFE_HI = 2.0 ** -(SAFE_EXP + 1), 2.0**SAFE_EXP  # max |key| with frexp exponent in [-SAFE_EXP, SAFE_EXP]
 _U = np.finfo(np.float64).eps
 _NO_DATA_EXP = -1100  # scale exponent of an empty sketch (below any float64 exponent)
+_NO_IDS = np.zeros(0, np.int64)
 
 
 class Changes(NamedTuple):
@@ -142,6 +148,8 @@ class LevSketch(ByteRoundTrip):
         self._pending = 0  # rows folded in since the retained scores were last recomputed exactly
         self._sm_steps = 0  # rank-one steps since the last exact refresh
         self._kappa = np.inf  # condition estimate of R at the last exact refresh
+        self._kappa_sm = None  # its 2-norm condition number, computed when the rank-one path first needs it
+        self._v = None  # scratch of the rank-one path
         self._fro2_ref = 0.0  # ||R||_F^2 at that refresh
         self._fro2_now = 0.0  # ||R||_F^2 now, tracked by the rank-one path
 
@@ -149,11 +157,11 @@ class LevSketch(ByteRoundTrip):
         r = self._r
         return (self._n, self._id_lo, self._id_hi, self._e, self._R.copy(), self._K[:r].copy(), self._ids[:r].copy(),
                 self._tau[:r].copy(), None if self._V is None else self._V[:r].copy(),
-                self._pending, self._sm_steps, self._kappa, self._fro2_ref, self._fro2_now)
+                self._pending, self._sm_steps, self._kappa, self._kappa_sm, self._fro2_ref, self._fro2_now)
 
     def _restore(self, s):
         (self._n, self._id_lo, self._id_hi, self._e, self._R, self._K, self._ids, self._tau, self._V,
-         self._pending, self._sm_steps, self._kappa, self._fro2_ref, self._fro2_now) = s
+         self._pending, self._sm_steps, self._kappa, self._kappa_sm, self._fro2_ref, self._fro2_now) = s
         self._r = self._ids.shape[0]
 
     # ------------------------------------------------------------ properties
@@ -249,6 +257,9 @@ class LevSketch(ByteRoundTrip):
         it was before the call.
         """
         with self._lock:
+            fast = self._try_decode(keys, ids, values, return_changes)
+            if fast is not None:
+                return fast
             K = check_keys(keys, self._d, caller="LevSketch.update", check_finite=False)
             m = K.shape[0]
             if ids is None:
@@ -282,7 +293,7 @@ class LevSketch(ByteRoundTrip):
                 X, e = self._prepare_block(K)
                 if e == self._e:
                     for i in range(m):
-                        self._decode_one(X[i], ids_arr[i : i + 1], None if V is None else V[i : i + 1])
+                        self._decode_one(X[i], int(ids_arr[i]), None if V is None else V[i : i + 1])
                     _extend_id_range(self, lo, hi, m)
                     return self._changes(before, ids_arr) if return_changes else self
             snap = self._snapshot()
@@ -367,7 +378,7 @@ class LevSketch(ByteRoundTrip):
             self._rescore()  # one exact refresh, then the rank-one path can take over
         if m <= DECODE_MAX_ROWS and self._decode_ready():
             for i in range(m):
-                self._decode_one(X[i], ids[i : i + 1], None if V is None else V[i : i + 1])
+                self._decode_one(X[i], int(ids[i]), None if V is None else V[i : i + 1])
             return
         self._R, kappa = _factor.update_factor(self._R, X, return_kappa=True)
         self._n += m
@@ -402,7 +413,12 @@ class LevSketch(ByteRoundTrip):
         self._r = need
 
     def _compact(self, keep):
+        """Drop the retained keys where ``keep`` is False; returns their ids. The order of the rest may change."""
+        drop = np.flatnonzero(~keep)
+        if drop.size <= 8:
+            return self._drop(drop)
         r = self._r
+        gone = self._ids[drop].copy()
         idx = np.flatnonzero(keep)
         k = idx.size
         self._K[:k] = self._K[:r][idx]
@@ -411,60 +427,157 @@ class LevSketch(ByteRoundTrip):
         if self._V is not None:
             self._V[:k] = self._V[:r][idx]
         self._r = k
+        return gone
+
+    def _drop(self, idx):
+        """Drop the retained keys at positions idx (a few; any order) by moving the last rows into the holes."""
+        idx = np.sort(idx)
+        gone = self._ids[idx].copy()
+        r = self._r
+        for j in idx[::-1].tolist():  # from the back, so every row moved in is one that stays
+            r -= 1
+            if j != r:
+                self._K[j] = self._K[r]
+                self._ids[j] = self._ids[r]
+                self._tau[j] = self._tau[r]
+                if self._V is not None:
+                    self._V[j] = self._V[r]
+        self._r = r
+        return gone
 
     def _rescore(self, kappa=None):
         """Exact leverage of every retained key w.r.t. all keys seen; prune those below eps."""
         r = self._r
         if kappa is None:
             kappa = _factor.cond_estimate(self._R)
+        gone = _NO_IDS
         if r:
             self._tau[:r] = _factor.score_rows(self._R, self._K[:r], self._rtol, kappa=kappa)
-            self._compact(self._tau[:r] >= self._eps)
+            gone = self._compact(self._tau[:r] >= self._eps)
         self._pending = 0
         self._sm_steps = 0
         self._kappa = kappa
+        self._kappa_sm = None
         self._fro2_ref = self._fro2_now = float(np.einsum("ij,ij->", self._R, self._R))
+        return gone
 
     def _enforce_bound(self):
         if self._r > self.max_retained(self._d, self._eps):
             self._rescore()
 
     # ---- decode (rank-one) path
-    def _decode_ready(self) -> bool:
-        if self._n < self._d or not np.isfinite(self._kappa):
-            return False
-        if self._sm_steps == 0 and self._pending:
-            return False
-        kappa_bound = self._kappa * math.sqrt(max(self._fro2_now, self._fro2_ref) / self._fro2_ref)
-        return kappa_bound <= KAPPA_DECODE
+    def _decode_kappa(self) -> float:
+        """2-norm condition number of R at the last exact refresh (one SVD per refresh window).
 
-    def _decode_one(self, x, ident, V):
+        The 1-norm estimate used by the block path can exceed it by a factor up to d, and the
+        rank-one rounding band grows with its square; for d > SVD_MAX_D the estimate is used.
+        """
+        k = self._kappa_sm
+        if k is None:
+            k = self._kappa
+            if self._d <= SVD_MAX_D and k <= KAPPA_DECODE:
+                sv = sla.svdvals(self._R, check_finite=False)
+                k = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
+            self._kappa_sm = k
+        return k
+
+    def _kappa2_now(self) -> float:
+        # sigma_min never decreases when rows are added and sigma_max^2 grows by at most the added
+        # squared norm, while sigma_max^2 >= ||R||_F^2 / d: a bound on kappa^2 from O(1) numbers.
+        grow = (self._fro2_now - self._fro2_ref) / self._fro2_ref if self._fro2_ref > 0 else math.inf
+        k = self._decode_kappa()
+        return k * k * (1.0 + self._d * grow)
+
+    def _decode_ready(self) -> bool:
+        if self._n < self._d or (self._pending and not self._sm_steps) or not self._kappa <= KAPPA_DECODE:
+            return False
+        return self._kappa2_now() <= KAPPA_DECODE * KAPPA_DECODE
+
+    def _try_decode(self, keys, ids, values, return_changes):
+        """The one-key update without the general machinery, or None when the key needs the general path.
+
+        Takes only the plain case (one finite float key of shape (d,) in the unscaled range, a
+        default or fresh integer id, a payload row exactly when the sketch carries payloads);
+        everything else returns None before any state changes, and the general path then
+        validates and reports errors.
+        """
+        if type(keys) is not np.ndarray or keys.shape != (self._d,) or keys.dtype.kind != "f" \
+                or (values is None) != (self._V is None) or self._e != 0 or not self._decode_ready():
+            return None
+        if ids is None:
+            nid = self._n
+        elif isinstance(ids, (int, np.integer)) and not isinstance(ids, (bool, np.bool_)) \
+                and -(2**63) <= int(ids) < 2**63:
+            nid = int(ids)
+        else:
+            return None
+        if self._id_lo <= nid <= self._id_hi:
+            return None  # may clash with a retained or already used id: the general path checks it
+        x = keys if keys.dtype == np.float64 and keys.flags.c_contiguous else np.ascontiguousarray(keys, np.float64)
+        amax = abs_max(x)
+        if not (_SAFE_LO <= amax < _SAFE_HI):  # also NaN, Inf and all-zero keys
+            return None
+        V = None if values is None else check_values(values, 1, self._V.shape[1], caller="LevSketch.update")
+        gone = self._decode_one(x, nid, V)
+        if self._id_hi < self._id_lo:
+            self._id_lo = self._id_hi = nid
+        elif nid > self._id_hi:
+            self._id_hi = nid
+        else:
+            self._id_lo = nid
+        if not return_changes:
+            return self
+        added = self._r > 0 and nid not in gone and self._retains_last(nid)
+        return Changes(np.array([nid] if added else [], np.int64), np.sort(gone[gone != nid]))
+
+    def _retains_last(self, nid) -> bool:
+        # a key the rank-one step keeps is appended at the end and only swap-removals move it
+        return bool(np.any(self._ids[: self._r] == nid))
+
+    def _decode_one(self, x, nid, V):
+        """Fold one key (scaled float64) in with the rank-one path; returns the ids evicted (int64 array).
+
+        Notes
+        -----
+        The Givens sweep gives the new factor R', v = R'^{-T} x and rho = 1/sqrt(1 + h) with
+        h = x^T G^{-1} x (G the Gram matrix before x). Each retained score then drops by the
+        Sherman-Morrison amount (k . G^{-1} x)^2 / (1 + h) = (k . u)^2 / rho^2 with u = R'^{-1} v:
+        one triangular solve and one matrix-vector product, O(d^2 + r d) per key.
+        """
         d = self._d
-        if getattr(self, "_scratch", None) is None or self._scratch[0].shape[0] != d:
-            self._scratch = (np.empty(d), np.empty(d), np.empty(d))
-        y, u, xs = self._scratch
-        h, lowest, xx = decode_key(self._R, x, self._K, self._tau, self._r, y, u, xs)
-        tau_x = h / (1.0 + h)
+        v = self._v
+        if v is None or v.shape[0] != d:
+            v = self._v = np.empty(d)
+        R = self._R
+        rho, tau_x, xx = fold_key(R, x, np.empty(d), v)
+        r = self._r
+        lowest = math.inf
+        if r:
+            lowest = lower_scores(self._tau, self._K[:r] @ _factor.solve_upper(R, v), r, 1.0 / (rho * rho))
         self._n += 1
-        self._sm_steps += 1
+        steps = self._sm_steps = self._sm_steps + 1
         self._fro2_now += xx
         # Rank-one updates accumulate rounding ~ steps * u * kappa^2; decide only outside that band.
-        kappa = self._kappa * math.sqrt(self._fro2_now / self._fro2_ref)
-        margin = min(1.0, 64.0 * self._sm_steps * _U * kappa * kappa * d)
+        kappa2 = self._kappa2_now()
+        margin = min(1.0, 64.0 * steps * _U * kappa2 * d)
         eps = self._eps
         if tau_x >= eps - margin:
-            self._append(x[None, :], ident, np.array([tau_x]), V, V)
+            self._append(x[None, :], np.array([nid], np.int64), np.array([tau_x]), V, V)
             lowest = min(lowest, tau_x)
-        r = self._r
-        if r and lowest < eps + margin:
-            tau = self._tau[:r]
-            near = np.flatnonzero(np.abs(tau - eps) < margin)
+        gone = _NO_IDS
+        if lowest < eps + margin:
+            near, low = band_split(self._tau, self._r, eps, margin)
             if near.size:
-                tau[near] = _factor.score_rows(self._R, self._K[:r][near], self._rtol, kappa=kappa)
-            if tau.min() < eps:
-                self._compact(tau >= eps)
-        if self._sm_steps >= max(32, d):
-            self._rescore()
+                tau_near = _factor.score_rows(R, self._K[near], self._rtol, kappa=math.sqrt(kappa2))
+                self._tau[near] = tau_near
+                low = np.concatenate([low, near[tau_near < eps]])
+            if low.size:
+                gone = self._drop(low)
+        if margin > MARGIN_REFRESH or steps >= REFRESH_STEPS:
+            more = self._rescore()
+            if more.size:
+                gone = np.concatenate([gone, more])
+        return gone
 
     # ---------------------------------------------------------------- queries
     def _refresh(self):

@@ -26,101 +26,79 @@ def givens_add_row(R, x):
         c = rii / r
         s = xi / r
         R[i, i] = r
-        for j in range(i + 1, d):
-            a = R[i, j]
-            b = x[j]
-            R[i, j] = c * a + s * b
-            x[j] = c * b - s * a
+        a_ = R[i, i + 1:]  # contiguous slices: the loop vectorizes
+        b_ = x[i + 1:]
+        for j in range(d - i - 1):
+            a = a_[j]
+            b = b_[j]
+            a_[j] = c * a + s * b
+            b_[j] = c * b - s * a
         x[i] = 0.0
 
 
 @jit
-def decode_step(R, x, u, y, xs):
-    """One key through a nonsingular factor: prefix quantities for Sherman-Morrison, then Givens fold-in.
+def fold_key(R, x, w, v):
+    """Fold key x into upper-triangular R with Givens rotations, carrying an augmented unit column.
 
-    With M = R^T R before the key, returns h = x^T M^{-1} x and writes
-    u = M^{-1} x. The key's own leverage (w.r.t. the prefix including it) is
-    h / (1 + h); every earlier key's leverage drops by (k_j . u)^2 / (1 + h),
-    which the caller applies with one BLAS matrix-vector product.
+    Rotating the stacked matrix [[R, 0], [x^T, 1]] to upper-triangular form
+    gives [[R', v], [0, rho]] with R'^T R' = R^T R + x x^T, R'^T v = x and
+    rho = prod(cos) = 1 / sqrt(1 + x^T (R^T R)^{-1} x). So one O(d^2) sweep
+    yields the new factor, the key's whitened form v and its leverage
+    v . v = 1 - rho^2, with no triangular solve.
 
-    R  : (d, d) float64 C-contiguous upper triangular, nonsingular; updated in place.
-    x  : (d,) float64 key (scaled), not modified.
-    u  : (d,) float64 output.
-    y, xs : (d,) float64 scratch.
+    R : (d, d) float64 C-contiguous upper triangular, nonsingular, non-negative
+        diagonal; updated in place.
+    x : (d,) float64 key (scaled), not modified.
+    w, v : (d,) float64; w is scratch, v receives R'^{-T} x.
+    Returns (rho, v . v, x . x).
     """
     d = R.shape[0]
-    # y = R^{-T} x (forward substitution, row-oriented so R is read contiguously)
+    xx = 0.0
+    for j in range(d):
+        w[j] = x[j]
+        xx += x[j] * x[j]
+    rho = 1.0
+    vv = 0.0
     for i in range(d):
-        y[i] = x[i]
-    for i in range(d):
-        y[i] = y[i] / R[i, i]
-        yi = y[i]
-        for j in range(i + 1, d):
-            y[j] -= R[i, j] * yi
-    # u = R^{-1} y (back substitution)
-    for i in range(d - 1, -1, -1):
-        s = y[i]
-        for j in range(i + 1, d):
-            s -= R[i, j] * u[j]
-        u[i] = s / R[i, i]
-    h = 0.0
-    for i in range(d):
-        h += y[i] * y[i]
-    for i in range(d):
-        xs[i] = x[i]
-    givens_add_row(R, xs)
-    return h
+        wi = w[i]
+        if wi == 0.0:
+            v[i] = 0.0
+            continue
+        Ri = R[i]
+        rii = Ri[i]
+        rr = math.sqrt(rii * rii + wi * wi)
+        if not (1e-150 < rr < 1e150):  # squares near under/overflow: take the slow exact path
+            rr = math.hypot(rii, wi)
+        c = rii / rr
+        s = wi / rr
+        Ri[i] = rr
+        # row slices keep the loop on contiguous memory, which LLVM vectorizes
+        a_ = Ri[i + 1:]
+        b_ = w[i + 1:]
+        for j in range(d - i - 1):
+            a = a_[j]
+            b = b_[j]
+            a_[j] = c * a + s * b
+            b_[j] = c * b - s * a
+        vi = s * rho
+        v[i] = vi
+        vv += vi * vi
+        rho = c * rho
+    return rho, vv, xx
 
 
 @jit
-def _dot4(a, b, d):
-    # four independent partial sums: the same IEEE operations on every run, without the
-    # add-latency chain of a single accumulator (fastmath is off by policy)
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    j = 0
-    while j + 4 <= d:
-        s0 += a[j] * b[j]
-        s1 += a[j + 1] * b[j + 1]
-        s2 += a[j + 2] * b[j + 2]
-        s3 += a[j + 3] * b[j + 3]
-        j += 4
-    while j < d:
-        s0 += a[j] * b[j]
-        j += 1
-    return (s0 + s1) + (s2 + s3)
-
-
-@jit
-def decode_key(R, x, K, tau, r, y, u, xs):
-    """One key through a nonsingular factor, scores included: the whole rank-one step in one call.
-
-    Computes h and u = M^{-1} x as :func:`decode_step` does, lowers every
-    retained score by (k_a . u)^2 / (1 + h), and folds x into R.
-
-    R   : (d, d) float64 C-contiguous upper triangular, nonsingular; updated in place.
-    x   : (d,) float64 key (scaled), not modified.
-    K   : (cap, d) float64 C-contiguous retained keys; rows [0, r) are used.
-    tau : (cap,) float64 retained scores; entries [0, r) updated in place (clipped at 0).
-    y, u, xs : (d,) float64 scratch.
-    Returns (h, min over the updated scores or inf when r == 0, x . x).
-    """
-    d = R.shape[0]
-    xx = _dot4(x, x, d)
-    h = decode_step(R, x, u, y, xs)
-    inv = 1.0 / (1.0 + h)
+def lower_scores(tau, c, r, scale):
+    """tau[a] -= scale * c[a]^2 for a < r, clipped at 0; returns the smallest new score (inf if r == 0)."""
     lo = np.inf
     for a in range(r):
-        c = _dot4(K[a], u, d)
-        t = tau[a] - c * c * inv
+        t = tau[a] - scale * (c[a] * c[a])
         if t < 0.0:
             t = 0.0
         tau[a] = t
         if t < lo:
             lo = t
-    return h, lo, xx
+    return lo
 
 
 @jit
@@ -134,3 +112,29 @@ def abs_max(x):
         if a > m:
             m = a
     return m
+
+
+@jit
+def band_split(tau, r, eps, margin):
+    """Indices a < r with |tau[a] - eps| < margin (to recompute exactly) and with tau[a] <= eps - margin (to drop)."""
+    n_near = 0
+    n_low = 0
+    for a in range(r):
+        t = tau[a]
+        if abs(t - eps) < margin:
+            n_near += 1
+        elif t < eps:
+            n_low += 1
+    near = np.empty(n_near, np.int64)
+    low = np.empty(n_low, np.int64)
+    n_near = 0
+    n_low = 0
+    for a in range(r):
+        t = tau[a]
+        if abs(t - eps) < margin:
+            near[n_near] = a
+            n_near += 1
+        elif t < eps:
+            low[n_low] = a
+            n_low += 1
+    return near, low

@@ -1,0 +1,140 @@
+"""The one-key (decode) path: its kernel against float64 references, and its wrapper against the general path."""
+
+import numpy as np
+import pytest
+
+import streamlev as sl
+from streamlev import sketch as sketch_mod
+from streamlev._kernels.rank_one import band_split, fold_key, lower_scores
+from streamlev.testing import make_keys
+
+from ._compare import assert_matches_reference
+
+
+def _upper_factor(K):
+    R = np.linalg.qr(K, mode="r")
+    R *= np.where(np.diag(R) < 0, -1.0, 1.0)[:, None]
+    return np.ascontiguousarray(R)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4])
+@pytest.mark.parametrize("scale", [1e-100, 1.0, 1e100])
+def test_fold_key_gives_the_new_factor_the_whitened_key_and_its_leverage(cond, scale):
+    rng = np.random.default_rng(int(cond) % 97)
+    d = 12
+    K = make_keys("ill_conditioned", 80, d, 3, cond=cond) * scale if cond > 1 else rng.standard_normal((80, d)) * scale
+    R = _upper_factor(K)
+    for x in (rng.standard_normal(d) * scale, np.where(rng.random(d) < 0.5, 0.0, rng.standard_normal(d)) * scale):
+        R1 = R.copy()
+        v = np.empty(d)
+        rho, vv, xx = fold_key(R1, x, np.empty(d), v)
+        expect = _upper_factor(np.vstack([K, x]))
+        np.testing.assert_allclose(R1, expect, atol=1e-12 * np.abs(expect).max())
+        assert np.array_equal(R1, np.triu(R1)) and np.all(np.diag(R1) > 0)
+        np.testing.assert_allclose(v, np.linalg.solve(expect.T, x), rtol=1e-9, atol=1e-12 * np.abs(v).max())
+        h = x @ np.linalg.solve(K.T @ K, x)
+        np.testing.assert_allclose(rho, 1 / np.sqrt(1 + h), rtol=1e-9)
+        np.testing.assert_allclose(vv, h / (1 + h), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(xx, x @ x, rtol=1e-14)
+
+
+def test_lower_scores_and_band_split_are_exact_elementwise():
+    rng = np.random.default_rng(0)
+    tau = rng.random(50)
+    c = rng.standard_normal(60)
+    want = np.maximum(tau[:40] - 0.3 * c[:40] ** 2, 0.0)
+    t = tau.copy()
+    lo = lower_scores(t, c, 40, 0.3)
+    np.testing.assert_array_equal(t[:40], want)
+    np.testing.assert_array_equal(t[40:], tau[40:])
+    assert lo == want.min()
+    assert lower_scores(t, c, 0, 1.0) == np.inf
+    near, low = band_split(t, 40, 0.2, 0.01)
+    np.testing.assert_array_equal(near, np.flatnonzero(np.abs(t[:40] - 0.2) < 0.01))
+    np.testing.assert_array_equal(low, np.flatnonzero((t[:40] < 0.2) & (np.abs(t[:40] - 0.2) >= 0.01)))
+
+
+@pytest.mark.parametrize("kind", ["heavy_tailed", "gaussian", "duplicates", "low_rank"])
+def test_one_key_at_a_time_equals_offline_and_changes_track_the_retained_set(kind):
+    d, eps = 8, 0.1
+    K = make_keys(kind, 1500, d, 11)
+    sk = sl.LevSketch(d, eps).update(K[:100])
+    held = set(sk.universal_set().tolist())
+    for i in range(100, 1500):
+        ch = sk.update(K[i], return_changes=True)
+        assert set(ch.added.tolist()) <= {i} and not (set(ch.evicted.tolist()) - held)
+        held = (held | set(ch.added.tolist())) - set(ch.evicted.tolist())
+        if i % 97 == 0:
+            assert held == set(sk.retained()[0].tolist())
+    assert held == set(sk.universal_set().tolist())
+    assert_matches_reference(sk, K)
+
+
+def test_fast_single_key_path_matches_the_general_path():
+    # 1-D keys take the fast path; (1, d) blocks with id arrays and float32 copies take the general one
+    d, eps = 16, 0.05
+    K = make_keys("heavy_tailed", 2000, d, 5)
+    a = sl.LevSketch(d, eps).update(K[:200])
+    b = sl.LevSketch(d, eps).update(K[:200])
+    for i in range(200, 2000):
+        ca = a.update(K[i], ids=i, return_changes=True)
+        cb = b.update(K[i : i + 1], ids=np.array([i]), return_changes=True)
+        np.testing.assert_array_equal(ca.added, cb.added)
+        np.testing.assert_array_equal(ca.evicted, cb.evicted)
+    np.testing.assert_array_equal(a.universal_set(), b.universal_set())
+    assert a.to_bytes() == b.to_bytes()
+
+
+def test_periodic_refresh_reports_its_evictions(monkeypatch):
+    monkeypatch.setattr(sketch_mod, "REFRESH_STEPS", 5)
+    test_one_key_at_a_time_equals_offline_and_changes_track_the_retained_set("heavy_tailed")
+
+
+@pytest.mark.parametrize("bad", [
+    lambda x: np.where(np.arange(x.size) == 3, np.nan, x),
+    lambda x: np.where(np.arange(x.size) == 0, np.inf, x),
+    lambda x: x[:-1],
+    lambda x: x.astype(complex),
+    lambda x: x > 0,
+])
+def test_bad_single_keys_raise_and_leave_the_sketch_unchanged(bad):
+    d = 6
+    K = make_keys("gaussian", 300, d, 2)
+    sk = sl.LevSketch(d, 0.1).update(K[:200])
+    sk.update(K[200])  # now in the rank-one regime
+    before = sk.to_bytes()
+    with pytest.raises((ValueError, TypeError)):
+        sk.update(bad(K[201]))
+    assert sk.to_bytes() == before
+
+
+def test_single_key_with_a_taken_id_is_refused():
+    K = make_keys("gaussian", 300, 6, 2)
+    sk = sl.LevSketch(6, 0.1).update(K[:200])
+    before = sk.to_bytes()
+    for taken in (0, 150, 199):
+        with pytest.raises(ValueError, match="already"):
+            sk.update(K[200], ids=taken)
+        assert sk.to_bytes() == before
+    sk.update(K[200], ids=np.int64(10_000))
+    sk.update(K[201], ids=-5)  # a fresh id below the range is fine too
+    assert sk.n == 202
+
+
+def test_single_keys_with_payload_take_the_rank_one_path_and_carry_it():
+    d = 6
+    K = make_keys("heavy_tailed", 600, d, 4)
+    V = np.arange(600 * 3, dtype=float).reshape(600, 3)
+    sk = sl.LevSketch(d, 0.1).update(K[:100], values=V[:100])
+    for i in range(100, 600):
+        sk.update(K[i], values=V[i] if i % 2 else V[i][None, :])
+    before = sk.to_bytes()
+    with pytest.raises(ValueError, match="columns"):
+        sk.update(K[0] * 2, ids=10_000, values=np.ones(4))
+    with pytest.raises(ValueError, match="values"):
+        sk.update(K[0] * 2, ids=10_000)
+    assert sk.to_bytes() == before
+    ids, keys, vals = sk.retained()
+    np.testing.assert_array_equal(keys, K[ids])
+    np.testing.assert_array_equal(vals, V[ids])
+    assert_matches_reference(sk, K)
