@@ -481,17 +481,18 @@ class LevSketch(ByteRoundTrip):
             self._kappa_sm = k
         return k
 
-    def _kappa2_now(self) -> float:
+    def _decode_kappa2(self):
+        """A bound on kappa(R)^2 now when the rank-one path may run, else None."""
+        if self._n < self._d or (self._pending and not self._sm_steps) or not self._kappa <= KAPPA_DECODE:
+            return None
         # sigma_min never decreases when rows are added and sigma_max^2 grows by at most the added
         # squared norm, while sigma_max^2 >= ||R||_F^2 / d: a bound on kappa^2 from O(1) numbers.
-        grow = (self._fro2_now - self._fro2_ref) / self._fro2_ref if self._fro2_ref > 0 else math.inf
-        k = self._decode_kappa()
-        return k * k * (1.0 + self._d * grow)
+        k = self._kappa_sm if self._kappa_sm is not None else self._decode_kappa()
+        kappa2 = k * k * (1.0 + self._d * (self._fro2_now - self._fro2_ref) / self._fro2_ref)
+        return kappa2 if kappa2 <= KAPPA_DECODE * KAPPA_DECODE else None
 
     def _decode_ready(self) -> bool:
-        if self._n < self._d or (self._pending and not self._sm_steps) or not self._kappa <= KAPPA_DECODE:
-            return False
-        return self._kappa2_now() <= KAPPA_DECODE * KAPPA_DECODE
+        return self._decode_kappa2() is not None
 
     def _try_decode(self, keys, ids, values, return_changes):
         """The one-key update without the general machinery, or None when the key needs the general path.
@@ -502,7 +503,10 @@ class LevSketch(ByteRoundTrip):
         validates and reports errors.
         """
         if type(keys) is not np.ndarray or keys.shape != (self._d,) or keys.dtype.kind != "f" \
-                or (values is None) != (self._V is None) or self._e != 0 or not self._decode_ready():
+                or (values is None) != (self._V is None) or self._e != 0:
+            return None
+        kappa2 = self._decode_kappa2()
+        if kappa2 is None:
             return None
         if ids is None:
             nid = self._n
@@ -513,12 +517,12 @@ class LevSketch(ByteRoundTrip):
             return None
         if self._id_lo <= nid <= self._id_hi:
             return None  # may clash with a retained or already used id: the general path checks it
-        x = keys if keys.dtype == np.float64 and keys.flags.c_contiguous else np.ascontiguousarray(keys, np.float64)
-        amax = abs_max(x)
-        if not (_SAFE_LO <= amax < _SAFE_HI):  # also NaN, Inf and all-zero keys
-            return None
         V = None if values is None else check_values(values, 1, self._V.shape[1], caller="LevSketch.update")
-        gone = self._decode_one(x, nid, V)
+        x = keys if keys.dtype == np.float64 and keys.flags.c_contiguous else np.ascontiguousarray(keys, np.float64)
+        # the kernel refuses (and changes nothing) on NaN, Inf, all-zero keys and keys outside the unscaled range
+        gone = self._decode_one(x, nid, V, _SAFE_LO, _SAFE_HI)
+        if gone is None:
+            return None
         if self._id_hi < self._id_lo:
             self._id_lo = self._id_hi = nid
         elif nid > self._id_hi:
@@ -534,8 +538,10 @@ class LevSketch(ByteRoundTrip):
         # a key the rank-one step keeps is appended at the end and only swap-removals move it
         return bool(np.any(self._ids[: self._r] == nid))
 
-    def _decode_one(self, x, nid, V):
+    def _decode_one(self, x, nid, V, lo=0.0, hi=math.inf):
         """Fold one key (scaled float64) in with the rank-one path; returns the ids evicted (int64 array).
+
+        Returns None, with nothing changed, when max|x| is outside [lo, hi) or x has a NaN.
 
         Notes
         -----
@@ -549,7 +555,9 @@ class LevSketch(ByteRoundTrip):
         if v is None or v.shape[0] != d:
             v = self._v = np.empty(d)
         R = self._R
-        rho, tau_x, xx = fold_key(R, x, np.empty(d), v)
+        rho, tau_x, xx = fold_key(R, x, np.empty(d), v, lo, hi)
+        if rho < 0.0:
+            return None  # refused by the kernel's range check: nothing changed
         r = self._r
         lowest = math.inf
         if r:
@@ -558,8 +566,11 @@ class LevSketch(ByteRoundTrip):
         steps = self._sm_steps = self._sm_steps + 1
         self._fro2_now += xx
         # Rank-one updates accumulate rounding ~ steps * u * kappa^2; decide only outside that band.
-        kappa2 = self._kappa2_now()
-        margin = min(1.0, 64.0 * steps * _U * kappa2 * d)
+        kappa2 = self._decode_kappa2()
+        if kappa2 is None:  # kappa may have grown past the rank-one limit: every decision from exact scores
+            kappa2, margin = KAPPA_DECODE * KAPPA_DECODE, 1.0
+        else:
+            margin = min(1.0, 64.0 * steps * _U * kappa2 * d)
         eps = self._eps
         if tau_x >= eps - margin:
             self._append(x[None, :], np.array([nid], np.int64), np.array([tau_x]), V, V)
@@ -568,7 +579,7 @@ class LevSketch(ByteRoundTrip):
         if lowest < eps + margin:
             near, low = band_split(self._tau, self._r, eps, margin)
             if near.size:
-                tau_near = _factor.score_rows(R, self._K[near], self._rtol, kappa=math.sqrt(kappa2))
+                tau_near = _factor.score_rows(R, self._K[near], self._rtol)  # rare: estimates kappa afresh
                 self._tau[near] = tau_near
                 low = np.concatenate([low, near[tau_near < eps]])
             if low.size:

@@ -27,7 +27,7 @@ def test_fold_key_gives_the_new_factor_the_whitened_key_and_its_leverage(cond, s
     for x in (rng.standard_normal(d) * scale, np.where(rng.random(d) < 0.5, 0.0, rng.standard_normal(d)) * scale):
         R1 = R.copy()
         v = np.empty(d)
-        rho, vv, xx = fold_key(R1, x, np.empty(d), v)
+        rho, vv, xx = fold_key(R1, x, np.empty(d), v, 0.0, np.inf)
         expect = _upper_factor(np.vstack([K, x]))
         np.testing.assert_allclose(R1, expect, atol=1e-12 * np.abs(expect).max())
         assert np.array_equal(R1, np.triu(R1)) and np.all(np.diag(R1) > 0)
@@ -36,6 +36,16 @@ def test_fold_key_gives_the_new_factor_the_whitened_key_and_its_leverage(cond, s
         np.testing.assert_allclose(rho, 1 / np.sqrt(1 + h), rtol=1e-9)
         np.testing.assert_allclose(vv, h / (1 + h), rtol=1e-9, atol=1e-15)
         np.testing.assert_allclose(xx, x @ x, rtol=1e-14)
+
+
+def test_fold_key_refuses_without_touching_anything():
+    rng = np.random.default_rng(1)
+    R = _upper_factor(rng.standard_normal((30, 5)))
+    for x, lo, hi in [(np.array([1.0, np.nan, 0, 0, 0]), 0.0, np.inf), (np.array([1.0, np.inf, 0, 0, 0]), 0.0, np.inf),
+                      (np.zeros(5), 1e-300, 1e300), (np.full(5, 1e200), 0.0, 1e100), (np.full(5, 1e-200), 1e-100, 1.0)]:
+        R1, v = R.copy(), np.full(5, 7.0)
+        assert fold_key(R1, x, np.empty(5), v, lo, hi)[0] == -1.0
+        assert np.array_equal(R1, R) and np.all(v == 7.0)
 
 
 def test_lower_scores_and_band_split_are_exact_elementwise():

@@ -37,7 +37,7 @@ def givens_add_row(R, x):
 
 
 @jit
-def fold_key(R, x, w, v):
+def fold_key(R, x, w, v, lo, hi):
     """Fold key x into upper-triangular R with Givens rotations, carrying an augmented unit column.
 
     Rotating the stacked matrix [[R, 0], [x^T, 1]] to upper-triangular form
@@ -50,13 +50,24 @@ def fold_key(R, x, w, v):
         diagonal; updated in place.
     x : (d,) float64 key (scaled), not modified.
     w, v : (d,) float64; w is scratch, v receives R'^{-T} x.
+    lo, hi : x is folded in only if lo <= max|x_i| < hi (and x has no NaN);
+        otherwise nothing is modified and rho = -1 is returned.
     Returns (rho, v . v, x . x).
     """
     d = R.shape[0]
     xx = 0.0
+    amax = 0.0
+    for j in range(d):
+        a = abs(x[j])
+        if a != a:
+            return -1.0, 0.0, 0.0
+        if a > amax:
+            amax = a
+        xx += x[j] * x[j]
+    if not (lo <= amax < hi):
+        return -1.0, 0.0, 0.0
     for j in range(d):
         w[j] = x[j]
-        xx += x[j] * x[j]
     rho = 1.0
     vv = 0.0
     for i in range(d):
@@ -69,8 +80,9 @@ def fold_key(R, x, w, v):
         rr = math.sqrt(rii * rii + wi * wi)
         if not (1e-150 < rr < 1e150):  # squares near under/overflow: take the slow exact path
             rr = math.hypot(rii, wi)
-        c = rii / rr
-        s = wi / rr
+        inv = 1.0 / rr
+        c = rii * inv
+        s = wi * inv
         Ri[i] = rr
         # row slices keep the loop on contiguous memory, which LLVM vectorizes
         a_ = Ri[i + 1:]
