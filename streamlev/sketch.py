@@ -29,7 +29,7 @@ CHUNK_ROWS = 4096  # BLAS-3 sweet spot on a small machine (see benchmarks/bench_
 RESCORE_RATIO = 8  # re-score retained keys once 8x as many new rows arrived: <= 1/8 extra scoring work
 DECODE_MAX_ROWS = 8  # blocks this small go through the rank-one (decode) path
 KAPPA_DECODE = 1e4  # rank-one score updates are used only below this condition number
-MARGIN_REFRESH = 1e-6  # exact refresh once the rank-one rounding band is this wide ...
+MARGIN_REFRESH = 1e-6  # exact refresh once the rank-one rounding band is this wide (after >= max(32, d) steps) ...
 REFRESH_STEPS = 8192  # ... or after this many rank-one steps, whichever comes first
 SVD_MAX_D = 256  # the rank-one path measures kappa with an O(d^3) SVD up to this d
 SAFE_EXP = 250  # keys within 2**+-SAFE_EXP are stored unscaled
@@ -572,19 +572,20 @@ class LevSketch(ByteRoundTrip):
         else:
             margin = min(1.0, 64.0 * steps * _U * kappa2 * d)
         eps = self._eps
-        if tau_x >= eps - margin:
+        # the new key's score is fresh: only one step of rounding, not the window's accumulation
+        if tau_x >= eps - min(margin, 64.0 * _U * kappa2 * d):
             self._append(x[None, :], np.array([nid], np.int64), np.array([tau_x]), V, V)
             lowest = min(lowest, tau_x)
         gone = _NO_IDS
         if lowest < eps + margin:
             near, low = band_split(self._tau, self._r, eps, margin)
             if near.size:
-                tau_near = _factor.score_rows(R, self._K[near], self._rtol)  # rare: estimates kappa afresh
+                tau_near = _factor.score_few(R, self._K[near])
                 self._tau[near] = tau_near
                 low = np.concatenate([low, near[tau_near < eps]])
             if low.size:
                 gone = self._drop(low)
-        if margin > MARGIN_REFRESH or steps >= REFRESH_STEPS:
+        if (margin > MARGIN_REFRESH and steps >= max(32, d)) or steps >= REFRESH_STEPS or margin >= 1.0:
             more = self._rescore()
             if more.size:
                 gone = np.concatenate([gone, more])

@@ -148,3 +148,22 @@ def test_single_keys_with_payload_take_the_rank_one_path_and_carry_it():
     np.testing.assert_array_equal(keys, K[ids])
     np.testing.assert_array_equal(vals, V[ids])
     assert_matches_reference(sk, K)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4])
+def test_score_few_matches_the_reference_in_the_rank_one_regime(cond):
+    from streamlev import _factor
+    from streamlev import reference as ref
+
+    K = make_keys("ill_conditioned", 400, 10, 6, cond=cond) if cond > 1 else make_keys("gaussian", 400, 10, 6)
+    R = _upper_factor(K)
+    np.testing.assert_allclose(_factor.score_few(R, K[:7]), ref.leverage_scores(K)[:7], rtol=1e-9)
+
+
+def test_ill_conditioned_single_key_stream_stays_exact():
+    # kappa ~ 1e3 makes the rounding band wide: most decisions go through exact recomputation
+    K = make_keys("ill_conditioned", 900, 12, 8, cond=1e3)
+    sk = sl.LevSketch(12, 0.05).update(K[:300])
+    for i in range(300, 900):
+        sk.update(K[i])
+    assert_matches_reference(sk, K)
