@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+from contextlib import ExitStack
 
 import numpy as np
 
@@ -161,6 +162,10 @@ class MultiHeadSketch(ByteRoundTrip):
                 if V.shape[:2] != (self._heads, m):
                     raise ValueError(f"{caller}: values must have shape (heads, m, dv) = ({self._heads}, {m}, dv); "
                                      f"got {np.shape(values)}.")
+            if m == 1:
+                fast = self._decode_all(K, id_rows, V, return_changes)
+                if fast is not None:
+                    return fast
             snaps = [s._snapshot() for s in self._sk]
             out = []
             try:
@@ -172,6 +177,25 @@ class MultiHeadSketch(ByteRoundTrip):
                     sk._restore(snap)
                 raise
             return out if return_changes else self
+
+    def _decode_all(self, K, id_rows, V, return_changes):
+        """One key per head through every head's rank-one fast path, or None (nothing changed).
+
+        All heads are checked first (plans mutate nothing), so no snapshot is needed: once
+        every head has a plan, applying them cannot fail.
+        """
+        with ExitStack() as stack:
+            for sk in self._sk:
+                stack.enter_context(sk._lock)
+            plans = []
+            for h, sk in enumerate(self._sk):
+                plan = sk._decode_plan(K[h, 0], None if id_rows is None else int(id_rows[h][0]),
+                                       None if V is None else V[h, 0], check_range=True)
+                if plan is None:
+                    return None
+                plans.append(plan)
+            out = [sk._decode_apply(plan, return_changes) for sk, plan in zip(self._sk, plans)]
+        return out if return_changes else self
 
     def _check_ids(self, ids, m, caller):
         if ids is None:

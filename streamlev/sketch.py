@@ -495,18 +495,22 @@ class LevSketch(ByteRoundTrip):
         return self._decode_kappa2() is not None
 
     def _try_decode(self, keys, ids, values, return_changes):
-        """The one-key update without the general machinery, or None when the key needs the general path.
+        """The one-key update without the general machinery, or None when the key needs the general path."""
+        plan = self._decode_plan(keys, ids, values, check_range=False)
+        if plan is None:
+            return None
+        return self._decode_apply(plan, return_changes, _SAFE_LO, _SAFE_HI)
 
-        Takes only the plain case (one finite float key of shape (d,) in the unscaled range, a
-        default or fresh integer id, a payload row exactly when the sketch carries payloads);
-        everything else returns None before any state changes, and the general path then
-        validates and reports errors.
+    def _decode_plan(self, keys, ids, values, *, check_range: bool):
+        """(x, id, payload) when a one-key update can take the rank-one fast path, else None; mutates nothing.
+
+        Takes only the plain case (one float key of shape (d,) in the unscaled range, a default
+        or fresh integer id, a payload row exactly when the sketch carries payloads); everything
+        else returns None and the general path then validates and reports errors. Without
+        ``check_range`` the key's values are checked by the kernel in :meth:`_decode_apply`.
         """
         if type(keys) is not np.ndarray or keys.shape != (self._d,) or keys.dtype.kind != "f" \
-                or (values is None) != (self._V is None) or self._e != 0:
-            return None
-        kappa2 = self._decode_kappa2()
-        if kappa2 is None:
+                or (values is None) != (self._V is None) or self._e != 0 or self._decode_kappa2() is None:
             return None
         if ids is None:
             nid = self._n
@@ -519,8 +523,14 @@ class LevSketch(ByteRoundTrip):
             return None  # may clash with a retained or already used id: the general path checks it
         V = None if values is None else check_values(values, 1, self._V.shape[1], caller="LevSketch.update")
         x = keys if keys.dtype == np.float64 and keys.flags.c_contiguous else np.ascontiguousarray(keys, np.float64)
-        # the kernel refuses (and changes nothing) on NaN, Inf, all-zero keys and keys outside the unscaled range
-        gone = self._decode_one(x, nid, V, _SAFE_LO, _SAFE_HI)
+        if check_range and not (_SAFE_LO <= abs_max(x) < _SAFE_HI):  # also NaN, Inf and all-zero keys
+            return None
+        return x, nid, V
+
+    def _decode_apply(self, plan, return_changes, lo=0.0, hi=math.inf):
+        """Run a plan from :meth:`_decode_plan`; None (nothing changed) if the kernel refuses the key."""
+        x, nid, V = plan
+        gone = self._decode_one(x, nid, V, lo, hi)
         if gone is None:
             return None
         if self._id_hi < self._id_lo:

@@ -162,3 +162,37 @@ def test_torch_tensors_including_bfloat16():
         assert mh.to_bytes() == ref.to_bytes()
         H = mh.heavy_attention(torch.from_numpy(K[:, :5]).to(dt))
         assert len(H) == 2 and H[0].shape[0] == 5
+
+
+def test_one_token_per_head_decode_is_atomic_and_equals_per_head_sketches(monkeypatch):
+    # the all-heads rank-one path plans every head before touching any
+    taken = []
+    real = MultiHeadSketch._decode_all
+    monkeypatch.setattr(MultiHeadSketch, "_decode_all", lambda *a: taken.append(real(*a)) or taken[-1])
+    rng = np.random.default_rng(3)
+    H, d, n0 = 4, 5, 60
+    K = rng.standard_normal((H, 200, d)) * rng.lognormal(0, 1, (H, 200, 1))
+    V = rng.standard_normal((H, 200, 2))
+    K[H - 1, 180] *= 2.0**300  # one head's key needs rescaling: every head must take the general path together
+    mh = MultiHeadSketch(H, d, 0.1).update(K[:, :n0], values=V[:, :n0])
+    solo = [sl.LevSketch(d, 0.1).update(K[h, :n0], values=V[h, :n0]) for h in range(H)]
+    for t in range(n0, 200):
+        if t % 40 == 0:
+            before = mh.to_bytes()
+            bad = K[:, t].copy()
+            bad[H - 1, 2] = np.nan  # only the last head's key is bad
+            with pytest.raises(ValueError, match="NaN"):
+                mh.update(bad, values=V[:, t])
+            badv = V[:, t].copy()
+            badv[H - 1, 0] = np.inf
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                mh.update(K[:, t], values=badv)
+            assert mh.to_bytes() == before
+        got = mh.update(K[:, t], values=V[:, t], return_changes=True)
+        for h in range(H):
+            want = solo[h].update(K[h, t], values=V[h, t], return_changes=True)
+            np.testing.assert_array_equal(got[h].added, want.added)
+            np.testing.assert_array_equal(got[h].evicted, want.evicted)
+    for h in range(H):
+        assert mh.retained(h)[0].tolist() == solo[h].retained()[0].tolist()
+    assert sum(r is not None for r in taken) > 80  # the fast path did run
