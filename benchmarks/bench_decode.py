@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/bench_decode.py [--d 128] [--eps 0.1] [--prefill 4096] [--tokens 3000]
       python benchmarks/bench_decode.py --long 1000000 --d 32     # drift check after 1e6 single-key updates
+      python benchmarks/bench_decode.py --streams                 # four differently behaved streams
 
 The baseline keeps the Gram matrix (rank-one update, O(d^2)) and, per key, factors it
 (Cholesky, O(d^3/3)) and re-scores every retained key (triangular solve, O(r d^2)):
@@ -84,6 +85,30 @@ def long_run(n, d, eps):
         print(f"  offline fast vs SVD reference: max abs diff {np.max(np.abs(exact - refd)):.2e}")
 
 
+def stream_cases(d, n, seed=0):
+    """Single-key streams that stress the rank-one path's refresh and band logic differently."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((n, d))
+    return {
+        "norms growing 1% per key": g * (1.01 ** np.arange(n))[:, None],
+        "norms growing 0.2% per key": g * (1.002 ** np.arange(n))[:, None],
+        "heavy-tailed norms": g * rng.lognormal(0.0, 1.0, (n, 1)),
+        "column scales 1..1e3 (kappa ~ 1e3)": g * np.logspace(0, 3, d),
+    }
+
+
+def streams(d, eps, prefill=1000, tokens=2000, repeats=3):
+    for name, K in stream_cases(d, prefill + tokens).items():
+        runs = []
+        for _ in range(repeats):
+            sk = sl.LevSketch(d, eps).update(K[:prefill])
+            t = time.perf_counter()
+            for i in range(prefill, prefill + tokens):
+                sk.update(K[i])
+            runs.append((time.perf_counter() - t) / tokens)
+        print(f"  {name:36s} {np.median(runs) * 1e6:8.1f} us/key (median of {repeats}), {sk.num_retained} retained")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=128)
@@ -92,10 +117,15 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long", type=int, default=0, help="run the drift check with this many single-key updates")
+    ap.add_argument("--streams", action="store_true", help="per-key cost on four differently behaved streams")
     args = ap.parse_args(argv)
     print(environment())
     if args.long:
         long_run(args.long, args.d, args.eps)
+        return
+    if args.streams:
+        sketch(keys(1100, args.d), 1000, args.eps)  # JIT warm-up
+        streams(args.d, args.eps)
         return
     K = keys(args.prefill + args.tokens, args.d)
     sketch(K[: args.prefill + 64], args.prefill, args.eps)  # JIT warm-up (compiles or loads the numba cache)

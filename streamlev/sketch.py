@@ -254,7 +254,10 @@ class LevSketch(ByteRoundTrip):
         Notes
         -----
         An empty block is a no-op. On any error the sketch is left exactly as
-        it was before the call.
+        it was before the call. Once at least d keys are in and the factor is
+        well conditioned (kappa <= 1e4), blocks of up to 8 keys take the
+        rank-one path: O(d^2 + r d) per key with r keys retained, exact
+        decisions (scores inside the rounding band are recomputed exactly).
         """
         with self._lock:
             fast = self._try_decode(keys, ids, values, return_changes)
