@@ -564,11 +564,11 @@ class LevSketch(ByteRoundTrip):
         one triangular solve and one matrix-vector product, O(d^2 + r d) per key.
         """
         d = self._d
+        if self._v is None:
+            self._v, self._w = np.empty(d), np.empty(d)
         v = self._v
-        if v is None or v.shape[0] != d:
-            v = self._v = np.empty(d)
         R = self._R
-        rho, tau_x, xx = fold_key(R, x, np.empty(d), v, lo, hi)
+        rho, tau_x, xx = fold_key(R, x, self._w, v, lo, hi)
         if rho < 0.0:
             return None  # refused by the kernel's range check: nothing changed
         r = self._r
