@@ -10,6 +10,26 @@ from . import jit
 
 
 @jit
+def _rotation(p, q):
+    """(r, c, s) with r = sqrt(p^2 + q^2) and [c s; -s c] (p, q) = (r, 0)."""
+    r = math.sqrt(p * p + q * q)
+    if not (1e-150 < r < 1e150):  # squares near under/overflow: take the slow exact path
+        r = math.hypot(p, q)
+    inv = 1.0 / r
+    return r, p * inv, q * inv
+
+
+@jit
+def _rotate(a, b, c, s):
+    """(a, b) <- (c a + s b, c b - s a) over two contiguous slices (a loop LLVM vectorizes)."""
+    for j in range(a.shape[0]):
+        aj = a[j]
+        bj = b[j]
+        a[j] = c * aj + s * bj
+        b[j] = c * bj - s * aj
+
+
+@jit
 def givens_add_row(R, x):
     """Fold row x into upper-triangular R in place (R'^T R' = R^T R + x x^T).
 
@@ -18,21 +38,10 @@ def givens_add_row(R, x):
     """
     d = R.shape[0]
     for i in range(d):
-        xi = x[i]
-        if xi == 0.0:
+        if x[i] == 0.0:
             continue
-        rii = R[i, i]
-        r = math.hypot(rii, xi)
-        c = rii / r
-        s = xi / r
-        R[i, i] = r
-        a_ = R[i, i + 1:]  # contiguous slices: the loop vectorizes
-        b_ = x[i + 1:]
-        for j in range(d - i - 1):
-            a = a_[j]
-            b = b_[j]
-            a_[j] = c * a + s * b
-            b_[j] = c * b - s * a
+        R[i, i], c, s = _rotation(R[i, i], x[i])
+        _rotate(R[i, i + 1:], x[i + 1:], c, s)
         x[i] = 0.0
 
 
@@ -75,23 +84,8 @@ def fold_key(R, x, w, v, lo, hi):
         if wi == 0.0:
             v[i] = 0.0
             continue
-        Ri = R[i]
-        rii = Ri[i]
-        rr = math.sqrt(rii * rii + wi * wi)
-        if not (1e-150 < rr < 1e150):  # squares near under/overflow: take the slow exact path
-            rr = math.hypot(rii, wi)
-        inv = 1.0 / rr
-        c = rii * inv
-        s = wi * inv
-        Ri[i] = rr
-        # row slices keep the loop on contiguous memory, which LLVM vectorizes
-        a_ = Ri[i + 1:]
-        b_ = w[i + 1:]
-        for j in range(d - i - 1):
-            a = a_[j]
-            b = b_[j]
-            a_[j] = c * a + s * b
-            b_[j] = c * b - s * a
+        R[i, i], c, s = _rotation(R[i, i], wi)
+        _rotate(R[i, i + 1:], w[i + 1:], c, s)
         vi = s * rho
         v[i] = vi
         vv += vi * vi
