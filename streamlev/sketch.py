@@ -544,12 +544,8 @@ class LevSketch(ByteRoundTrip):
             self._id_lo = nid
         if not return_changes:
             return self
-        added = self._r > 0 and nid not in gone and self._retains_last(nid)
+        added = bool(np.any(self._ids[: self._r] == nid))  # a new id that is retained now was just added
         return Changes(np.array([nid] if added else [], np.int64), np.sort(gone[gone != nid]))
-
-    def _retains_last(self, nid) -> bool:
-        # a key the rank-one step keeps is appended at the end and only swap-removals move it
-        return bool(np.any(self._ids[: self._r] == nid))
 
     def _decode_one(self, x, nid, V, lo=0.0, hi=math.inf):
         """Fold one key (scaled float64) in with the rank-one path; returns the ids evicted (int64 array).
