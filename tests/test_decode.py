@@ -167,3 +167,17 @@ def test_ill_conditioned_single_key_stream_stays_exact():
     for i in range(300, 900):
         sk.update(K[i])
     assert_matches_reference(sk, K)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "low_rank", "duplicates"])
+def test_single_keys_from_an_empty_sketch_match_offline_at_every_step(kind):
+    # the start of the stream: while the Gram matrix is singular a key outside the span of the
+    # earlier keys has leverage 1 with respect to that prefix, and the rank-one path must not start early
+    d, eps = 6, 0.3
+    K = make_keys(kind, 40, d, 13)
+    sk = sl.LevSketch(d, eps)
+    for t in range(K.shape[0]):
+        sk.update(K[t])
+        assert_matches_reference(sk, K[: t + 1])
+        if kind == "gaussian" and t < d:
+            np.testing.assert_allclose(sk.scores()[1], 1.0, rtol=1e-12)  # independent keys: leverage 1 each
