@@ -286,3 +286,23 @@ def test_tiny_benchmark_runs(tmp_path):
     if plots:
         assert (tmp_path / "figures" / "quality_tiny_budget.png").stat().st_size > 1000
         assert (tmp_path / "figures" / "quality_tiny_e2e.png").stat().st_size > 1000
+
+
+def test_guarantee_is_checked_in_its_ridge_form_on_ill_conditioned_keys(monkeypatch):
+    # found by hypothesis in CI: cond(K) ~ 1e12 puts key 0's plain worst-case share (0.5048) above
+    # eps = 0.5 while its documented (ridge) leverage is 0.4980; the harness must judge the
+    # contract as documented, and still fire when a key with ridge leverage >= eps is dropped
+    K = np.array([[-1.97836841e-06, -1.85984072e+05], [-9.86003737e-07, 3.68940815e+05],
+                  [6.77587811e-07, -3.10434311e+05], [5.41481050e-07, -2.41707452e+05],
+                  [2.07280941e-07, -1.11362844e+06], [6.78673053e-08, 6.29554964e+05],
+                  [-4.22761651e-07, -5.39639418e+05], [-7.78115557e-07, 7.44554852e+05],
+                  [4.21444589e-07, -1.83801178e+06], [1.49477704e-06, -8.32264479e+05],
+                  [1.58230670e-07, 1.15843451e+06], [1.02512558e-07, -1.76293616e+06]])
+    Q = np.random.default_rng(0).standard_normal((12, 2))
+    assert ref.leverage_scores(K)[0] < 0.5 < np.einsum("ij,ij->i", K @ np.linalg.inv(K.T @ K), K)[0]
+    ev.evaluate_head(Q, K, np.ones((12, 1)), methods=("leverage",), fractions=(0.5,), eps=(0.5,))
+    U = ref.universal_set(K, 0.29)
+    assert 0 in U
+    monkeypatch.setattr(ev, "_threshold_sets", lambda K, e, causal: U[U != 0])  # drop key 0 (ridge share 0.498)
+    with pytest.raises(AssertionError, match="guarantee"):
+        ev.evaluate_head(Q, K, np.ones((12, 1)), methods=("leverage",), fractions=(0.5,), eps=(0.29,))
