@@ -490,7 +490,7 @@ class LevSketch(ByteRoundTrip):
             return None
         # sigma_min never decreases when rows are added and sigma_max^2 grows by at most the added
         # squared norm, while sigma_max^2 >= ||R||_F^2 / d: a bound on kappa^2 from O(1) numbers.
-        k = self._kappa_sm if self._kappa_sm is not None else self._decode_kappa()
+        k = self._decode_kappa()
         kappa2 = k * k * (1.0 + self._d * (self._fro2_now - self._fro2_ref) / self._fro2_ref)
         return kappa2 if kappa2 <= KAPPA_DECODE * KAPPA_DECODE else None
 
@@ -536,12 +536,7 @@ class LevSketch(ByteRoundTrip):
         gone = self._decode_one(x, nid, V, lo, hi)
         if gone is None:
             return None
-        if self._id_hi < self._id_lo:
-            self._id_lo = self._id_hi = nid
-        elif nid > self._id_hi:
-            self._id_hi = nid
-        else:
-            self._id_lo = nid
+        _extend_id_range(self, nid, nid, 1)
         if not return_changes:
             return self
         added = bool(np.any(self._ids[: self._r] == nid))  # a new id that is retained now was just added
@@ -577,12 +572,12 @@ class LevSketch(ByteRoundTrip):
         # Rank-one updates accumulate rounding ~ steps * u * kappa^2; decide only outside that band.
         kappa2 = self._decode_kappa2()
         if kappa2 is None:  # kappa may have grown past the rank-one limit: every decision from exact scores
-            kappa2, margin = KAPPA_DECODE * KAPPA_DECODE, 1.0
+            margin = fresh = 1.0
         else:
             margin = min(1.0, 64.0 * steps * _U * kappa2 * d)
+            fresh = min(margin, 64.0 * _U * kappa2 * d)  # the new key's score has one step of rounding
         eps = self._eps
-        # the new key's score is fresh: only one step of rounding, not the window's accumulation
-        if tau_x >= eps - min(margin, 64.0 * _U * kappa2 * d):
+        if tau_x >= eps - fresh:
             self._append(x[None, :], np.array([nid], np.int64), np.array([tau_x]), V, V)
             lowest = min(lowest, tau_x)
         gone = _NO_IDS
