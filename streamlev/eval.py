@@ -285,13 +285,11 @@ class _Head:
         # from the plain share only for queries with ||Kq|| near round-off scale (cond(K) ~ 1e8 and up).
         row2 = np.einsum("ij,ij->i", Ks, Ks)
         lam = DEFAULT_RTOL**2 * (np.cumsum(row2)[: Q.shape[0]] if causal else row2.sum())
-        self.A2_sure = _x2_attention(Q, Ks, self.visible, lam)
+        self.A2_sure = _x2_attention(Q, Ks, self.visible, lam)[1]
         if causal:
             self.A2wc = self.A2wc_sure = None
-        else:
-            Qwc = worst_case_queries(Ks)
-            self.A2wc = _x2_attention(Qwc, Ks, None)
-            self.A2wc_sure = _x2_attention(Qwc, Ks, None, DEFAULT_RTOL**2 * row2.sum())
+        else:  # lam is the whole-K ridge here
+            self.A2wc, self.A2wc_sure = _x2_attention(worst_case_queries(Ks), Ks, None, lam)
         self.P = _softmax_rows((Q @ K.T) * scale, self.visible)
         self.V = V
         self.O = None if V is None else self.P @ V
@@ -350,14 +348,17 @@ def _pow2_scaled(K):
     return np.ldexp(K, -int(np.frexp(m)[1])) if m > 0 else K
 
 
-def _x2_attention(Q, K, visible, lam=0.0):
-    """x^2 attention shares; with lam > 0 (scalar or per query) the denominator gets lam ||q||^2."""
+def _x2_attention(Q, K, visible, lam=None):
+    """x^2 attention shares; given lam (scalar or per query), also the shares whose denominator
+    carries lam ||q||^2 (the documented ridge form), as a pair (plain, ridged) from one product."""
     S = Q @ K.T
     S2 = S * S if visible is None else np.where(visible, S * S, 0.0)
     z = S2.sum(axis=1, keepdims=True)
-    if np.any(lam):
-        z = z + (np.asarray(lam, dtype=np.float64) * np.einsum("ij,ij->i", Q, Q)).reshape(-1, 1)
-    return np.divide(S2, z, out=np.zeros_like(S2), where=z > 0)
+    plain = np.divide(S2, z, out=np.zeros_like(S2), where=z > 0)
+    if lam is None:
+        return plain
+    z = z + (np.asarray(lam, dtype=np.float64) * np.einsum("ij,ij->i", Q, Q)).reshape(-1, 1)
+    return plain, np.divide(S2, z, out=np.zeros_like(S2), where=z > 0)
 
 
 def head_metrics(Q, K, V, kept, *, eps=EPS, scale=None, causal: bool = False) -> dict:
