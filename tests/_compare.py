@@ -26,3 +26,22 @@ def assert_matches_reference(sk, K, ids=None, eps_list=None):
             if abs(tau[j] - e) <= tol:
                 continue  # near-tie: either answer is within the documented accuracy
             assert (int(ids[j]) in U) == (tau[j] >= e), (j, tau[j], e)
+
+
+def loop_attention(Q, K, V, p, scale=None, causal=False, kept_rows=None):
+    """Plain per-query loop: attention of query i over the keys it sees (and keeps)."""
+    out = np.zeros((Q.shape[0], V.shape[1]))
+    for i in range(Q.shape[0]):
+        cols = np.arange(i + 1 if causal else K.shape[0])
+        if kept_rows is not None:
+            cols = np.intersect1d(cols, kept_rows[i])
+        if cols.size == 0:
+            continue
+        s = K[cols] @ Q[i]
+        if p == "softmax":
+            w = np.exp(scale * s - np.max(scale * s))
+        else:
+            w = np.abs(s) ** p
+        if w.sum() > 0:
+            out[i] = w @ V[cols] / w.sum()
+    return out

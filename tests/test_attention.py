@@ -12,6 +12,8 @@ from streamlev.attention import heavy_attention, lev_attention, restriction_cost
 from streamlev.datasets import load_minilm
 from streamlev.testing import KINDS, key_matrices, make_keys, query_matrices, random_partition, score_tolerance
 
+from ._compare import loop_attention
+
 U = np.finfo(np.float64).eps
 
 
@@ -137,25 +139,6 @@ def test_heavy_attention_rejects_general_p_sketches():
 
 
 # ------------------------------------------------------------ attention layers
-def _full(Q, K, V, p, scale=None, causal=False, kept_rows=None):
-    """Plain per-query loop: attention of query i over the keys it sees (and keeps)."""
-    out = np.zeros((Q.shape[0], V.shape[1]))
-    for i in range(Q.shape[0]):
-        cols = np.arange(i + 1 if causal else K.shape[0])
-        if kept_rows is not None:
-            cols = np.intersect1d(cols, kept_rows[i])
-        if cols.size == 0:
-            continue
-        s = K[cols] @ Q[i]
-        if p == "softmax":
-            w = np.exp(scale * s - np.max(scale * s))
-        else:
-            w = np.abs(s) ** p
-        if w.sum() > 0:
-            out[i] = w @ V[cols] / w.sum()
-    return out
-
-
 def _qkv(seed, n=40, nq=None, d=4, dv=3):
     rng = np.random.default_rng(seed)
     K = rng.standard_normal((n, d)) * np.exp(rng.standard_normal((n, 1)))
@@ -167,7 +150,7 @@ def _qkv(seed, n=40, nq=None, d=4, dv=3):
 def test_lev_attention_with_every_key_kept_is_full_attention(p, causal):
     Q, K, V = _qkv(0)
     scale = 1 / np.sqrt(4) if p == "softmax" else None
-    want = _full(Q, K, V, p, scale, causal)
+    want = loop_attention(Q, K, V, p, scale, causal)
     np.testing.assert_allclose(lev_attention(Q, K, V, budget=K.shape[0], p=p, causal=causal), want,
                                rtol=1e-12, atol=1e-12)
     if p in (2.0, "softmax"):
@@ -175,7 +158,7 @@ def test_lev_attention_with_every_key_kept_is_full_attention(p, causal):
                                    atol=1e-12)
     if p == "softmax":
         np.testing.assert_allclose(lev_attention(Q, K, V, budget=K.shape[0], p=p, scale=0.3, causal=causal),
-                                   _full(Q, K, V, p, 0.3, causal), rtol=1e-12, atol=1e-12)
+                                   loop_attention(Q, K, V, p, 0.3, causal), rtol=1e-12, atol=1e-12)
 
 
 def _prefix_reference_sets(K, eps=None, budget=None):
@@ -213,7 +196,7 @@ def test_causal_lev_attention_equals_per_query_loop_over_prefix_leverage(seed, m
     assert clear[K.shape[1]:].mean() > 0.5  # the comparison is not vacuous
     scale = 0.5 if p == "softmax" else None
     got = lev_attention(Q, K, V, p=p, causal=True, **mode)
-    want = _full(Q, K, V, p, scale, causal=True, kept_rows=sets)
+    want = loop_attention(Q, K, V, p, scale, causal=True, kept_rows=sets)
     np.testing.assert_allclose(got[clear], want[clear], rtol=1e-10, atol=1e-12)
 
 
@@ -250,8 +233,8 @@ def test_restriction_cost_equals_direct_computation(p, causal):
     kept = select_keys(K, budget=6, causal=causal)
     rows = [kept] * 50 if not causal else [kept.indices[kept.indptr[i] : kept.indptr[i + 1]] for i in range(50)]
     cost = restriction_cost(Q, K, V, kept, p=p, causal=causal)
-    full = _full(Q, K, V, p, scale, causal)
-    restricted = _full(Q, K, V, p, scale, causal, kept_rows=rows)
+    full = loop_attention(Q, K, V, p, scale, causal)
+    restricted = loop_attention(Q, K, V, p, scale, causal, kept_rows=rows)
     np.testing.assert_allclose(lev_attention(Q, K, V, budget=6, p=p, causal=causal), restricted, atol=1e-12)
     np.testing.assert_allclose(cost.max_abs_error, np.abs(full - restricted).max(axis=1), atol=1e-12)
     mass = np.zeros(50)

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 import streamlev as sl
 from streamlev.testing import key_matrices, score_tolerance
 
+from ._compare import loop_attention
+
 torch = pytest.importorskip("torch")
 slt = pytest.importorskip("streamlev.torch")
 
@@ -44,23 +46,6 @@ def _loop_select(K, budget=None, eps=None, keep_first=False):
         pr[0] = np.inf
     order = np.lexsort((np.arange(n), -pr))[: n if budget is None else min(budget, n)]
     return np.sort(order[pr[order] > -np.inf]), tau
-
-
-def _loop_attend(q, k, v, keep, p, scale):
-    """Attention of each query over the keys in ``keep`` (one list of ids per query), float64, plain numpy."""
-    out = np.zeros((q.shape[0], v.shape[1]))
-    for i in range(q.shape[0]):
-        ids = np.asarray(keep[i], dtype=np.int64)
-        if ids.size == 0:
-            continue
-        s = k[ids] @ q[i]
-        if p == "softmax":
-            w = np.exp(scale * s - np.max(scale * s))
-        else:
-            w = np.abs(s) ** p
-        if w.sum() > 0:
-            out[i] = (w / w.sum()) @ v[ids]
-    return out
 
 
 def _qkv(B, H, n, dh, seed, dtype=torch.float64):
@@ -146,7 +131,7 @@ def test_equals_plain_loop_per_batch_and_head(p, budget, eps, keep_first):
     for b in range(2):
         for h in range(3):
             ids, _ = _loop_select(k[b, h].numpy(), budget=budget, eps=eps, keep_first=keep_first)
-            want = _loop_attend(q[b, h].numpy(), k[b, h].numpy(), v[b, h].numpy(), [ids] * 11, p, scale)
+            want = loop_attention(q[b, h].numpy(), k[b, h].numpy(), v[b, h].numpy(), p, scale, kept_rows=[ids] * 11)
             np.testing.assert_allclose(out[b, h].numpy(), want, rtol=1e-10, atol=1e-12)
             outside = np.setdiff1d(np.arange(11), ids)
             assert not A[b, h][:, outside].any()
@@ -206,7 +191,7 @@ def test_module_equals_projection_then_loop():
             q, k, v = (t[bb, h].detach().numpy() for t in proj)
             ids, _ = _loop_select(k, budget=4, keep_first=True)
             assert np.array_equal(np.flatnonzero(kept[bb, h].numpy()), ids)
-            heads[bb, h] = _loop_attend(q, k, v, [ids] * 10, "softmax", 0.5)
+            heads[bb, h] = loop_attention(q, k, v, "softmax", 0.5, kept_rows=[ids] * 10)
     want = m.out_proj(torch.from_numpy(heads).transpose(1, 2).reshape(2, 10, 12))
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     assert w.shape == (2, 3, 10, 10)
@@ -237,7 +222,7 @@ def test_causal_equals_per_query_prefix_loop(p, budget, eps, keep_first):
                 if clear:  # away from ties the prefix selection is unique
                     assert np.array_equal(row, ids), (b, h, i)
                 keep.append(row)
-            want = _loop_attend(q[b, h].numpy(), kn, v[b, h].numpy(), keep, p, 1 / math.sqrt(3))
+            want = loop_attention(q[b, h].numpy(), kn, v[b, h].numpy(), p, 1 / math.sqrt(3), kept_rows=keep)
             np.testing.assert_allclose(out[b, h].numpy(), want, rtol=1e-10, atol=1e-12)
 
 
