@@ -12,7 +12,7 @@ import numbers
 import torch  # absolute import: always the third-party package, never streamlev.torch
 from torch import nn
 
-from .reference import DEFAULT_RTOL
+from ._constants import DEFAULT_RTOL
 
 __all__ = ["LevAttention", "leverage_scores", "select_keys", "lev_attention"]
 

@@ -28,15 +28,17 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import _factor
-from ._arrays import as_real_array, like_input
+from ._constants import BLOCK_ELEMS, DEFAULT_RTOL
+from ._scaling import pow2_exponent, scale_by_max
+from ._topk import top_k
 from ._kernels.rank_one import givens_add_row
-from ._validation import check_eps, check_keys
-from .reference import DEFAULT_RTOL
+from ._validation import as_real_array, check_bool, check_eps, check_keys, like_input
+from .leverage import leverage_scores
+from .lp import LpSketch
+from .sketch import LevSketch
 
 __all__ = ["heavy_attention", "select_keys", "lev_attention", "restriction_cost", "RestrictionCost"]
 
-BLOCK_ELEMS = 1 << 21  # score entries held per query block (16 MB of float64): cache-friendly, bounded memory
-CANDIDATE_SLACK = 1e-3  # keys this close below eps are scored too: rounding in tau can never lose an entry
 
 
 # ----------------------------------------------------------------- heavy entries
@@ -99,12 +101,9 @@ def heavy_attention(sketch, Q, eps: float | None = None, *, id_map: bool = False
     coreset size, measured in tests/test_embedding.py). Cost ``O(n_q (r + N)
     d)`` for N embedding rows.
     """
-    from .lp import LpSketch
-    from .sketch import LevSketch
-
     p = getattr(sketch, "p", None)
     if isinstance(sketch, LpSketch) and sketch.normalizer is not None:
-        return _heavy_attention_p(sketch, Q, eps, id_map)
+        return sketch.heavy_attention(Q, eps, id_map=id_map)
     if p is not None and not isinstance(sketch, LevSketch) and float(p) != 2.0:
         raise NotImplementedError(
             f"heavy_attention: p={p!r} is not supported yet. For p != 2 the row normaliser "
@@ -112,131 +111,9 @@ def heavy_attention(sketch, Q, eps: float | None = None, *, id_map: bool = False
             "LpSketch(d, eps, p=..., normalizer=True), or use a LevSketch (p = 2).")
     if not isinstance(sketch, LevSketch):
         raise TypeError(f"heavy_attention: expected a LevSketch, got {type(sketch).__name__}.")
-    e = _query_threshold(sketch, eps, id_map)
-    Q = check_keys(Q, sketch.d, caller="heavy_attention", name="Q")
-    ids, Ks, tau, R, n = _sketch_state(sketch)
-    _check_ids_as_columns(ids, id_map)
-    cand = np.flatnonzero(tau >= max(sketch.eps, e - CANDIDATE_SLACK))
-    indptr, cols, vals = _heavy_rows(Q, R, Ks[cand], e)
-    return _entries_matrix(vals, cols, indptr, cand, ids, n, Q.shape[0], id_map)
+    return sketch.heavy_attention(Q, eps, id_map=id_map)
 
 
-def _query_threshold(sketch, eps, id_map) -> float:
-    """The entry threshold of a heavy_attention call (>= the sketch's eps), with id_map checked."""
-    e = sketch.eps if eps is None else check_eps(eps, caller="heavy_attention")
-    if e < sketch.eps:
-        raise ValueError(f"heavy_attention: eps={e!r} is below the sketch's eps={sketch.eps!r}; keys whose score "
-                         "was below it were not kept, so smaller entries cannot be found. Build the sketch with a "
-                         "smaller eps.")
-    if not isinstance(id_map, (bool, np.bool_)):
-        raise TypeError(f"heavy_attention: id_map must be True or False, got {id_map!r}.")
-    return e
-
-
-def _check_ids_as_columns(ids, id_map):
-    if not id_map and ids.size and ids[0] < 0:
-        raise ValueError(f"heavy_attention: the sketch holds negative key ids (e.g. {int(ids[0])}), which cannot be "
-                         "column indices; pass id_map=True to get columns labelled by an id array.")
-
-
-def _entries_matrix(vals, cols, indptr, cand, ids, n, n_q, id_map):
-    """CSR of the heavy entries: columns are key ids (or positions in ``ids`` with id_map)."""
-    if id_map:
-        return sp.csr_matrix((vals, cand[cols], indptr), shape=(n_q, ids.size)), ids
-    width = max(n, int(ids[-1]) + 1 if ids.size else 0)
-    return sp.csr_matrix((vals, ids[cand][cols], indptr), shape=(n_q, width))
-
-
-def _heavy_attention_p(sketch, Q, eps, id_map):
-    """|x|^p heavy entries of an LpSketch with a normaliser (p != 2 or p == 2 alike).
-
-    Candidates: retained keys whose sensitivity bound is >= eps (``alpha_j >=
-    A_ij``, so no heavy key is missing). Numerator ``|<q,k_j>|^p`` exact;
-    denominator ``est(q)`` from the LpEmbedding; entry reported when
-    ``|<q,k_j>|^p >= eps (1 - delta) est(q)``, with value ``|<q,k_j>|^p / est(q)``.
-    """
-    e = _query_threshold(sketch, eps, id_map)
-    d, p = sketch.d, sketch.p
-    Q = np.asarray(check_keys(Q, d, caller="heavy_attention", name="Q"), dtype=np.float64)
-    with sketch._lock:
-        ids, ub = sketch.scores()
-        _, Kr = sketch.retained()
-        emb = sketch.normalizer
-        S, w = emb._terms(Q)
-        n, delta = sketch.n, emb.delta
-    _check_ids_as_columns(ids, id_map)
-    cand = np.flatnonzero(ub >= e)
-    n_q = Q.shape[0]
-    indptr, cols, vals = [0], [], []
-    step = max(1, BLOCK_ELEMS // max(1, S.shape[0] + cand.size))
-    for a in range(0, n_q, step):
-        Qb = Q[a : a + step]
-        # each query scaled by a power of two: A is invariant to the scale of q, |.|^p cannot overflow early
-        mq = np.max(np.abs(Qb), axis=1)
-        Qb = np.ldexp(Qb, -_pow2_scale(mq)[:, None])
-        Y = Qb @ S.T
-        my = np.max(np.abs(Y), axis=1) if S.shape[0] else np.zeros(Qb.shape[0])
-        sh = _pow2_scale(my)[:, None]
-        est = np.abs(np.ldexp(Y, -sh)) ** p @ w
-        num = np.abs(np.ldexp(Qb @ Kr[cand].T, -sh)) ** p
-        hit = (num >= (e * (1.0 - delta)) * est[:, None]) & (num > 0) & (est[:, None] > 0)
-        for i in range(Qb.shape[0]):
-            jj = np.flatnonzero(hit[i])
-            cols.append(jj)
-            vals.append(num[i, jj] / est[i])
-            indptr.append(indptr[-1] + jj.size)
-    cols = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-    vals = np.concatenate(vals) if vals else np.zeros(0)
-    indptr = np.asarray(indptr, dtype=np.int64)
-    return _entries_matrix(vals, cols, indptr, cand, ids, n, n_q, id_map)
-
-
-def _sketch_state(sketch):
-    """A consistent snapshot of a LevSketch: sorted ids, scaled keys, exact scores, scaled factor, n."""
-    with sketch._lock:
-        sketch._refresh()  # exact scores of every retained key
-        r = sketch._r
-        order = np.argsort(sketch._ids[:r], kind="stable")
-        return (sketch._ids[:r][order].copy(), sketch._K[:r][order].copy(), sketch._tau[:r][order].copy(),
-                sketch._R.copy(), sketch._n)
-
-
-def _pow2_scale(x):
-    """Exponents e with x * 2**-e in [0.5, 1) for positive x (0 where x == 0)."""
-    return np.where(x > 0, np.frexp(x)[1], 0)
-
-
-def _heavy_rows(Q, R, Kc, eps):
-    n_q, d = Q.shape
-    r = Kc.shape[0]
-    step = max(1, min(n_q, BLOCK_ELEMS // max(r, d, 1)))
-    counts = np.zeros(n_q, dtype=np.int64)
-    cols, vals = [], []
-    for s in range(0, n_q, step):
-        X = Q[s : s + step].astype(np.float64)
-        X = np.ldexp(X, -_pow2_scale(np.max(np.abs(X), axis=1))[:, None])
-        Y = X @ R.T  # rows R q: ||R q||^2 = ||K q||^2 in the sketch's scale
-        ey = _pow2_scale(np.max(np.abs(Y), axis=1))
-        live = np.any(Y != 0, axis=1)
-        Y = np.ldexp(Y, -ey[:, None])
-        den = np.einsum("ij,ij->i", Y, Y)  # in [1/4, d]
-        den[~live] = np.inf  # K q = 0: the row is empty
-        if r == 0:
-            continue
-        S = X @ Kc.T
-        S = np.ldexp(S, -ey[:, None])
-        S *= S
-        S /= den[:, None]
-        np.minimum(S, 1.0, out=S)  # a share cannot exceed 1; rounding on near-null queries could say otherwise
-        hit = S >= eps
-        rows, cc = np.nonzero(hit)  # row-major: column indices come out sorted within a row
-        counts[s : s + step] = np.count_nonzero(hit, axis=1)
-        cols.append(cc)
-        vals.append(S[rows, cc])
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    vals = np.concatenate(vals) if vals else np.zeros(0)
-    return indptr, cols.astype(np.int64), vals
 
 
 # ------------------------------------------------------------------- key selection
@@ -251,24 +128,6 @@ def _check_mode(eps, budget, caller):
     if int(budget) < 1:
         raise ValueError(f"{caller}: budget must be an int >= 1. Got {budget}.")
     return None, int(budget)
-
-
-def _check_bool(x, name, caller):
-    if not isinstance(x, (bool, np.bool_)):
-        raise TypeError(f"{caller}: {name} must be True or False, got {x!r}.")
-    return bool(x)
-
-
-def _scaled(K):
-    m = float(np.max(np.abs(K))) if K.size else 0.0
-    K = K.astype(np.float64)
-    return np.ldexp(K, -int(np.frexp(m)[1])) if m > 0 else K
-
-
-def _top(tau, budget):
-    """Indices of the ``budget`` largest scores (ties toward earlier keys), sorted."""
-    order = np.lexsort((np.arange(tau.size), -tau))
-    return np.sort(order[:budget]).astype(np.int64)
 
 
 def select_keys(K, *, eps: float | None = None, budget: int | None = None, causal: bool = False,
@@ -313,17 +172,15 @@ def select_keys(K, *, eps: float | None = None, budget: int | None = None, causa
     """
     caller = "select_keys"
     eps, budget = _check_mode(eps, budget, caller)
-    causal = _check_bool(causal, "causal", caller)
+    causal = check_bool(causal, name="causal", caller=caller)
     K = as_real_array(K, name="K", caller=caller)
     n, d = K.shape
     if not causal:
         if budget is not None and budget >= n:
             return np.arange(n, dtype=np.int64)
-        from .leverage import leverage_scores
-
         tau = leverage_scores(K, rtol=rtol)
-        return np.flatnonzero(tau >= eps).astype(np.int64) if eps is not None else _top(tau, budget)
-    return _causal_sets(_scaled(K), eps, budget, rtol)
+        return np.flatnonzero(tau >= eps).astype(np.int64) if eps is not None else top_k(tau, budget)
+    return _causal_sets(scale_by_max(K)[0], eps, budget, rtol)
 
 
 def _causal_sets(Ks, eps, budget, rtol):
@@ -431,8 +288,8 @@ def _prep_qk(Q, K, p):
     Q = Q.astype(np.float64)
     K = K.astype(np.float64)
     if p != "softmax":
-        Q = np.ldexp(Q, -_pow2_scale(np.max(np.abs(Q), axis=1, initial=0.0))[:, None])
-        K = _scaled(K)
+        Q = np.ldexp(Q, -pow2_exponent(np.max(np.abs(Q), axis=1, initial=0.0))[:, None])
+        K = scale_by_max(K)[0]
     return Q, K
 
 
@@ -514,7 +371,7 @@ def lev_attention(Q, K, V, *, eps: float | None = None, budget: int | None = Non
     caller = "lev_attention"
     eps, budget = _check_mode(eps, budget, caller)
     p, scale = _check_p(p, scale, caller)
-    causal = _check_bool(causal, "causal", caller)
+    causal = check_bool(causal, name="causal", caller=caller)
     if eps is not None and p not in ("softmax", 2.0):
         raise NotImplementedError(f"{caller}: threshold mode needs the universal set for p={p}, which is not "
                                   "leverage (it needs the general-p sketch, not available yet); use p=2, "
@@ -603,7 +460,7 @@ def restriction_cost(Q, K, V, kept, *, p=2.0, scale=None, causal: bool = False) 
     """
     caller = "restriction_cost"
     p, scale = _check_p(p, scale, caller)
-    causal = _check_bool(causal, "causal", caller)
+    causal = check_bool(causal, name="causal", caller=caller)
     Qa, Ka, Va = _check_qkv(Q, K, V, caller)
     n_q, n = Qa.shape[0], Ka.shape[0]
     if causal and n_q != n:

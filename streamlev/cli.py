@@ -32,6 +32,13 @@ import time
 
 import numpy as np
 
+import streamlev
+
+from . import LpSketch, __version__
+from . import reference as ref
+from .datasets import load_minilm
+from .sketch import LevSketch
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -91,8 +98,6 @@ def _layers(text: str) -> list[int]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = _Parser(prog="streamlev", description="Universal sets of attention keys (LevAttention): keys that "
                      "can receive |x|^p attention share >= eps from any query, kept in one pass.")
     parser.add_argument("--version", action="version", version=f"streamlev {__version__}")
@@ -187,15 +192,8 @@ def _progress(total: int, quiet: bool, desc: str):
 
 
 def _make_sketch(d: int, eps: float, p: float):
-    from .sketch import LevSketch
-
     if p == 2.0:
         return LevSketch(d, eps)
-    try:
-        from . import LpSketch
-    except ImportError:
-        raise CLIError(f"p={p:g} needs streamlev.LpSketch, which this version of streamlev does not have; "
-                       "only p=2 is available") from None
     try:
         return LpSketch(d, eps, p=p)
     except (TypeError, ValueError) as exc:
@@ -226,8 +224,6 @@ def _sketch_kind(data: bytes) -> str | None:
 
 
 def _load_sketch(path: str):
-    import streamlev
-
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -445,9 +441,6 @@ def _softmax(Q, K):
 
 def _demo_head(K, Q, eps, rng):
     """Stream one head's keys (prefill blocks, then decode one by one) and check it against brute force."""
-    from . import reference as ref
-    from .sketch import LevSketch
-
     n, d = K.shape
     n_prefill = n - n // 4
     block = max(1, n_prefill // 3)
@@ -488,8 +481,6 @@ def _demo_head(K, Q, eps, rng):
 
 
 def _cmd_demo(args) -> int:
-    from .datasets import load_minilm
-
     plot_path = None
     if not args.no_plot:
         have_mpl = _has_matplotlib()

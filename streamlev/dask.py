@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+import streamlev
+
 from ._validation import check_eps, check_p
 
 __all__ = ["sketch_array", "sketch_heads", "sketch_class", "from_npy"]
@@ -50,8 +52,6 @@ def sketch_class(p: float = 2.0):
         When ``p != 2`` and this version of streamlev has no ``LpSketch``.
     """
     p = check_p(p, caller="streamlev.dask.sketch_class")
-    import streamlev
-
     if p == 2.0:
         return streamlev.LevSketch
     cls = getattr(streamlev, "LpSketch", None)

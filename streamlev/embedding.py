@@ -8,14 +8,16 @@ keys' order. This is the row normaliser of |x|^p attention for p != 2.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 import zlib
 
 import numpy as np
 
 from . import _factor, _format
+from ._scaling import scale_by_max
+from ._sketch_base import Sketch, locked, transactional
 from ._validation import check_dim, check_keys, check_p
+from .lewis import LewisConvergenceWarning, lewis_weights
 
 __all__ = ["LpEmbedding", "default_rows"]
 
@@ -36,7 +38,7 @@ def default_rows(d: int, p: float, delta: float) -> int:
     return int(math.ceil(_C * dd * math.log(4.0 * dd) / delta ** 2))
 
 
-class LpEmbedding:
+class LpEmbedding(Sketch):
     """Mergeable l_p subspace embedding of all keys seen (merge-and-reduce Lewis-weight sampling).
 
     Parameters
@@ -81,6 +83,7 @@ class LpEmbedding:
     """
 
     def __init__(self, d: int, p: float, *, delta: float = 0.1, seed: int = 0, rows: int | None = None):
+        super().__init__()
         self._d = check_dim(d, caller="LpEmbedding")
         self._p = check_p(p, caller="LpEmbedding")
         if isinstance(delta, (bool, np.bool_)) or not isinstance(delta, (int, float, np.floating)) \
@@ -95,7 +98,6 @@ class LpEmbedding:
         if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)) or not 1 <= rows <= 2**31:
             raise ValueError(f"The 'rows' parameter of LpEmbedding must be a positive int. Got {rows!r}.")
         self._rows = int(rows)
-        self._lock = threading.RLock()
         self._n = 0
         self._reductions = 0
         self._buf = np.zeros((0, self._d))
@@ -146,14 +148,13 @@ class LpEmbedding:
             K = check_keys(keys, self._d, caller="LpEmbedding.update")
             if K.shape[0] == 0:
                 return self
-            snap = self._snapshot()
-            try:
-                self._append(np.asarray(K, dtype=np.float64))
-                self._n += K.shape[0]
-            except BaseException:
-                self._restore(snap)
-                raise
+            self._fold(np.asarray(K, dtype=np.float64))
             return self
+
+    @transactional
+    def _fold(self, X):
+        self._append(X)
+        self._n += X.shape[0]
 
     def _snapshot(self):
         return self._n, self._reductions, self._buf, dict(self._nodes)
@@ -181,17 +182,14 @@ class LpEmbedding:
         self._nodes[level] = (S, w)
 
     def _reduce(self, S, w, level):
-        from .lewis import LewisConvergenceWarning, lewis_weights
-
         self._reductions += 1
         body = S.tobytes() + w.tobytes()
         ss = np.random.SeedSequence([self._seed, level, zlib.crc32(body), zlib.adler32(body)])
         rng = np.random.default_rng(ss)
         A = S * (w ** (1.0 / self._p))[:, None]
-        m = float(np.max(np.abs(A))) if A.size else 0.0
-        if m == 0.0:
+        A, e = scale_by_max(A)  # Lewis weights are scale invariant; avoid overflow
+        if not A.size or not np.any(A):
             return S[:0], w[:0]
-        A = np.ldexp(A, -int(np.frexp(m)[1]))  # Lewis weights are scale invariant; avoid overflow
         with warnings.catch_warnings(), _factor.blas_threads(1):
             warnings.simplefilter("ignore", LewisConvergenceWarning)  # probabilities need a few digits only
             lw = lewis_weights(A, self._p, tol=_LEWIS_TOL)
@@ -215,22 +213,20 @@ class LpEmbedding:
         if mine != theirs:
             raise ValueError(f"LpEmbedding.merge: incompatible embeddings: (d, p, delta, seed, rows)={mine} here, "
                              f"{theirs} in the other. Build both with the same parameters and seed.")
-        first, second = (self, other) if id(self) < id(other) else (other, self)
-        with first._lock, second._lock:
+        with locked(self, other):
             obuf, on, ored = other._buf.copy(), other._n, other._reductions
             onodes = {k: (S.copy(), w.copy()) for k, (S, w) in other._nodes.items()}
-            snap = self._snapshot()
-            try:
-                for level in sorted(onodes):
-                    self._carry(level, *onodes[level])
-                if obuf.shape[0]:
-                    self._append(obuf)
-                self._n += on
-                self._reductions += ored  # counts every reduction in the tree, wherever it ran
-            except BaseException:
-                self._restore(snap)
-                raise
+            self._merge_state(obuf, on, ored, onodes)
             return self
+
+    @transactional
+    def _merge_state(self, obuf, on, ored, onodes):
+        for level in sorted(onodes):
+            self._carry(level, *onodes[level])
+        if obuf.shape[0]:
+            self._append(obuf)
+        self._n += on
+        self._reductions += ored  # counts every reduction in the tree, wherever it ran
 
     # ---------------------------------------------------------------- queries
     def _terms(self, Q):
@@ -325,14 +321,3 @@ class LpEmbedding:
         """Rebuild from :meth:`to_bytes` output; ValueError/TypeError on anything else."""
         f = _format.load(data, "LpEmbedding", cls._schema())
         return cls._from_fields(f)
-
-    def copy(self) -> LpEmbedding:
-        """An independent copy (through the byte format)."""
-        return LpEmbedding.from_bytes(self.to_bytes())
-
-    def __reduce__(self):
-        return (_from_bytes, (self.to_bytes(),))
-
-
-def _from_bytes(data):
-    return LpEmbedding.from_bytes(data)

@@ -39,8 +39,13 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 
-from ._arrays import as_real_array
-from ._validation import check_eps
+from ._constants import DEFAULT_RTOL
+from ._validation import as_real_array, check_eps
+from .attention import select_keys
+from .leverage import leverage_scores
+from .lewis import lewis_weights
+from .reference import worst_case_queries
+from .sketch import LevSketch
 
 __all__ = ["METHODS", "QUERY_AWARE", "FRACTIONS", "EPS", "key_scores", "select", "head_metrics",
            "evaluate_head", "evaluate", "summarize"]
@@ -179,12 +184,8 @@ def key_scores(method, K, Q=None, *, seed: int = 0, scale=None, causal: bool = F
     Q, K, _ = _check_qkv(Q, K, None, caller, need_q=method in QUERY_AWARE)
     n, d = K.shape
     if method == "leverage":
-        from .leverage import leverage_scores
-
         return leverage_scores(K)
     if method == "lewis_p1":
-        from .lewis import lewis_weights
-
         return np.asarray(lewis_weights(K, 1.0), dtype=np.float64)
     if method in ("knorm_small", "knorm_large"):
         nrm = np.linalg.norm(K, axis=1)
@@ -277,8 +278,6 @@ class _Head:
         self.A2 = _x2_attention(Q, K, self.visible)
         # x^2 attention of the worst-case query of every key (q_j = (K^T K)^+ k_j gives key j its
         # largest possible share tau_j): the guarantee is "for any query", the real queries are one draw.
-        from .reference import DEFAULT_RTOL, worst_case_queries
-
         Ks = _pow2_scaled(K)  # shares are scale-free; the scaled copy keeps ||K||_F finite
         # The guarantee is checked in its documented form: shares with the relative ridge
         # lam = (rtol ||K||_F)^2 in the denominator (of the prefix a causal query sees). It differs
@@ -419,11 +418,7 @@ def head_metrics(Q, K, V, kept, *, eps=EPS, scale=None, causal: bool = False) ->
 def _threshold_sets(K, e, causal):
     """The streamlev universal set at eps=e: a streaming LevSketch (non-causal) or per prefix."""
     if causal:
-        from .attention import select_keys
-
         return select_keys(K, eps=e, causal=True)
-    from .sketch import LevSketch
-
     sk = LevSketch(K.shape[1], e)
     for start in range(0, K.shape[0], 64):  # fed as a stream of blocks, as a prefill would
         sk.update(K[start:start + 64])

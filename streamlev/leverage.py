@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_eps, check_keys, check_p
-from .reference import DEFAULT_RTOL
+from ._constants import CHUNK_ROWS, DEFAULT_RTOL
+from ._scaled_factor import ScaledFactor
+from ._validation import check_eps, check_matrix_2d, check_p, check_rtol, check_state_size
+from .lewis import universal_set_p
 
 __all__ = ["leverage_scores", "universal_set"]
 
@@ -17,6 +19,7 @@ def leverage_scores(K, *, rtol: float = DEFAULT_RTOL) -> np.ndarray:
     ----------
     K : array_like of shape (n, d)
         Keys; any real dtype (float16/32 are not copied to float64 in full).
+        A 1-D array is rejected: reshape one key to (1, d) or a column to (n, 1).
     rtol : float, default=1e-13
         Relative ridge: tau_j = k_j^T (K^T K + lam I)^{-1} k_j with
         lam = (rtol ||K||_F)^2. It only affects directions whose singular value
@@ -40,16 +43,19 @@ def leverage_scores(K, *, rtol: float = DEFAULT_RTOL) -> np.ndarray:
     >>> np.round(sl.leverage_scores(K), 6)
     array([0.5, 0.5, 1. , 1. ])
     """
-    from .sketch import CHUNK_ROWS, LevSketch  # the sketch owns the scaled factor machinery
-
-    K = check_keys(K, _ncols(K), caller="leverage_scores", name="K")
+    K = check_matrix_2d(K, caller="leverage_scores")
+    rtol = check_rtol(rtol, caller="leverage_scores")
     n, d = K.shape
     if n == 0:
         return np.zeros(0)
-    sk = LevSketch(d, 1.0, rtol=rtol)
-    # Build the factor of all rows (eps=1 keeps almost nothing), then score every row against it.
-    sk.update(K, ids=np.arange(n))
-    return sk._score_external(K, CHUNK_ROWS)
+    check_state_size(d, caller="leverage_scores")
+    f = ScaledFactor(d)
+    for s in range(0, n, CHUNK_ROWS):  # the factor of all rows, then every row scored against it
+        X, e = f.prepare(K[s : s + CHUNK_ROWS], s > 0, "leverage_scores")
+        if e > f.e:
+            f.rescale(e, None, s > 0, "leverage_scores")
+        f.fold(X)
+    return f.score_original(K, rtol)
 
 
 def universal_set(K, eps: float, *, p: float = 2.0, rtol: float = DEFAULT_RTOL) -> np.ndarray:
@@ -73,16 +79,6 @@ def universal_set(K, eps: float, *, p: float = 2.0, rtol: float = DEFAULT_RTOL) 
     eps = check_eps(eps, caller="universal_set")
     p = check_p(p, caller="universal_set")
     if p != 2.0:
-        from .lp import universal_set_p
-
         return universal_set_p(K, eps, p=p, rtol=rtol)
     return np.flatnonzero(leverage_scores(K, rtol=rtol) >= eps).astype(np.int64)
 
-
-def _ncols(K) -> int:
-    shape = np.shape(K)
-    if len(shape) == 2:
-        return int(shape[1])
-    if len(shape) == 1:
-        return int(shape[0])
-    raise ValueError(f"K must be 2-D of shape (n, d); got an array of shape {tuple(shape)}.")

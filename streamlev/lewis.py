@@ -21,11 +21,12 @@ import warnings
 import numpy as np
 import scipy.linalg as sla
 
-from ._matrix_checks import check_matrix, check_max_iter, check_positive_float
-from ._validation import check_p
-from .reference import DEFAULT_RTOL
+from ._constants import DEFAULT_RTOL, LEWIS_TIGHT_TOL
+from ._scaling import scale_by_max
+from ._validation import check_matrix, check_matrix_2d, check_max_iter, check_p, check_positive_float
 
-__all__ = ["lewis_weights", "sensitivity_upper_bounds", "LewisConvergenceError", "LewisConvergenceWarning"]
+__all__ = ["lewis_weights", "sensitivity_upper_bounds", "LewisConvergenceError", "LewisConvergenceWarning",
+           "universal_set_p"]
 
 # The Gram/Cholesky path loses ~cond(G) * eps relative accuracy in tau; above
 # this condition number we switch to Householder QR of the ridge-augmented matrix.
@@ -431,3 +432,18 @@ def sensitivity_upper_bounds(K, p, *, rtol: float = DEFAULT_RTOL, tol: float = 1
         else:
             ub[nz] = F * float(np.sum(w[nz])) ** (p / 2.0 - 1.0)
     return np.clip(ub * (1.0 + _ROUNDOFF_MARGIN), 0.0, 1.0)
+
+
+def universal_set_p(K, eps: float, *, p: float, rtol: float = DEFAULT_RTOL) -> np.ndarray:
+    """Offline superset of ``{j : alpha_j >= eps}`` for |x|^p attention from certified bounds.
+
+    Uses :func:`streamlev.lewis.sensitivity_upper_bounds` (for p <= 2 the
+    minimum of the Lewis bound and ``tau^(p/2)``; for p > 2 ``(sum w)^(p/2-1) w``).
+    Size <= d^max(1, p/2) / eps.
+    """
+    K = check_matrix_2d(K, caller="universal_set")
+    if K.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    Ks, _ = scale_by_max(K)
+    ub = sensitivity_upper_bounds(Ks, p, rtol=rtol, tol=LEWIS_TIGHT_TOL)
+    return np.flatnonzero(ub >= eps).astype(np.int64)

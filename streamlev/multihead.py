@@ -11,22 +11,22 @@ vectorized lower bound.
 from __future__ import annotations
 
 import numbers
-import threading
-from contextlib import ExitStack
+import warnings
 
 import numpy as np
 
 from . import _format
-from ._bytes_mixin import ByteRoundTrip
-from ._arrays import as_real_array
-from ._validation import check_dim, check_eps, check_ids
-from .reference import DEFAULT_RTOL
+from ._constants import DEFAULT_RTOL
+from ._decode import apply_plan, plan_one
+from ._sketch_base import Sketch, check_budget, locked, size_bound, transaction
+from ._topk import top_k
+from ._validation import as_real_array, check_dim, check_eps, check_ids
 from .sketch import Changes, LevSketch
 
 __all__ = ["MultiHeadSketch"]
 
 
-class MultiHeadSketch(ByteRoundTrip):
+class MultiHeadSketch(Sketch):
     """Universal sets of keys for several attention heads at once (x^2 attention, p = 2).
 
     Parameters
@@ -59,13 +59,13 @@ class MultiHeadSketch(ByteRoundTrip):
     """
 
     def __init__(self, heads: int, d: int, eps, *, rtol: float = DEFAULT_RTOL):
+        super().__init__()
         caller = "MultiHeadSketch"
         self._heads = check_dim(heads, name="heads", caller=caller)
         self._d = check_dim(d, caller=caller)
         self._eps = _check_per_head(eps, self._heads, "eps", caller)
         self._sk = [LevSketch(self._d, float(e), rtol=rtol) for e in self._eps]
         self._rtol = self._sk[0].rtol
-        self._lock = threading.RLock()
 
     # ------------------------------------------------------------ properties
     @property
@@ -99,15 +99,41 @@ class MultiHeadSketch(ByteRoundTrip):
         with self._lock:
             return np.array([s.num_retained for s in self._sk], dtype=np.int64)
 
-    @property
-    def max_retained(self) -> np.ndarray:
-        """A-priori bound per head, ``floor(d / eps[h])``, shape (heads,)."""
-        return np.array([LevSketch.max_retained(self._d, float(e)) for e in self._eps], dtype=np.int64)
+    @size_bound
+    def max_retained(cls, d: int, eps) -> np.ndarray:
+        """A-priori bound per head, ``floor(d / eps[h])``, shape (heads,).
+
+        ``MultiHeadSketch.max_retained(d, eps)`` before any data, ``mh.max_retained()``
+        on a sketch (the old property spelling ``mh.max_retained`` still works as an
+        array, with a DeprecationWarning).
+
+        Parameters
+        ----------
+        d : int
+            Key dimension.
+        eps : array_like of shape (heads,)
+            Per-head thresholds.
+
+        Returns
+        -------
+        ndarray of shape (heads,), int64
+        """
+        return np.array([LevSketch.max_retained(d, float(e)) for e in np.atleast_1d(eps)], dtype=np.int64)
+
+    def _size_params(self):
+        return self._d, self._eps
 
     @property
     def nbytes(self) -> int:
         """Bytes held by all heads' arrays."""
         return int(sum(s.nbytes for s in self._sk))
+
+    def _snapshot(self):
+        return [s._snapshot() for s in self._sk]
+
+    def _restore(self, snaps):
+        for sk, snap in zip(self._sk, snaps):
+            sk._restore(snap)
 
     def __repr__(self) -> str:
         return (f"MultiHeadSketch(heads={self._heads}, d={self._d}, eps={self._eps.tolist()!r}; "
@@ -166,16 +192,11 @@ class MultiHeadSketch(ByteRoundTrip):
                 fast = self._decode_all(K, id_rows, V, return_changes)
                 if fast is not None:
                     return fast
-            snaps = [s._snapshot() for s in self._sk]
             out = []
-            try:
+            with transaction(*self._sk):
                 for h, sk in enumerate(self._sk):
                     out.append(sk.update(K[h], ids=None if id_rows is None else id_rows[h],
                                          values=None if V is None else V[h], return_changes=return_changes))
-            except BaseException:
-                for sk, snap in zip(self._sk, snaps):
-                    sk._restore(snap)
-                raise
             return out if return_changes else self
 
     def _decode_all(self, K, id_rows, V, return_changes):
@@ -184,17 +205,15 @@ class MultiHeadSketch(ByteRoundTrip):
         All heads are checked first (plans mutate nothing), so no snapshot is needed: once
         every head has a plan, applying them cannot fail.
         """
-        with ExitStack() as stack:
-            for sk in self._sk:
-                stack.enter_context(sk._lock)
+        with locked(*self._sk):
             plans = []
             for h, sk in enumerate(self._sk):
-                plan = sk._decode_plan(K[h, 0], None if id_rows is None else int(id_rows[h][0]),
-                                       None if V is None else V[h, 0], check_range=True)
+                plan = plan_one(sk, K[h, 0], None if id_rows is None else int(id_rows[h][0]),
+                                None if V is None else V[h, 0], check_range=True)
                 if plan is None:
                     return None
                 plans.append(plan)
-            out = [sk._decode_apply(plan, return_changes) for sk, plan in zip(self._sk, plans)]
+            out = [apply_plan(sk, plan, return_changes) for sk, plan in zip(self._sk, plans)]
         return out if return_changes else self
 
     def _check_ids(self, ids, m, caller):
@@ -223,22 +242,16 @@ class MultiHeadSketch(ByteRoundTrip):
             raise TypeError(f"{caller}: can only merge another MultiHeadSketch, got {type(other).__name__}.")
         if other is self:
             raise ValueError(f"{caller}: cannot merge a sketch with itself (its ids are not disjoint).")
-        first, second = (self, other) if id(self) < id(other) else (other, self)
-        with first._lock, second._lock:
+        with locked(self, other):
             mine = (self._heads, self._d, self._eps.tolist(), self._rtol)
             theirs = (other._heads, other._d, other._eps.tolist(), other._rtol)
             if mine != theirs:
                 raise ValueError(f"{caller}: incompatible sketches: (heads, d, eps, rtol)={mine} here and "
                                  f"{theirs} in the other. Only sketches built with the same parameters merge.")
-            snaps = [s._snapshot() for s in self._sk]
             out = []
-            try:
+            with transaction(*self._sk):
                 for a, b in zip(self._sk, other._sk):
                     out.append(a.merge(b, return_changes=return_changes))
-            except BaseException:
-                for sk, snap in zip(self._sk, snaps):
-                    sk._restore(snap)
-                raise
             return out if return_changes else self
 
     # ---------------------------------------------------------------- queries
@@ -248,13 +261,30 @@ class MultiHeadSketch(ByteRoundTrip):
                 return [fn(s) for s in self._sk]
             return fn(self._sk[self._head(head, caller)])
 
-    def universal_set(self, head: int | None = None, eps=None):
+    def universal_set(self, eps=None, *args, head: int | None = None):
         """Sorted int64 ids with leverage >= eps, for one head or (head=None) a list over heads.
 
-        ``eps`` defaults to each head's eps; a scalar or one value per head,
-        each >= that head's eps.
+        Parameters
+        ----------
+        eps : float or array_like of shape (heads,), optional
+            Default each head's eps; a scalar or one value per head, each >= that head's eps.
+        head : int, optional (keyword)
+            One head; default all heads.
+
+        Returns
+        -------
+        ids : ndarray of int64 (one head) or list of ``heads`` such arrays
+
+        Notes
+        -----
+        The old spelling ``universal_set(head, eps)`` (head first, positional) still
+        works with a DeprecationWarning when the first argument is an int.
         """
         caller = "MultiHeadSketch.universal_set"
+        if args or (isinstance(eps, (int, np.integer)) and not isinstance(eps, (bool, np.bool_))):
+            warnings.warn("MultiHeadSketch.universal_set(head, eps) is deprecated; use universal_set(eps, head=h).",
+                          DeprecationWarning, stacklevel=2)
+            head, eps = eps, (args[0] if args else None)
         if eps is None:
             return self._per_head(head, lambda s: s.universal_set(), caller)
         if head is not None:
@@ -271,23 +301,39 @@ class MultiHeadSketch(ByteRoundTrip):
         """(ids, keys, values) of the retained keys, per head (see :meth:`LevSketch.retained`)."""
         return self._per_head(head, lambda s: s.retained(), "MultiHeadSketch.retained")
 
-    def top_keys(self, budget, head: int | None = None):
+    def top(self, budget, *, head: int | None = None):
         """Ids of the ``budget`` retained keys of largest leverage (ties toward smaller ids), sorted.
 
-        A selection query: the sketch is not changed. ``budget`` is an int or
-        one int per head. Only keys with leverage >= eps[h] are retained, so a
-        head returns fewer than ``budget`` ids when it holds fewer; build the
-        sketch with eps <= (smallest leverage you need) to rank deeper.
+        Parameters
+        ----------
+        budget : int or array_like of int of shape (heads,)
+            Ids wanted per head, >= 0.
+        head : int, optional (keyword)
+            One head; default all heads.
+
+        Returns
+        -------
+        ids : ndarray of int64 (one head) or list of ``heads`` such arrays
+
+        Notes
+        -----
+        A selection query: the sketch is not changed. Only keys with leverage
+        >= eps[h] are retained, so a head returns fewer than ``budget`` ids when
+        it holds fewer; build the sketch with eps <= (smallest leverage you need)
+        to rank deeper.
         """
-        caller = "MultiHeadSketch.top_keys"
-        b = np.broadcast_to(np.asarray(budget), (self._heads,)) if np.ndim(budget) == 0 else np.asarray(budget)
-        if b.shape != (self._heads,) or b.dtype.kind not in "iu" or (b < 0).any():
-            raise ValueError(f"{caller}: budget must be a non-negative int or {self._heads} of them; got {budget!r}.")
+        caller = "MultiHeadSketch.top"
+        if np.ndim(budget) == 0:
+            b = np.full(self._heads, check_budget(budget, caller))
+        else:
+            b = np.asarray(budget)
+            if b.shape != (self._heads,) or b.dtype.kind not in "iu" or (b < 0).any():
+                raise ValueError(f"{caller}: budget must be a non-negative int or {self._heads} of them; "
+                                 f"got {budget!r}.")
 
         def pick(sk, k):
             ids, tau = sk.scores()
-            order = np.lexsort((ids, -tau))[: int(k)]
-            return np.sort(ids[order])
+            return np.sort(ids[top_k(tau, int(k))])
 
         with self._lock:
             if head is not None:
@@ -295,13 +341,17 @@ class MultiHeadSketch(ByteRoundTrip):
                 return pick(self._sk[h], b[h])
             return [pick(s, k) for s, k in zip(self._sk, b)]
 
+    def top_keys(self, budget, head: int | None = None):
+        """Deprecated alias of :meth:`top` (``head`` becomes keyword-only there)."""
+        warnings.warn("MultiHeadSketch.top_keys is deprecated; use top(budget, head=h).", DeprecationWarning,
+                      stacklevel=2)
+        return self.top(budget, head=head)
+
     def heavy_attention(self, Q, eps=None):
         """Heavy x^2 attention entries per head: a list of CSR matrices (see :func:`streamlev.attention.heavy_attention`).
 
         ``Q`` has shape (heads, n_q, d); ``eps`` is a scalar or one value per head.
         """
-        from .attention import heavy_attention
-
         caller = "MultiHeadSketch.heavy_attention"
         Qa = as_real_array(Q, name="Q", caller=caller, ndim=(3,))
         if Qa.shape[0] != self._heads or Qa.shape[2] != self._d:
@@ -309,7 +359,7 @@ class MultiHeadSketch(ByteRoundTrip):
                              f"got {Qa.shape}.")
         e = [None] * self._heads if eps is None else _check_per_head(eps, self._heads, "eps", caller)
         with self._lock:
-            return [heavy_attention(s, Qa[h], None if e[h] is None else float(e[h])) for h, s in enumerate(self._sk)]
+            return [s.heavy_attention(Qa[h], None if e[h] is None else float(e[h])) for h, s in enumerate(self._sk)]
 
     # ---------------------------------------------------------- serialization
     def to_bytes(self) -> bytes:

@@ -10,17 +10,16 @@ the queries (the range of ``S``) are available at any time in O(d^2) memory.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from . import _format
+from ._sketch_base import Sketch, locked
 from ._validation import check_dim, check_keys
 
 __all__ = ["QuerySketch"]
 
 
-class QuerySketch:
+class QuerySketch(Sketch):
     """Count, mean and second moment of a stream of d-dimensional queries; mergeable.
 
     Parameters
@@ -50,8 +49,8 @@ class QuerySketch:
     """
 
     def __init__(self, d: int):
+        super().__init__()
         self._d = check_dim(d, caller="QuerySketch")
-        self._lock = threading.RLock()
         self._n = 0
         self._s = np.zeros(self._d)
         self._S = np.zeros((self._d, self._d))
@@ -94,6 +93,17 @@ class QuerySketch:
             C = self._S / self._n - np.outer(mu, mu)
             return (C + C.T) / 2.0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the statistics (sum and second moment)."""
+        return int(self._s.nbytes + self._S.nbytes)
+
+    def _snapshot(self):
+        return self._n, self._s.copy(), self._S.copy()
+
+    def _restore(self, snap):
+        self._n, self._s, self._S = snap
+
     def __repr__(self) -> str:
         return f"QuerySketch(d={self._d}; n={self._n})"
 
@@ -102,7 +112,7 @@ class QuerySketch:
 
         Non-finite queries are rejected (ValueError) and the sketch is left unchanged.
         """
-        Q = check_keys(queries, self._d, caller="QuerySketch.update", check_finite=True)
+        Q = check_keys(queries, self._d, caller="QuerySketch.update", name="queries", check_finite=True)
         Q = np.asarray(Q, dtype=np.float64)
         if Q.shape[0] == 0:
             return self
@@ -124,9 +134,8 @@ class QuerySketch:
         if other._d != self._d:
             raise ValueError(f"QuerySketch.merge: dimensions differ ({self._d} here, {other._d} in the other "
                              "sketch); only sketches of queries of one head merge.")
-        with other._lock:
+        with locked(self, other):
             n, s, S = other._n, other._s.copy(), other._S.copy()
-        with self._lock:
             self._n += n
             self._s += s
             self._S += S
@@ -151,7 +160,3 @@ class QuerySketch:
         sk = cls(d)
         sk._n, sk._s, sk._S = n, f["sum"].copy(), f["second_moment"].copy()
         return sk
-
-    def copy(self) -> QuerySketch:
-        """An independent copy."""
-        return QuerySketch.from_bytes(self.to_bytes())

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_RTOL", "leverage_scores", "universal_set", "worst_case_queries", "attention_x2"]
+from ._constants import DEFAULT_RTOL
 
-DEFAULT_RTOL = 1e-13
+__all__ = ["DEFAULT_RTOL", "leverage_scores", "universal_set", "worst_case_queries", "attention_x2"]
 
 
 def _as_scaled(K):

@@ -25,26 +25,24 @@ budget, with attention sinks and a recent window for causal models.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from . import _format
+from ._constants import DEFAULT_RTOL, RECENT_FRACTION, SINKS
+from ._sketch_base import Sketch, locked, size_bound
 from ._validation import check_dim, check_eps, check_keys
+from .leverage import leverage_scores
 from .query_sketch import QuerySketch
-from .reference import DEFAULT_RTOL
 from .sketch import LevSketch
 
 __all__ = ["ShiftInvariantSketch", "shift_invariant_leverage", "key_norm_scores", "keydiff_scores",
            "expected_logit_scores", "rope_rotations", "query_span_leverage", "query_span_basis", "budget_split", "select",
            "SINKS", "RECENT_FRACTION"]
 
-SINKS = 4  # attention sinks kept by causal budgets (StreamingLLM, Xiao et al. 2023, keeps 4 initial tokens)
-RECENT_FRACTION = 0.25  # share of a causal budget given to the most recent keys (see budget_split)
 
 
 # --------------------------------------------------------------------------- translation-invariant leverage
-class ShiftInvariantSketch:
+class ShiftInvariantSketch(Sketch):
     """Leverage of the keys augmented with a constant coordinate, ``[k, c]``: one-pass, mergeable, exact.
 
     Softmax attention is unchanged when every key is shifted by the same vector
@@ -87,6 +85,7 @@ class ShiftInvariantSketch:
     """
 
     def __init__(self, d: int, eps: float, *, c: float = 1.0, rtol: float = DEFAULT_RTOL):
+        super().__init__()
         self._d = check_dim(d, caller="ShiftInvariantSketch")
         check_eps(eps, caller="ShiftInvariantSketch")
         if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, float, np.integer, np.floating)) \
@@ -95,7 +94,12 @@ class ShiftInvariantSketch:
                              f"key norm); got {c!r}.")
         self._c = float(c)
         self._sk = LevSketch(self._d + 1, eps, rtol=rtol)
-        self._lock = threading.RLock()
+
+    def _snapshot(self):
+        return self._sk._snapshot()
+
+    def _restore(self, snap):
+        self._sk._restore(snap)
 
     def _augment(self, keys, caller):
         K = check_keys(keys, self._d, caller=caller, check_finite=False)
@@ -126,10 +130,30 @@ class ShiftInvariantSketch:
         """Number of keys held (<= ``max_retained(d, eps)``)."""
         return self._sk.num_retained
 
-    @staticmethod
-    def max_retained(d: int, eps: float) -> int:
-        """A-priori bound on ``num_retained``: ``floor((d + 1) / eps)``."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the inner sketch's arrays."""
+        return self._sk.nbytes
+
+    @size_bound
+    def max_retained(cls, d: int, eps: float) -> int:
+        """A-priori bound on ``num_retained``: ``floor((d + 1) / eps)``.
+
+        Parameters
+        ----------
+        d : int
+            Key dimension (without the constant coordinate).
+        eps : float in (0, 1]
+            Threshold.
+
+        Returns
+        -------
+        int
+        """
         return LevSketch.max_retained(check_dim(d, caller="ShiftInvariantSketch.max_retained") + 1, eps)
+
+    def _size_params(self):
+        return self._d, self.eps
 
     def __repr__(self) -> str:
         return f"ShiftInvariantSketch(d={self._d}, eps={self.eps!r}, c={self._c!r}; n={self.n})"
@@ -145,10 +169,12 @@ class ShiftInvariantSketch:
         """Fold another sketch built on disjoint keys with the same ``c`` in; exact."""
         if not isinstance(other, ShiftInvariantSketch):
             raise TypeError(f"ShiftInvariantSketch.merge: expected a ShiftInvariantSketch, got {type(other).__name__}.")
+        if other is self:
+            raise ValueError("ShiftInvariantSketch.merge: cannot merge a sketch with itself (its ids are not disjoint).")
         if other._c != self._c:
             raise ValueError(f"ShiftInvariantSketch.merge: constant coordinates differ (c={self._c!r} here, "
                              f"{other._c!r} in the other sketch); build both with the same c.")
-        with self._lock:
+        with locked(self, other):
             out = self._sk.merge(other._sk, return_changes=return_changes)
             return self if out is self._sk else out
 
@@ -159,23 +185,6 @@ class ShiftInvariantSketch:
     def universal_set(self, eps: float | None = None) -> np.ndarray:
         """Sorted ids with augmented leverage >= eps (default ``self.eps``)."""
         return self._sk.universal_set(eps)
-
-    def top(self, budget: int) -> np.ndarray:
-        """Sorted ids of the ``budget`` keys of largest augmented leverage among those retained.
-
-        Exact (equal to the offline top-``budget``, ties towards lower id)
-        whenever ``num_retained >= budget``: every key outside the retained set
-        has augmented leverage < eps <= every retained score. When fewer keys
-        are retained, all of them are returned (size < budget): choose ``eps``
-        below the budget-th largest score you expect (scores sum to at most
-        d + 1, so the budget-th largest is at most ``(d + 1) / budget``; memory
-        is at most ``(d + 1) / eps`` keys).
-        """
-        if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)) or budget < 0:
-            raise ValueError(f"ShiftInvariantSketch.top: budget must be an int >= 0, got {budget!r}.")
-        ids, tau = self._sk.scores()
-        order = np.lexsort((ids, -tau))[: int(budget)]
-        return np.sort(ids[order])
 
     def retained(self):
         """Retained ids, keys (without the constant coordinate) and payload values."""
@@ -222,8 +231,6 @@ def shift_invariant_leverage(K, *, c: float | None = None, rtol: float = DEFAULT
         return np.zeros(0)
     if c is None:
         c = float(np.sqrt(np.mean(np.sum(K * K, axis=1)))) or 1.0
-    from .leverage import leverage_scores
-
     return leverage_scores(np.hstack([K, np.full((n, 1), float(c))]), rtol=rtol)
 
 
@@ -360,8 +367,6 @@ def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float
     """
     K = np.asarray(K, dtype=np.float64)
     _check_qs(qs, K.shape[1], "query_span_leverage")
-    from .leverage import leverage_scores
-
     return leverage_scores(K @ query_span_basis(qs, energy), rtol=rtol)
 
 

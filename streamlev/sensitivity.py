@@ -20,9 +20,8 @@ import warnings
 import numpy as np
 from scipy.optimize import linprog
 
-from ._matrix_checks import check_choice, check_idx, check_matrix, check_positive_float
-from ._validation import check_p
-from .reference import DEFAULT_RTOL
+from ._validation import check_choice, check_idx, check_matrix, check_p, check_positive_float
+from ._constants import DEFAULT_RTOL
 
 __all__ = ["sensitivities", "SensitivityAccuracyWarning"]
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from .reference import DEFAULT_RTOL, leverage_scores, worst_case_queries
+from ._constants import DEFAULT_RTOL
+from .reference import leverage_scores, worst_case_queries
+from .sensitivity import sensitivities
 
 __all__ = ["KINDS", "make_keys", "key_matrices", "query_matrices", "assert_no_false_negatives",
            "score_tolerance", "random_partition"]
@@ -157,8 +159,6 @@ def assert_no_false_negatives(U, K, eps: float, p: float = 2.0, *, rtol: float =
         # leverage itself is the supremum; use it too in case the query lost precision
         share = np.maximum(share, leverage_scores(Ks)[out])
     else:
-        from .sensitivity import sensitivities
-
         share = sensitivities(K, p, idx=out)
     bad = out[share >= eps * (1 + rtol)]
     if bad.size:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import streamlev as sl
-from streamlev import sketch as sketch_mod
+from streamlev import _constants as constants_mod
 from streamlev._kernels.rank_one import band_split, fold_key, lower_scores
 from streamlev.testing import make_keys
 
@@ -96,7 +96,7 @@ def test_fast_single_key_path_matches_the_general_path():
 
 
 def test_periodic_refresh_reports_its_evictions(monkeypatch):
-    monkeypatch.setattr(sketch_mod, "REFRESH_STEPS", 5)
+    monkeypatch.setattr(constants_mod, "REFRESH_STEPS", 5)
     test_one_key_at_a_time_equals_offline_and_changes_track_the_retained_set("heavy_tailed")
 
 

@@ -32,11 +32,11 @@ def test_multihead_equals_one_sketch_per_head(kinds, n, d, seed, per_head):
         mh.update(K[:, a:b])
         for h in range(H):
             singles[h].update(K[h, a:b])
-        assert np.all(mh.num_retained <= mh.max_retained)
+        assert np.all(mh.num_retained <= mh.max_retained())
     np.testing.assert_array_equal(mh.n, [n] * H)
     for h in range(H):
         assert mh.sketch(h).to_bytes() == singles[h].to_bytes()  # bit-identical state
-        np.testing.assert_array_equal(mh.universal_set(h), singles[h].universal_set())
+        np.testing.assert_array_equal(mh.universal_set(head=h), singles[h].universal_set())
         assert_matches_reference(mh.sketch(h), K[h])
     sets = mh.universal_set()
     assert len(sets) == H and all(np.array_equal(s, t.universal_set()) for s, t in zip(sets, singles))
@@ -59,14 +59,14 @@ def test_heavy_attention_and_top_keys_per_head_on_real_keys():
         np.testing.assert_array_equal(H[h].toarray(), single.heavy_attention(Q[h]).toarray())
         np.testing.assert_array_equal(H2[h].toarray(), single.heavy_attention(Q[h], 0.3).toarray())
         ids, tau = single.scores()
-        top = mh.top_keys(5, head=h)
+        top = mh.top(5, head=h)
         assert top.size == min(5, ids.size) and np.all(np.diff(top) > 0)
         if ids.size > 5:
             assert tau[np.isin(ids, top)].min() >= tau[~np.isin(ids, top)].max()
-    per = mh.top_keys(np.arange(12))
+    per = mh.top(np.arange(12))
     assert [t.size for t in per] == [min(b, r) for b, r in zip(range(12), mh.num_retained)]
     before = mh.to_bytes()
-    mh.top_keys(3)
+    mh.top(3)
     assert mh.to_bytes() == before  # a selection query, not a state change
 
 
@@ -81,7 +81,7 @@ def test_merge_and_bytes_round_trip():
     whole = MultiHeadSketch(3, 5, [0.05, 0.1, 0.2]).update(K)
     for h in range(3):
         assert_matches_reference(a.sketch(h), K[h])
-        np.testing.assert_array_equal(a.universal_set(h), whole.universal_set(h))
+        np.testing.assert_array_equal(a.universal_set(head=h), whole.universal_set(head=h))
     data = a.to_bytes()
     c = MultiHeadSketch.from_bytes(data)
     assert c.to_bytes() == data and pickle.loads(pickle.dumps(c)).to_bytes() == data
@@ -104,7 +104,7 @@ def test_errors_leave_every_head_unchanged():
     mh = MultiHeadSketch(3, 4, 0.1).update(K, ids=np.tile(np.arange(40), (3, 1)))
     before = mh.to_bytes()
     ids = np.tile(np.arange(100, 110), (3, 1))
-    ids[2, 0] = int(mh.universal_set(2)[0])  # clashes with a retained id in head 2 only
+    ids[2, 0] = int(mh.universal_set(head=2)[0])  # clashes with a retained id in head 2 only
     with pytest.raises(ValueError):
         mh.update(rng.standard_normal((3, 10, 4)), ids=ids)
     assert mh.to_bytes() == before

@@ -1,0 +1,253 @@
+"""The one contract every stateful streamlev sketch follows, and the machinery that implements it.
+
+A sketch class subclasses :class:`Sketch` and provides
+
+* ``update(...)``, ``merge(other)``, ``to_bytes()``, ``from_bytes(data)`` (classmethod),
+  properties ``n``, ``d``, ``nbytes``;
+* ``_snapshot()`` / ``_restore(snap)``: a copy of the whole mutable state and its
+  restoration (what :func:`transactional` uses to make a failed call a no-op);
+* for key-selecting sketches (``scores()`` defined): ``universal_set(eps=None)``,
+  a :class:`size_bound` ``max_retained`` and ``num_retained``.
+
+and gets from the base: one re-entrant lock per sketch (``self._lock``, created by
+``Sketch.__init__``), ``copy`` / ``copy.copy`` / ``copy.deepcopy`` / pickle through the
+byte format (so locks never need pickling and pickles carry the checked format),
+``==`` (equal bytes), ``is_empty``, ``top(budget)`` and :func:`transactional`.
+
+Thread-safety rule: every public method that reads or changes state holds
+``self._lock``; methods touching two sketches take both locks in ``id`` order
+(:func:`locked`), so concurrent calls are serialized and never deadlock.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
+
+import numpy as np
+
+from ._topk import top_k
+
+__all__ = ["Sketch", "Changes", "transactional", "locked", "transaction", "size_bound", "deprecated_alias", "check_budget"]
+
+
+class Changes(NamedTuple):
+    """Ids that entered and left the retained set during one ``update`` or ``merge``.
+
+    ``added`` are ids of the new keys that are retained after the call;
+    ``evicted`` are ids that were retained before the call and are not after it.
+    """
+
+    added: np.ndarray
+    evicted: np.ndarray
+
+
+def no_changes() -> Changes:
+    """The Changes of a call that changed nothing."""
+    return Changes(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def changes_between(before: np.ndarray, now: np.ndarray, new_ids: np.ndarray) -> Changes:
+    """Changes from the retained ids before and after a call that brought ``new_ids``."""
+    added = np.sort(new_ids[np.isin(new_ids, now)])
+    evicted = np.sort(before[~np.isin(before, now)])
+    return Changes(added, evicted)
+
+
+def _rebuild(cls, data):
+    return cls.from_bytes(data)
+
+
+class Sketch:
+    """Base of every stateful, mergeable streamlev sketch (see the module docstring for the contract)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------- copies and pickle
+    def copy(self):
+        """An independent copy (through the byte format)."""
+        return type(self).from_bytes(self.to_bytes())
+
+    def __copy__(self):
+        return self.copy()
+
+    def __deepcopy__(self, memo):
+        return self.copy()
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.to_bytes()))
+
+    def __eq__(self, other):
+        """Two sketches are equal when they serialize to the same bytes (same class, parameters and state)."""
+        if type(other) is not type(self):
+            return NotImplemented
+        return other is self or self.to_bytes() == other.to_bytes()
+
+    __hash__ = None  # mutable
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_empty(self) -> bool:
+        """True when no key (or query) has been seen."""
+        return not np.any(self.n)
+
+    def top(self, budget: int) -> np.ndarray:
+        """Sorted ids of the ``budget`` retained keys of largest score (ties toward smaller ids).
+
+        Parameters
+        ----------
+        budget : int
+            Number of ids wanted, >= 0.
+
+        Returns
+        -------
+        ids : ndarray of shape (min(budget, num_retained),), int64, sorted
+
+        Notes
+        -----
+        A selection query: the sketch is not changed. Only keys scoring >= eps
+        are retained, so fewer than ``budget`` ids come back when fewer are held.
+        """
+        b = check_budget(budget, f"{type(self).__name__}.top")
+        ids, score = self.scores()
+        return np.sort(ids[top_k(score, b)])
+
+
+def check_budget(budget, caller: str) -> int:
+    """Return ``budget`` as an int >= 0, or raise."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)) or budget < 0:
+        raise ValueError(f"{caller}: budget must be an int >= 0, got {budget!r}.")
+    return int(budget)
+
+
+def transactional(method):
+    """Run a state-changing method under the sketch's lock; on any exception restore the state first."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            snap = self._snapshot()
+            try:
+                return method(self, *args, **kwargs)
+            except BaseException:
+                self._restore(snap)
+                raise
+
+    return wrapper
+
+
+@contextmanager
+def locked(*sketches):
+    """Hold the locks of several sketches, taken in ``id`` order (no deadlock between opposite merges)."""
+    with ExitStack() as stack:
+        for sk in sorted({id(s): s for s in sketches}.values(), key=id):
+            stack.enter_context(sk._lock)
+        yield
+
+
+@contextmanager
+def transaction(*sketches):
+    """All-or-nothing over several sketches: on an exception every one is restored to its state at entry."""
+    with locked(*sketches):
+        snaps = [sk._snapshot() for sk in sketches]
+        try:
+            yield
+        except BaseException:
+            for sk, snap in zip(sketches, snaps):
+                sk._restore(snap)
+            raise
+
+
+class size_bound:
+    """The ``max_retained`` member: an a-priori size bound usable on the class and on an instance.
+
+    ``Cls.max_retained(*params)`` computes the bound from constructor parameters
+    (``LevSketch.max_retained(16, 0.05)``, before any data); ``sk.max_retained()``
+    gives the bound of that sketch; ``sk.max_retained(*params)`` still computes from
+    the parameters. Decorate a function ``f(cls, *params)``; the instance case calls
+    ``f(cls, *sk._size_params())``.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj, cls):
+        if obj is None:
+            return functools.partial(self.fn, cls)
+        return _BoundSize(self.fn, cls, obj)
+
+
+class _BoundSize:
+    """``sk.max_retained``: call it (``sk.max_retained()``); using it as a value is the deprecated property spelling."""
+
+    __slots__ = ("_fn", "_cls", "_obj")
+
+    def __init__(self, fn, cls, obj):
+        self._fn, self._cls, self._obj = fn, cls, obj
+
+    def __call__(self, *args, **kwargs):
+        if args or kwargs:
+            return self._fn(self._cls, *args, **kwargs)
+        return self._fn(self._cls, *self._obj._size_params())
+
+    def _value(self):
+        warnings.warn(f"{self._cls.__name__}.max_retained is a method: call max_retained() (using it as a "
+                      "value is deprecated).", DeprecationWarning, stacklevel=3)
+        return np.asarray(self())
+
+    def __array__(self, dtype=None, copy=None):
+        v = self._value()
+        return v if dtype is None else v.astype(dtype)
+
+    def __iter__(self):
+        return iter(self._value())
+
+    def __len__(self):
+        return len(self._value())
+
+    def __getitem__(self, i):
+        return self._value()[i]
+
+    def tolist(self):
+        return self._value().tolist()
+
+    def __eq__(self, other):
+        return self._value() == other
+
+    def __ne__(self, other):
+        return self._value() != other
+
+    def __lt__(self, other):
+        return self._value() < other
+
+    def __le__(self, other):
+        return self._value() <= other
+
+    def __gt__(self, other):
+        return self._value() > other
+
+    def __ge__(self, other):
+        return self._value() >= other
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"<bound max_retained of {self._obj!r}>"
+
+
+def deprecated_alias(new_name: str, old_name: str):
+    """A method ``old_name`` that warns (DeprecationWarning) and calls ``new_name``."""
+
+    def alias(self, *args, **kwargs):
+        warnings.warn(f"{type(self).__name__}.{old_name} is deprecated; use {new_name} instead.",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(self, new_name)(*args, **kwargs)
+
+    alias.__name__ = old_name
+    alias.__doc__ = f"Deprecated alias of :meth:`{new_name}`."
+    return alias
