@@ -87,6 +87,32 @@ class DecodeStep:
     def _decode_ready(self) -> bool:
         return self._decode_kappa2() is not None
 
+    def _try_decode(self, keys, ids, values, return_changes):
+        """The one-key update without the general machinery, or None when the key needs the general path."""
+        plan = plan_one(self, keys, ids, values, check_range=False)
+        return None if plan is None else apply_plan(self, plan, return_changes, C.SAFE_LO, C.SAFE_HI)
+
+    def _decode_small_block(self, K, ids, V) -> bool:
+        """Fold a block of <= 8 keys key by key on the rank-one path; False (nothing changed) if it cannot."""
+        if not self._decode_ready():
+            return False
+        X, e = self._f.prepare(K, self._n > 0, "LevSketch.update")  # everything that can fail, before changes
+        if e != self._f.e:
+            return False
+        for i in range(K.shape[0]):
+            self._decode_one(X[i], int(ids[i]), None if V is None else V[i : i + 1])
+        return True
+
+    def _decode_chunk(self, X, ids, V) -> bool:
+        """Inside the block path: fold a small scaled chunk key by key when the rank-one path may run."""
+        if self._pending and self._n >= self._d:
+            self._rescore()  # one exact refresh, then the rank-one path can take over
+        if not self._decode_ready():
+            return False
+        for i in range(X.shape[0]):
+            self._decode_one(X[i], int(ids[i]), None if V is None else V[i : i + 1])
+        return True
+
     def _decode_one(self, x, nid, V, lo=0.0, hi=math.inf):
         """Fold one key (scaled float64) in with the rank-one path; returns the ids evicted (int64 array).
 
@@ -150,9 +176,9 @@ def plan_one(sk, keys, ids, values, *, check_range: bool):
     payloads); everything else returns None and the general path then validates and reports
     errors. Without ``check_range`` the key's values are checked by the kernel in :func:`apply_plan`.
     """
-    dv = sk._rows.dv
+    rV = sk._rows.V
     if type(keys) is not np.ndarray or keys.shape != (sk._d,) or keys.dtype.kind != "f" \
-            or (values is None) != (dv is None) or sk._f.e != 0 or sk._decode_kappa2() is None:
+            or (values is None) != (rV is None) or sk._f.e != 0 or sk._decode_kappa2() is None:
         return None
     if ids is None:
         nid = sk._n
@@ -161,9 +187,10 @@ def plan_one(sk, keys, ids, values, *, check_range: bool):
         nid = int(ids)
     else:
         return None
-    if sk._idr.contains(nid):
+    idr = sk._idr
+    if idr.lo <= nid <= idr.hi:
         return None  # may clash with a retained or already used id: the general path checks it
-    V = None if values is None else check_values(values, 1, dv, caller="LevSketch.update")
+    V = None if values is None else check_values(values, 1, rV.shape[1], caller="LevSketch.update")
     x = keys if keys.dtype == np.float64 and keys.flags.c_contiguous else np.ascontiguousarray(keys, np.float64)
     if check_range and not (C.SAFE_LO <= abs_max(x) < C.SAFE_HI):  # also NaN, Inf and all-zero keys
         return None

@@ -21,7 +21,8 @@ from . import _heavy as heavy
 from ._constants import CHUNK_ROWS, DEFAULT_RTOL, LEWIS_FAST_TOL, LEWIS_TIGHT_TOL
 from ._ids import IdRange, check_disjoint, check_not_retained
 from ._retained import RetainedRows
-from ._scaled_factor import ScaledFactor, check_scaled_state
+from ._scaled_factor import ScaledFactor
+from ._state_format import COMMON_SCHEMA, VALUES_SCHEMA, common_fields, load_common
 from ._sketch_base import Sketch, changes_between, locked, no_changes, size_bound, transactional
 from ._validation import (check_dim, check_eps, check_ids, check_keys, check_p, check_payload, check_rtol,
                           check_state_size)
@@ -409,11 +410,9 @@ class LpSketch(Sketch):
         """
         with self._lock:
             ids, K, ub, V = self._rows.sorted()
-            fields = {
-                "d": np.int64(self._d), "eps": np.float64(self._eps), "p": np.float64(self._p),
-                "rtol": np.float64(self._rtol), "n": np.int64(self._n), "scale_exp": np.int64(self._f.e),
-                "id_range": self._idr.as_array(), "R": self._f.R, "ids": ids, "keys": K, "ub": ub,
-            }
+            fields = common_fields(self._d, self._eps, self._p, self._rtol, self._n, self._f.e, self._idr, self._f.R,
+                                   ids, K)
+            fields["ub"] = ub
             if self._emb is not None:  # optional fields: bytes without them (older sketches) still load
                 fields.update(self._emb._fields(_NZ))
             if V is not None:
@@ -434,12 +433,8 @@ class LpSketch(Sketch):
         """
         caller = "LpSketch.from_bytes"
         optional = dict(LpEmbedding._schema(_NZ, dname="d"))
-        optional["values"] = (("r", None), "f8")
-        f = _format.load(data, "LpSketch", {
-            "d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
-            "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
-            "keys": (("r", "d"), "f8"), "ub": (("r",), "f8"),
-        }, optional=optional)
+        optional.update(VALUES_SCHEMA)
+        f = _format.load(data, "LpSketch", {**COMMON_SCHEMA, "ub": (("r",), "f8")}, optional=optional)
         has = [k for k in f if k.startswith(_NZ)]
         if has and len(has) != len(LpEmbedding._schema(_NZ)):
             raise ValueError(f"{caller}: the normalizer fields are incomplete.")
@@ -447,21 +442,12 @@ class LpSketch(Sketch):
             sk = cls(int(f["d"]), float(f["eps"]), p=float(f["p"]), rtol=float(f["rtol"]))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{caller}: invalid parameters in the header: {exc}") from None
-        n, e, ids, ub = int(f["n"]), int(f["scale_exp"]), f["ids"], f["ub"]
-        r = ids.shape[0]
-        if n < 0 or r > n or r > sk.max_retained():
-            raise ValueError(f"{caller}: inconsistent sizes (n={n}, retained={r}, scale={e}).")
-        check_scaled_state(f["R"], f["keys"], n, e, sk._d, caller, positive_diagonal=False)
-        if r and (np.any(~(ub >= sk._eps)) or np.any(ub > 1.0)):
+        n, e, R, ids, K, sk._idr, V = load_common(f, sk.max_retained(), caller, positive_diagonal=False)
+        ub = f["ub"]
+        if ids.size and (np.any(~(ub >= sk._eps)) or np.any(ub > 1.0)):
             raise ValueError(f"{caller}: retained bounds must lie in [eps, 1].")
-        if r > 1 and np.any(np.diff(ids) <= 0):
-            raise ValueError(f"{caller}: retained ids are not sorted and distinct.")
-        V = f.get("values")
-        if V is not None and not np.isfinite(V).all():
-            raise ValueError(f"{caller}: values contain NaN or Inf.")
-        sk._idr = IdRange.from_array(f["id_range"], n, ids, caller)
-        sk._n, sk._f.e, sk._f.R = n, e, np.ascontiguousarray(f["R"])
-        sk._rows.set(f["keys"], ids, ub, V)
+        sk._n, sk._f.e, sk._f.R = n, e, R
+        sk._rows.set(K, ids, ub, V)
         if has:
             emb = LpEmbedding._from_fields(f, _NZ, caller=caller)
             if (emb.d, emb.p, emb.n) != (sk._d, sk._p, n):

@@ -18,10 +18,11 @@ from . import _constants as C
 from . import _factor, _format
 from . import _heavy as heavy
 from ._constants import DEFAULT_RTOL
-from ._decode import NO_IDS, DecodeState, DecodeStep, apply_plan, plan_one
+from ._decode import NO_IDS, DecodeState, DecodeStep
 from ._ids import IdRange, check_disjoint, check_not_retained
 from ._retained import RetainedRows
-from ._scaled_factor import ScaledFactor, check_scaled_state
+from ._scaled_factor import ScaledFactor
+from ._state_format import COMMON_SCHEMA, VALUES_SCHEMA, common_fields, load_common
 from ._sketch_base import Changes, Sketch, changes_between, locked, no_changes, size_bound, transactional
 from ._validation import (check_dim, check_eps, check_ids, check_keys, check_payload, check_rtol,
                           check_state_size)
@@ -240,11 +241,9 @@ class LevSketch(DecodeStep, Sketch):
         decisions (scores inside the rounding band are recomputed exactly).
         """
         with self._lock:
-            plan = plan_one(self, keys, ids, values, check_range=False)  # a single decode key: no copies
-            if plan is not None:
-                fast = apply_plan(self, plan, return_changes, C.SAFE_LO, C.SAFE_HI)
-                if fast is not None:
-                    return fast
+            fast = self._try_decode(keys, ids, values, return_changes)  # a single decode key: no copies
+            if fast is not None:
+                return fast
             K, ids_arr, V = self._checked_block(keys, ids, values)
             m = K.shape[0]
             if m == 0:
@@ -270,17 +269,6 @@ class LevSketch(DecodeStep, Sketch):
                 self._idr.check_fresh(ids_arr, self._n, caller)
         return K, ids_arr, V
 
-    def _decode_small_block(self, K, ids, V) -> bool:
-        """Fold a block of <= 8 keys key by key on the rank-one path; False (nothing changed) if it cannot."""
-        if not self._decode_ready():
-            return False
-        X, e = self._f.prepare(K, self._n > 0, "LevSketch.update")  # everything that can fail, before changes
-        if e != self._f.e:
-            return False
-        for i in range(K.shape[0]):
-            self._decode_one(X[i], int(ids[i]), None if V is None else V[i : i + 1])
-        return True
-
     @transactional
     def _fold_block(self, K, ids, V):
         m = K.shape[0]
@@ -303,11 +291,7 @@ class LevSketch(DecodeStep, Sketch):
         if e > self._f.e:
             self._rescale(e)
         m = X.shape[0]
-        if m <= C.DECODE_MAX_ROWS and self._pending and self._n >= self._d:
-            self._rescore()  # one exact refresh, then the rank-one path can take over
-        if m <= C.DECODE_MAX_ROWS and self._decode_ready():
-            for i in range(m):
-                self._decode_one(X[i], int(ids[i]), None if V is None else V[i : i + 1])
+        if m <= C.DECODE_MAX_ROWS and self._decode_chunk(X, ids, V):
             return
         kappa = self._f.fold(X)
         self._n += m
@@ -487,11 +471,8 @@ class LevSketch(DecodeStep, Sketch):
         with self._lock:
             self._refresh()
             ids, keys_scaled, _, vals = self._rows.sorted()
-            fields = {
-                "d": np.int64(self._d), "eps": np.float64(self._eps), "p": np.float64(self._p),
-                "rtol": np.float64(self._rtol), "n": np.int64(self._n), "scale_exp": np.int64(self._f.e),
-                "id_range": self._idr.as_array(), "R": self._f.R, "ids": ids, "keys": keys_scaled,
-            }
+            fields = common_fields(self._d, self._eps, self._p, self._rtol, self._n, self._f.e, self._idr, self._f.R,
+                                   ids, keys_scaled)
             if vals is not None:
                 fields["values"] = vals
             return _format.dump("LevSketch", fields)
@@ -509,28 +490,14 @@ class LevSketch(DecodeStep, Sketch):
         LevSketch
         """
         caller = "LevSketch.from_bytes"
-        f = _format.load(data, "LevSketch", {
-            "d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
-            "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
-            "keys": (("r", "d"), "f8"),
-        }, optional={"values": (("r", None), "f8")})
+        f = _format.load(data, "LevSketch", COMMON_SCHEMA, optional=VALUES_SCHEMA)
         try:
             sk = cls(int(f["d"]), float(f["eps"]), p=float(f["p"]), rtol=float(f["rtol"]))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{caller}: invalid parameters in the header: {exc}") from None
-        n, e, R, ids, K = int(f["n"]), int(f["scale_exp"]), f["R"], f["ids"], f["keys"]
-        r = ids.shape[0]
-        if n < 0 or r > n or r > sk.max_retained():
-            raise ValueError(f"{caller}: inconsistent sizes (n={n}, retained={r}, scale={e}).")
-        check_scaled_state(R, K, n, e, sk._d, caller)
-        if r > 1 and np.any(np.diff(ids) <= 0):
-            raise ValueError(f"{caller}: retained ids are not sorted and distinct.")
-        sk._idr = IdRange.from_array(f["id_range"], n, ids, caller)
-        V = f.get("values")
-        if V is not None and not np.isfinite(V).all():
-            raise ValueError(f"{caller}: values contain NaN or Inf.")
-        sk._n, sk._f.e, sk._f.R = n, e, np.ascontiguousarray(R)
-        sk._rows.set(K.copy(), ids.copy(), np.ones(r), None if V is None else V.copy())
+        n, e, R, ids, K, sk._idr, V = load_common(f, sk.max_retained(), caller)
+        sk._n, sk._f.e, sk._f.R = n, e, R
+        sk._rows.set(K.copy(), ids.copy(), np.ones(ids.shape[0]), None if V is None else V.copy())
         if n:
             sk._rescore()
         return sk

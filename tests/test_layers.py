@@ -20,7 +20,7 @@ LAYERS = {
     # scaled factor, retained-row storage, id bookkeeping, io
     "core": ["streamlev._constants", "streamlev._validation", "streamlev._format", "streamlev._factor",
              "streamlev._kernels.*", "streamlev._scaled_factor", "streamlev._retained", "streamlev._ids",
-             "streamlev._scaling", "streamlev._topk", "streamlev.io"],
+             "streamlev._scaling", "streamlev._topk", "streamlev._state_format", "streamlev.io"],
     # offline math on a whole key matrix
     "offline": ["streamlev.leverage", "streamlev.lewis", "streamlev.sensitivity"],
     # stateful, mergeable sketches and their shared base
