@@ -35,19 +35,22 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
 
 from ._constants import DEFAULT_RTOL
+from ._topk import top_k
 from ._validation import as_real_array, check_eps
 from .attention import select_keys
 from .leverage import leverage_scores
 from .lewis import lewis_weights
 from .reference import worst_case_queries
+from .selectors import keydiff_scores
 from .sketch import LevSketch
 
-__all__ = ["METHODS", "QUERY_AWARE", "FRACTIONS", "EPS", "key_scores", "select", "head_metrics",
+__all__ = ["METHODS", "QUERY_AWARE", "FRACTIONS", "EPS", "key_scores", "keys_kept", "select", "head_metrics",
            "evaluate_head", "evaluate", "summarize"]
 
 METHODS = ("leverage", "lewis_p1", "knorm_small", "knorm_large", "sketch_leverage", "keydiff", "streaming_llm",
@@ -142,13 +145,6 @@ def _sketch_leverage(K, seed):
     return np.maximum(np.einsum("ij,ij->j", Y, Y), 0.0).astype(np.float64)
 
 
-def _keydiff(K):
-    nrm = np.linalg.norm(K, axis=1)
-    anchor = (K / np.maximum(nrm, 1e-12)[:, None]).mean(axis=0)
-    cos = (K @ anchor) / (np.maximum(nrm, 1e-8) * max(float(np.linalg.norm(anchor)), 1e-8))
-    return -cos
-
-
 def key_scores(method, K, Q=None, *, seed: int = 0, scale=None, causal: bool = False) -> np.ndarray:
     """Score of every key under one selector's rule (higher = keep).
 
@@ -193,7 +189,7 @@ def key_scores(method, K, Q=None, *, seed: int = 0, scale=None, causal: bool = F
     if method == "sketch_leverage":
         return _sketch_leverage(K, seed)
     if method == "keydiff":
-        return _keydiff(K)
+        return keydiff_scores(K)
     if method == "streaming_llm":
         j = np.arange(n, dtype=np.float64)
         return np.where(j < N_SINK, 2.0 * n - j, j)
@@ -209,12 +205,7 @@ def key_scores(method, K, Q=None, *, seed: int = 0, scale=None, causal: bool = F
     return _softmax_rows(S, visible).sum(axis=0)
 
 
-def _top(scores, budget):
-    order = np.lexsort((np.arange(scores.size), -scores))
-    return np.sort(order[:budget]).astype(np.int64)
-
-
-def select(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: bool = False):
+def keys_kept(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: bool = False):
     """The keys one selector keeps at a budget.
 
     Parameters
@@ -240,13 +231,13 @@ def select(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: bool
     Each prefix is re-scored from scratch (O(n) score evaluations): simple
     and exact, meant for evaluation, not for serving.
     """
-    caller = "select"
+    caller = "keys_kept"
     method = _check_method(method, caller)
     Q, K, _ = _check_qkv(Q, K, None, caller, need_q=method in QUERY_AWARE)
     n = K.shape[0]
     if not causal:
         budget = _check_budget(budget, caller)
-        return _top(key_scores(method, K, Q, seed=seed, scale=scale), min(budget, n))
+        return top_k(key_scores(method, K, Q, seed=seed, scale=scale), min(budget, n))
     b = np.broadcast_to(np.asarray(budget), (n,))
     for x in b:
         _check_budget(x.item() if isinstance(x, np.generic) else x, caller)
@@ -259,10 +250,17 @@ def select(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: bool
             rows.append(np.arange(m, dtype=np.int64))
             continue
         s = key_scores(method, K[:m], None if Q is None else Q[:m], seed=seed, scale=scale, causal=True)
-        rows.append(_top(s, int(b[i])))
+        rows.append(top_k(s, int(b[i])))
     indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])]).astype(np.int64)
     idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     return sp.csr_matrix((np.ones(idx.size, dtype=bool), idx, indptr), shape=(n, n))
+
+
+def select(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: bool = False):
+    """Deprecated alias of :func:`keys_kept` (renamed: :func:`streamlev.selectors.select` is the other ``select``)."""
+    warnings.warn("streamlev.eval.select is deprecated; use streamlev.eval.keys_kept.", DeprecationWarning,
+                  stacklevel=2)
+    return keys_kept(method, K, budget, Q, seed=seed, scale=scale, causal=causal)
 
 
 # --------------------------------------------------------------------- metrics
@@ -474,9 +472,9 @@ def evaluate_head(Q, K, V, *, fractions=FRACTIONS, eps=EPS, methods=METHODS, rec
             if m == "leverage" and lev_set is not None:
                 kept = lev_set
             elif causal:
-                kept = select(m, K, budget, Q, seed=seed, scale=sc, causal=True)
+                kept = keys_kept(m, K, budget, Q, seed=seed, scale=sc, causal=True)
             else:
-                kept = _top(scores[m], min(int(budget), n))
+                kept = top_k(scores[m], min(int(budget), n))
             M = head.mask(kept)
             r = {"mode": mode, "param": param, "method": m, "budget": float(M.size if M.ndim == 1 else M.sum(axis=1).mean()),
                  "recall_eps": rec_eps}

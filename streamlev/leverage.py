@@ -44,16 +44,20 @@ def leverage_scores(K, *, rtol: float = DEFAULT_RTOL) -> np.ndarray:
     array([0.5, 0.5, 1. , 1. ])
     """
     K = check_matrix_2d(K, caller="leverage_scores")
-    rtol = check_rtol(rtol, caller="leverage_scores")
+    return _scores(K, check_rtol(rtol, caller="leverage_scores"), "leverage_scores")
+
+
+def _scores(K, rtol, caller):
+    """Leverage of validated keys K (2-D, finite, real)."""
     n, d = K.shape
     if n == 0:
         return np.zeros(0)
-    check_state_size(d, caller="leverage_scores")
+    check_state_size(d, caller=caller)
     f = ScaledFactor(d)
     for s in range(0, n, CHUNK_ROWS):  # the factor of all rows, then every row scored against it
-        X, e = f.prepare(K[s : s + CHUNK_ROWS], s > 0, "leverage_scores")
+        X, e = f.prepare(K[s : s + CHUNK_ROWS], s > 0, caller)
         if e > f.e:
-            f.rescale(e, None, s > 0, "leverage_scores")
+            f.rescale(e, None, s > 0, caller)
         f.fold(X)
     return f.score_original(K, rtol)
 
@@ -64,9 +68,13 @@ def universal_set(K, eps: float, *, p: float = 2.0, rtol: float = DEFAULT_RTOL) 
     Parameters
     ----------
     K : array_like of shape (n, d)
+        Keys, finite, any real dtype.
     eps : float in (0, 1]
+        Smallest attention share of interest.
     p : float, default=2.0
         Attention exponent f(x) = |x|^p.
+    rtol : float, default=1e-13
+        Relative ridge (see :func:`leverage_scores`).
 
     Returns
     -------
@@ -76,9 +84,11 @@ def universal_set(K, eps: float, *, p: float = 2.0, rtol: float = DEFAULT_RTOL) 
     -----
     |U| <= rank(K) / eps <= d / eps, whatever n is.
     """
-    eps = check_eps(eps, caller="universal_set")
-    p = check_p(p, caller="universal_set")
+    caller = "universal_set"
+    eps = check_eps(eps, caller=caller)
+    p = check_p(p, caller=caller)
+    K = check_matrix_2d(K, caller=caller)
     if p != 2.0:
         return universal_set_p(K, eps, p=p, rtol=rtol)
-    return np.flatnonzero(leverage_scores(K, rtol=rtol) >= eps).astype(np.int64)
+    return np.flatnonzero(_scores(K, check_rtol(rtol, caller=caller), caller) >= eps).astype(np.int64)
 

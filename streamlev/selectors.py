@@ -28,9 +28,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import _format
-from ._constants import DEFAULT_RTOL, RECENT_FRACTION, SINKS
+from ._constants import DEFAULT_RTOL, NORM_FLOOR, RECENT_FRACTION, SINKS
+from ._scaling import scale_by_max
 from ._sketch_base import Sketch, locked, size_bound
-from ._validation import check_dim, check_eps, check_keys
+from ._topk import top_k
+from ._validation import check_dim, check_eps, check_keys, check_matrix_2d
 from .leverage import leverage_scores
 from .query_sketch import QuerySketch
 from .sketch import LevSketch
@@ -236,17 +238,47 @@ def shift_invariant_leverage(K, *, c: float | None = None, rtol: float = DEFAULT
 
 # --------------------------------------------------------------------------- simple key-only scores
 def key_norm_scores(K) -> np.ndarray:
-    """``||k_j||``: keep the largest keys (a common baseline; kvpress ``KnormPress`` keeps the *smallest*)."""
-    K = np.asarray(K, dtype=np.float64)
+    """``||k_j||``: keep the largest keys (a common baseline; kvpress ``KnormPress`` keeps the *smallest*).
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Finite keys (NaN/Inf raise ValueError).
+
+    Returns
+    -------
+    norms : ndarray of shape (n,), float64
+    """
+    K = np.asarray(check_matrix_2d(K, caller="key_norm_scores"), dtype=np.float64)
     return np.linalg.norm(K, axis=1)
 
 
 def keydiff_scores(K) -> np.ndarray:
-    """KeyDiff (Park et al., arXiv:2504.15364): ``-cos(k_j, mean_l k_l/||k_l||)``; keeps the most distinct keys."""
-    K = np.asarray(K, dtype=np.float64)
-    norms = np.maximum(np.linalg.norm(K, axis=1), 1e-12)
+    """KeyDiff (Park et al., arXiv:2504.15364): ``-cos(k_j, mean_l k_l/||k_l||)``; keeps the most distinct keys.
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Finite keys (NaN/Inf raise ValueError).
+
+    Returns
+    -------
+    scores : ndarray of shape (n,), float64 in [-1, 1]
+
+    Notes
+    -----
+    The one KeyDiff of streamlev (:mod:`streamlev.eval` uses it too). Keys are
+    first scaled by a power of two (exact), so the result is invariant to the
+    scale of K; norms below ``NORM_FLOOR = 1e-12`` (relative to the largest
+    entry) count as ``1e-12``, so a zero key, or a zero anchor, scores 0
+    instead of NaN. 1e-12 is the ``eps`` of ``torch.nn.functional.normalize``,
+    which kvpress's ``KeyDiffPress`` uses; any key whose relative norm is above
+    it gets its exact cosine.
+    """
+    K, _ = scale_by_max(check_matrix_2d(K, caller="keydiff_scores"))
+    norms = np.maximum(np.linalg.norm(K, axis=1), NORM_FLOOR)
     anchor = (K / norms[:, None]).mean(axis=0)
-    return -(K @ anchor) / (norms * max(np.linalg.norm(anchor), 1e-12))
+    return -(K @ anchor) / (norms * max(float(np.linalg.norm(anchor)), NORM_FLOOR))
 
 
 # --------------------------------------------------------------------------- query-statistics scores
@@ -311,7 +343,7 @@ def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, cov
     rotations : array_like of shape (T, d, d), optional
         Position-dependent linear maps applied to the queries.
     """
-    K = np.asarray(K, dtype=np.float64)
+    K = np.asarray(check_matrix_2d(K, caller="expected_logit_scores"), dtype=np.float64)
     _check_qs(qs, K.shape[1], "expected_logit_scores")
     s = 1.0 / np.sqrt(K.shape[1]) if scale is None else float(scale)
     mu, C = qs.mean, qs.covariance
@@ -365,7 +397,7 @@ def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float
     dominant eigenspace of the query second moment (a heuristic truncation).
     Shape (n,).
     """
-    K = np.asarray(K, dtype=np.float64)
+    K = np.asarray(check_matrix_2d(K, caller="query_span_leverage"), dtype=np.float64)
     _check_qs(qs, K.shape[1], "query_span_leverage")
     return leverage_scores(K @ query_span_basis(qs, energy), rtol=rtol)
 
@@ -396,6 +428,11 @@ def select(scores, budget: int, *, sinks: int = 0, recent: int = 0) -> np.ndarra
     ``len(scores)``; exactly ``min(budget, n)`` indices are returned.
     """
     s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"select: scores must be 1-D, one per key; got shape {s.shape}.")
+    if np.isnan(s).any():
+        raise ValueError(f"select: scores contain NaN at position(s) {np.flatnonzero(np.isnan(s))[:5].tolist()}; "
+                         "a NaN score cannot be ranked. Fix the scores (or the keys they came from).")
     n = s.shape[0]
     budget = min(int(budget), n)
     if budget <= 0:
@@ -409,6 +446,4 @@ def select(scores, budget: int, *, sinks: int = 0, recent: int = 0) -> np.ndarra
         forced[n - recent:] = True
     rest = budget - int(forced.sum())
     cand = np.flatnonzero(~forced)
-    s_c = np.where(np.isnan(s[cand]), -np.inf, s[cand])
-    order = np.argsort(-s_c, kind="stable")[:rest]
-    return np.sort(np.concatenate([np.flatnonzero(forced), cand[order]])).astype(np.int64)
+    return np.sort(np.concatenate([np.flatnonzero(forced), cand[top_k(s[cand], rest)]])).astype(np.int64)

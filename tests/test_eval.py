@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import streamlev as sl
+from streamlev._topk import top_k
 from streamlev import eval as ev
 from streamlev import reference as ref
 from streamlev.attention import select_keys
@@ -41,13 +42,13 @@ def test_knorm_streaming_random_match_direct_rules(b):
     n = K.shape[0]
     norms = [math.sqrt(sum(x * x for x in K[j])) for j in range(n)]
     bb = min(b, n)
-    assert ev.select("knorm_small", K, b).tolist() == _direct_top(lambda j: -norms[j], n, bb).tolist()
-    assert ev.select("knorm_large", K, b).tolist() == _direct_top(lambda j: norms[j], n, bb).tolist()
+    assert ev.keys_kept("knorm_small", K, b).tolist() == _direct_top(lambda j: -norms[j], n, bb).tolist()
+    assert ev.keys_kept("knorm_large", K, b).tolist() == _direct_top(lambda j: norms[j], n, bb).tolist()
     want = list(range(min(bb, 4))) + list(range(n - max(bb - 4, 0), n)) if bb > 4 else list(range(bb))
-    assert ev.select("streaming_llm", K, b).tolist() == sorted(set(want))
+    assert ev.keys_kept("streaming_llm", K, b).tolist() == sorted(set(want))
     u = np.random.default_rng(7).random(n)
-    assert ev.select("random", K, b, seed=7).tolist() == sorted(np.argsort(-u, kind="stable")[:bb].tolist())
-    assert ev.select("random", K, b, seed=7).tolist() == ev.select("random", K, b, seed=7).tolist()
+    assert ev.keys_kept("random", K, b, seed=7).tolist() == sorted(np.argsort(-u, kind="stable")[:bb].tolist())
+    assert ev.keys_kept("random", K, b, seed=7).tolist() == ev.keys_kept("random", K, b, seed=7).tolist()
 
 
 def test_keydiff_matches_direct_rule():
@@ -58,7 +59,7 @@ def test_keydiff_matches_direct_rule():
     na = math.sqrt(sum(x * x for x in a))
     cos = [sum(K[j][c] * a[c] for c in range(d)) / (math.sqrt(sum(x * x for x in K[j])) * na) for j in range(n)]
     np.testing.assert_allclose(ev.key_scores("keydiff", K), -np.array(cos), rtol=1e-12)
-    assert ev.select("keydiff", K, 10).tolist() == _direct_top(lambda j: -cos[j], n, 10).tolist()
+    assert ev.keys_kept("keydiff", K, 10).tolist() == _direct_top(lambda j: -cos[j], n, 10).tolist()
 
 
 def test_sketch_leverage_matches_direct_rule_and_centred_leverage():
@@ -87,7 +88,7 @@ def test_oracle_is_column_sums_of_softmax():
         for j in range(12):
             col[j] += e[j] / sum(e)
     np.testing.assert_allclose(ev.key_scores("oracle", K, Q, scale=scale), col, rtol=1e-12)
-    assert ev.select("oracle", K, 5, Q, scale=scale).tolist() == _direct_top(lambda j: col[j], 12, 5).tolist()
+    assert ev.keys_kept("oracle", K, 5, Q, scale=scale).tolist() == _direct_top(lambda j: col[j], 12, 5).tolist()
 
 
 def test_leverage_and_lewis_scores():
@@ -135,7 +136,7 @@ def test_head_metrics_match_brute_force(causal):
     n, d = 14, 3
     K, Q, V = _keys(6, n=n, d=d, bias=1.0), 2 * rng.standard_normal((n, d)), rng.standard_normal((n, 2))
     if causal:
-        kept = ev.select("leverage", K, 4, causal=True)
+        kept = ev.keys_kept("leverage", K, 4, causal=True)
         rows = [set(kept[i].indices.tolist()) for i in range(n)]
     else:
         kept = np.array([0, 3, 4, 9, 13])
@@ -201,18 +202,18 @@ def test_causal_selection_per_prefix():
     K = _keys(9, n=25, d=3)
     Q = np.random.default_rng(9).standard_normal((25, 3))
     b = 6
-    lev = ev.select("leverage", K, b, causal=True)
+    lev = ev.keys_kept("leverage", K, b, causal=True)
     other = select_keys(K, budget=b, causal=True)  # streamlev's own incremental implementation
     assert (lev != other).nnz == 0
     for m in ("streaming_llm", "random", "knorm_small", "oracle"):
-        kept = ev.select(m, K, b, Q, seed=3, causal=True)
+        kept = ev.keys_kept(m, K, b, Q, seed=3, causal=True)
         for i in range(25):
             row = kept[i].indices.tolist()
             assert max(row) <= i and len(row) == min(b, i + 1)
-            direct = ev.select(m, K[:i + 1], b, Q[:i + 1] if m == "oracle" else None, seed=3)
+            direct = ev.keys_kept(m, K[:i + 1], b, Q[:i + 1] if m == "oracle" else None, seed=3)
             if m == "oracle":  # the prefix oracle sees prefix queries under the causal mask
                 sc = ev.key_scores("oracle", K[:i + 1], Q[:i + 1], causal=True)
-                direct = ev._top(sc, min(b, i + 1))
+                direct = top_k(sc, min(b, i + 1))
             assert row == sorted(direct.tolist()), (m, i)
 
 
@@ -232,13 +233,13 @@ def test_causal_evaluate_head_threshold_guarantee():
 def test_boundary_errors():
     K = _keys(11, n=10, d=3)
     with pytest.raises(ValueError, match="unknown method"):
-        ev.select("h2o", K, 3)
+        ev.keys_kept("h2o", K, 3)
     with pytest.raises(TypeError, match="budget"):
-        ev.select("leverage", K, 2.5)
+        ev.keys_kept("leverage", K, 2.5)
     with pytest.raises(ValueError, match="budget"):
-        ev.select("leverage", K, 0)
+        ev.keys_kept("leverage", K, 0)
     with pytest.raises(ValueError, match="queries"):
-        ev.select("oracle", K, 3)
+        ev.keys_kept("oracle", K, 3)
     with pytest.raises(ValueError, match="columns"):
         ev.head_metrics(np.ones((4, 2)), K, None, [0])
     with pytest.raises(ValueError, match="kept indices"):
