@@ -27,6 +27,7 @@ import numpy as np
 import streamlev
 
 from ._validation import check_eps, check_p
+from .io import read_npy_header
 
 __all__ = ["sketch_array", "sketch_heads", "sketch_class", "from_npy"]
 
@@ -216,18 +217,20 @@ def from_npy(path, chunks=65_536):
     """
     da, dask = _dask_array()
     path = os.fspath(path)
-    mm = np.load(path, mmap_mode="r")  # reads the header only: shape and dtype
-    if mm.ndim < 2:
-        raise ValueError(f"streamlev.dask.from_npy: {path!r} holds an array of shape {mm.shape}; expected keys "
+    try:
+        shape, dtype, _, _ = read_npy_header(path)  # the header only: a foreign file fails here, clearly
+    except ValueError as exc:
+        raise ValueError(f"streamlev.dask.from_npy: {exc}") from None
+    if len(shape) < 2:
+        raise ValueError(f"streamlev.dask.from_npy: {path!r} holds an array of shape {shape}; expected keys "
                          "of shape (n, d) or (groups..., n, d).")
     if isinstance(chunks, numbers.Integral) and not isinstance(chunks, (bool, np.bool_)):
         if int(chunks) < 1:
             raise ValueError(f"streamlev.dask.from_npy: chunks must be >= 1 rows. Got {chunks!r}.")
-        chunks = (1,) * (mm.ndim - 2) + (int(chunks), -1)
+        chunks = (1,) * (len(shape) - 2) + (int(chunks), -1)
     st = os.stat(path)
-    name = "from-npy-" + dask.base.tokenize(path, st.st_mtime_ns, st.st_size, mm.shape, str(mm.dtype), chunks)
-    rows = _NpyRows(path, mm.shape, mm.dtype)
-    del mm
+    name = "from-npy-" + dask.base.tokenize(path, st.st_mtime_ns, st.st_size, shape, str(dtype), chunks)
+    rows = _NpyRows(path, shape, dtype)
     return da.from_array(rows, chunks=chunks, name=name, asarray=True, fancy=False,
                          meta=np.empty((0,) * len(rows.shape), dtype=rows.dtype))
 
