@@ -34,26 +34,20 @@ import math
 import os
 import re
 import sys
-import time
 
 import numpy as np
-from tqdm import tqdm
 
 from . import LevSketch, LpSketch, MultiHeadSketch, __version__
 from . import _cli_demo
+from ._cli_common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, INT64_MAX, CLIError, max_retained, pick,
+                          write_bytes)
+from ._cli_select import cmd_select
 from ._validation import EPS_MIN
-from .io import open_keys
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-INT64_MAX = np.iinfo(np.int64).max
 _KINDS = {cls.__name__: cls for cls in (LevSketch, LpSketch, MultiHeadSketch)}
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-class CLIError(Exception):
-    """A user error: reported as one line on stderr, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,13 +109,6 @@ def _size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def _default_max_memory() -> int | None:
-    """Half the machine's physical memory (None where the platform does not say)."""
-    with contextlib.suppress(AttributeError, ValueError, OSError):
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    return None
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamlev", description="Universal sets of attention keys (LevAttention): keys that "
                      "can receive |x|^p attention share >= eps from any query, kept in one pass.")
@@ -169,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save", metavar="SKETCH", default=None, help="write the sketch bytes to this file "
                    "(one group only)")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
-    s.set_defaults(func=_cmd_select)
+    s.set_defaults(func=cmd_select)
 
     m = sub.add_parser("merge", help="merge saved sketches", description="Merge sketches saved by "
                        "'select --save' (built on disjoint ids) into one; the result equals the sketch of "
@@ -231,43 +218,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------- helpers
-def _progress(total: int, quiet: bool, desc: str):
-    return tqdm(total=total, unit="keys", unit_scale=True, desc=desc, file=sys.stderr, leave=False,
-                disable=quiet or not sys.stderr.isatty())
-
-
-def _bound_exponent(p: float) -> float:
-    return max(1.0, p / 2.0)
-
-
-def _bound_text(p: float) -> str:
-    e = _bound_exponent(p)
-    return "floor(d/eps)" if e == 1.0 else f"floor(d^{e:g}/eps)"
-
-
-def _max_retained(d: int, eps: float, p: float) -> int:
-    return LevSketch.max_retained(d, eps) if p == 2.0 else LpSketch.max_retained(d, eps, p)
-
-
-def _make_sketch(d: int, eps: float, p: float):
-    try:
-        return LevSketch(d, eps) if p == 2.0 else LpSketch(d, eps, p=p)
-    except (TypeError, ValueError) as exc:
-        raise CLIError(str(exc)) from None
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)  # never leave a half-written sketch under the final name
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def _sketch_kind(data: bytes) -> str | None:
     """Kind name from the header of the streamlev byte format (see streamlev/_format.py), or None."""
     if len(data) < 7 or data[:4] != b"SLEV":
@@ -298,188 +248,6 @@ def _load_sketch(path: str):
         raise CLIError(f"{path}: corrupt or invalid sketch file: {exc}") from None
 
 
-def _pick(ids, scores, eps: float, budget: int | None):
-    """The ids (sorted) with score >= eps, cut to the ``budget`` largest scores (ties to the smaller id)."""
-    keep = scores >= eps
-    ids, scores = ids[keep], scores[keep]
-    if budget is not None and ids.size > budget:
-        top = np.lexsort((ids, -scores))[:budget]
-        top.sort()
-        ids, scores = ids[top], scores[top]
-    return ids, scores
-
-
-def _budget_note(budget, ids, scores, eps, passes=1):
-    if budget is None:
-        return ""
-    how = f" ({passes} passes over the file, lowering eps to {eps:.3g})" if passes > 1 else ""
-    if ids.size < budget:
-        return (f"; only {ids.size} keys have score >= eps = {eps:.3g}, fewer than --budget {budget}{how}"
-                + (" (pass a smaller --eps to rank more)" if not how else ""))
-    return f"; top {budget}: the keys with score >= {scores.min():.6g}{how}"
-
-
-# ----------------------------------------------------------------------- select
-def _open(path: str, key: str | None):
-    try:
-        return open_keys(path, key)
-    except FileNotFoundError:
-        raise CLIError(f"{path}: no such file") from None
-    except KeyError as exc:
-        raise CLIError(str(exc.args[0]).replace("key=NAME (--key NAME)", "--key NAME")) from None
-    except ValueError as exc:
-        raise CLIError(str(exc).replace("key applies", "--key applies")) from None
-    except OSError as exc:
-        raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _groups(src, index, label):
-    """The group indices to sketch: every group of the leading axes, or the one --index names."""
-    shape = src.shape
-    if len(shape) < 2:
-        raise CLIError(f"{label} has shape {shape}; expected keys of shape (n, d) (for one key use shape (1, d))")
-    lead = shape[:-2]
-    if index is None:
-        return list(np.ndindex(*lead)) if lead else [()]
-    if len(index) != len(lead) or not all(-s <= i < s for i, s in zip(index, lead)):
-        raise CLIError(f"--index {','.join(map(str, index))} does not fit {label} of shape {shape}: give "
-                       f"{len(lead)} index(es) within {lead} (the axes before (n, d))" if lead else
-                       f"--index applies to arrays with group axes (..., n, d); {label} has shape {shape}")
-    return [tuple(i % s for i, s in zip(index, lead))]
-
-
-def _estimate_bytes(n: int, d: int, bound: int, chunk: int) -> int:
-    """Peak memory of one sketch run: the d x d factor and its update workspace, retained keys, chunk buffers."""
-    retained = min(n, bound)
-    return 8 * (3 * d * d + 2 * retained * (d + 3) + 4 * min(n, chunk) * d)
-
-
-def _check_problem(args, src, label, n, d, eps):
-    if d < 1:
-        raise CLIError(f"{label} has shape {src.shape}: keys need at least one column")
-    if src.dtype != "bfloat16" and np.dtype(src.dtype).kind not in "fiu":
-        raise CLIError(f"{label} has dtype {src.dtype}; expected real numbers (float or integer)")
-    if 0 < n < d:
-        raise CLIError(f"{label} has shape {src.shape}: n = {n} keys of dimension d = {d}. With fewer keys than "
-                       "dimensions every key has leverage 1 and belongs to U, so there is nothing to select. Did "
-                       f"you mean the transpose (keys as rows, shape {tuple(src.shape[:-2]) + (d, n)})? Save "
-                       "np.swapaxes(a, -1, -2) (a.T for 2-D).")
-    if n and args.id_offset + n - 1 > INT64_MAX:
-        raise CLIError(f"--id-offset {args.id_offset} + {n} rows exceeds the largest id (int64 max {INT64_MAX}); "
-                       f"use --id-offset <= {INT64_MAX - n + 1}")
-    need = _estimate_bytes(n, d, _max_retained(d, eps, args.p), args.chunk)
-    limit = args.max_memory if args.max_memory is not None else _default_max_memory()
-    if limit is not None and need > limit:
-        raise CLIError(f"{label} has shape {src.shape}: one sketch with d = {d} needs about {need / 2**30:.3g} GiB "
-                       f"(a {d} x {d} factor plus up to min(n, {_bound_text(args.p)}) retained keys), more than "
-                       f"the {limit / 2**30:.3g} GiB allowed (--max-memory). Check that the last axis is the key "
-                       "dimension, raise --eps, or raise --max-memory.")
-
-
-def _read_block(src, label, group, s, t):
-    try:
-        block = np.asarray(src.rows(s, t, group))
-    except (ValueError, OSError) as exc:
-        raise CLIError(f"cannot read rows {s}..{t - 1} of {label}: {exc}") from None
-    if block.dtype.kind not in "fiu":
-        raise CLIError(f"{label} has dtype {block.dtype}; expected real numbers (float or integer)")
-    if block.dtype.kind == "f" and not np.isfinite(block).all():
-        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
-        raise CLIError(f"{label}: row {s + int(bad[0])} holds NaN or Inf ({bad.size} bad row(s) among rows "
-                       f"{s}..{t - 1}); remove or fix them")
-    return block
-
-
-def _sketch_group(args, src, label, group, n, d, eps):
-    sk = _make_sketch(d, eps, args.p)
-    t0 = time.perf_counter()
-    with _progress(n, args.quiet, "streamlev select") as bar:
-        for s in range(0, n, args.chunk):
-            t = min(n, s + args.chunk)
-            block = _read_block(src, label, group, s, t)
-            ids = np.arange(s, t, dtype=np.int64) + np.int64(args.id_offset)  # no overflow: checked above
-            try:
-                sk.update(block, ids=ids)
-            except (TypeError, ValueError) as exc:
-                raise CLIError(f"{label}: rows {s}..{t - 1}: {exc}") from None
-            bar.update(t - s)
-    return sk, time.perf_counter() - t0
-
-
-def _cmd_select(args) -> int:
-    path = args.file
-    src = _open(path, args.key)
-    label = f"{path}" + (f" [{src.name}]" if src.name else "")
-    groups = _groups(src, args.index, label)
-    n, d = (int(x) for x in src.shape[-2:])
-    auto = args.budget is not None and args.eps is None  # lower eps pass by pass until the budget is filled
-    eps = args.eps if args.eps is not None else 0.1 if not auto else \
-        max(EPS_MIN, min(1.0, d ** _bound_exponent(args.p) / args.budget))
-    _check_problem(args, src, label, n, d, eps)
-    several = len(groups) > 1 or bool(src.shape[:-2]) and args.index is None
-    if args.save and several:
-        raise CLIError(f"--save writes one sketch: {label} has {len(groups)} groups {src.shape[:-2]}; choose one "
-                       "with --index")
-    results = []
-    for group in groups:
-        e, passes = eps, 1
-        sk, seconds = _sketch_group(args, src, label, group, n, d, e)
-        while auto and sk.num_retained < min(n, args.budget) and e > EPS_MIN:
-            # every key with score >= e is kept, so a pass that keeps >= budget keys yields the exact top scores
-            e = max(EPS_MIN, e / 8)
-            _check_problem(args, src, label, n, d, e)
-            sk, more = _sketch_group(args, src, label, group, n, d, e)
-            seconds += more
-            passes += 1
-        ids, scores = _pick(*sk.scores(), e, args.budget)
-        results.append({"index": list(group), "eps": e, "passes": passes, "num_retained": int(ids.size),
-                        "seconds": seconds, "ids": ids.tolist(), "scores": scores.tolist(),
-                        "note": _budget_note(args.budget, ids, scores, e, passes)})
-    if args.save:
-        _write_bytes(args.save, sk.to_bytes())
-    if not several:
-        eps = results[0]["eps"]
-    bound = _max_retained(d, eps, args.p)
-    head = {"file": path, "key": src.name or None, "shape": list(src.shape), "n": n, "d": d, "eps": eps,
-            "p": args.p, "budget": args.budget, "bound": bound}
-    if args.json:
-        if several:
-            head["groups"] = [{k: v for k, v in r.items() if k != "note"} for r in results]
-        else:
-            head.update({k: v for k, v in results[0].items() if k not in ("note", "index", "eps")})
-        if args.save:
-            head["saved"] = args.save
-        print(json.dumps(head))
-        return EXIT_OK
-    _print_select(args, label, head, results, several, auto)
-    return EXIT_OK
-
-
-def _print_select(args, label, head, results, several, auto):
-    n, d, eps, p = head["n"], head["d"], head["eps"], head["p"]
-    quiet = args.quiet
-    what = "scores are exact leverage" if p == 2.0 else "scores are certified upper bounds of the sensitivity, capped at 1"
-    if not quiet:
-        print(f"# {label}: shape {tuple(head['shape'])}, n={n} keys of d={d}, "
-              + (f"eps from {eps:g} down, per group" if auto and several else f"eps={eps:g}") + f", p={p:g}"
-              + (f", budget {args.budget}" if args.budget else "")
-              + f"; bound {_bound_text(p)} = {head['bound']} keys per sketch; {what}"
-              + (f"; sketch saved to {args.save}" if args.save else ""))
-    if several:
-        if not quiet:
-            for r in results:
-                print(f"# group {tuple(r['index'])}: |U| = {r['num_retained']}{r['note']}, {r['seconds']:.3f} s")
-            print("# group\tid\tscore")
-        sys.stdout.write("".join(f"{','.join(map(str, r['index']))}\t{i}\t{v:.12g}\n"
-                                 for r in results for i, v in zip(r["ids"], r["scores"])))
-        return
-    r = results[0]
-    if not quiet:
-        print(f"# |U| = {r['num_retained']}{r['note']}, {r['seconds']:.3f} s")
-        print("# id\tscore")
-    sys.stdout.write("".join(f"{i}\t{v:.12g}\n" for i, v in zip(r["ids"], r["scores"])))
-
-
 # ------------------------------------------------------------ merge / inspect
 _ID_CLASH = re.compile(r"overlap|retained by both|already used")
 
@@ -499,7 +267,7 @@ def _cmd_merge(args) -> int:
                                "first key in the whole data set (e.g. the second shard with --id-offset <rows of "
                                "the first>)") from None
             raise CLIError(f"cannot merge {path} into {args.sketches[0]}: {msg}") from None
-    _write_bytes(args.output, acc.to_bytes())
+    write_bytes(args.output, acc.to_bytes())
     if not args.quiet:
         print(f"merged {len(sketches)} sketches: n={acc.n}, num_retained={acc.num_retained} -> {args.output}")
     return EXIT_OK
@@ -514,12 +282,12 @@ def _cmd_inspect(args) -> int:
     if eps < sk.eps:
         raise CLIError(f"--eps {eps:g} is below the sketch's eps {sk.eps:g}: keys with smaller scores were not kept; "
                        "rebuild the sketch with a smaller --eps")
-    sel_ids, sel_scores = _pick(ids, scores, eps, args.budget)
+    sel_ids, sel_scores = pick(ids, scores, eps, args.budget)
     order = np.argsort(-sel_scores, kind="stable")[: args.top]
     exact = isinstance(sk, LevSketch)
     info = {"file": args.sketch, "kind": type(sk).__name__, "d": sk.d, "eps": sk.eps, "p": sk.p,
             "rtol": getattr(sk, "rtol", None), "n": sk.n, "num_retained": sk.num_retained,
-            "bound": _max_retained(sk.d, sk.eps, sk.p), "nbytes": sk.nbytes,
+            "bound": max_retained(sk.d, sk.eps, sk.p), "nbytes": sk.nbytes,
             "file_bytes": os.path.getsize(args.sketch),
             "scores": "exact leverage" if exact else "certified upper bounds of the sensitivity, capped at 1",
             "selected_eps": eps, "budget": args.budget, "num_selected": int(sel_ids.size),

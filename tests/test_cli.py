@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import streamlev as sl
+from streamlev import _cli_select as cli_select
 from streamlev import cli
 from streamlev.cli import main
 
@@ -372,7 +373,7 @@ def test_select_refuses_a_problem_bigger_than_the_memory_limit(capsys, tmp_path,
     rc, out, err = _run(capsys, "select", f, "--max-memory", "1M")
     _assert_one_line_error(rc, out, err)
     assert "GiB" in err and "--max-memory" in err
-    monkeypatch.setattr(cli, "_default_max_memory", lambda: 1 << 20)  # the default limit applies too
+    monkeypatch.setattr(cli_select, "_default_max_memory", lambda: 1 << 20)  # the default limit applies too
     rc, out, err = _run(capsys, "select", f)
     _assert_one_line_error(rc, out, err)
     rc, _, err = _run(capsys, "select", f, "--max-memory", "1G", "--quiet")
@@ -391,7 +392,7 @@ def test_estimate_covers_the_measured_peak(tmp_path):
     sk.scores()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak <= cli._estimate_bytes(n, d, sl.LevSketch.max_retained(d, eps), chunk)
+    assert peak <= cli_select._estimate_bytes(n, d, sl.LevSketch.max_retained(d, eps), chunk)
 
 
 def test_id_offset_up_to_the_int64_maximum_gives_exact_ids(capsys, tmp_path):
