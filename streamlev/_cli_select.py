@@ -34,10 +34,8 @@ def _open(path: str, key: str | None):
         return open_keys(path, key)
     except FileNotFoundError:
         raise CLIError(f"{path}: no such file") from None
-    except KeyError as exc:
-        raise CLIError(str(exc.args[0]).replace("key=NAME (--key NAME)", "--key NAME")) from None
-    except ValueError as exc:
-        raise CLIError(str(exc).replace("key applies", "--key applies")) from None
+    except ValueError as exc:  # name the command-line option, not the Python keyword
+        raise CLIError(str(exc).replace("key=NAME", "--key NAME").replace("key applies", "--key applies")) from None
     except OSError as exc:
         raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
 

@@ -179,13 +179,13 @@ class KeyArray:
 def _choose(path, key, names, what):
     if key is not None:
         if key not in names:
-            raise KeyError(f"{path} has no {what} named {key!r}; it holds {names}")
+            raise ValueError(f"{path} has no {what} named {key!r}; it holds {names}")
         return key
     if len(names) == 1:
         return names[0]
     if not names:
         raise ValueError(f"{path} holds no {what}s")
-    raise KeyError(f"{path} holds {len(names)} {what}s {names}; choose one with key=NAME (--key NAME)")
+    raise ValueError(f"{path} holds {len(names)} {what}s {names}; choose one with key=NAME")
 
 
 def open_keys(path, key: str | None = None) -> KeyArray:
@@ -208,10 +208,10 @@ def open_keys(path, key: str | None = None) -> KeyArray:
     ------
     FileNotFoundError, IsADirectoryError, PermissionError
         From opening the file.
-    KeyError
-        ``key`` is missing from the file, or needed and not given.
     ValueError
-        Unknown extension, or a damaged or foreign file (the message says which).
+        ``key`` is missing from the file (or needed and not given), the
+        extension is unknown, or the file is damaged or foreign (the message
+        says which).
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()

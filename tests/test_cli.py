@@ -534,3 +534,15 @@ def test_inspect_says_lp_scores_are_capped_upper_bounds(capsys, tmp_path):
     rc, out, _ = _run(capsys, "inspect", sk_file)
     assert rc == 0 and "LpSketch" in out
     assert "upper bounds" in out and "capped at 1" in out
+
+
+def test_inspect_a_saved_multihead_sketch(capsys, tmp_path):
+    K = np.random.default_rng(0).standard_normal((3, 200, 4))
+    mh = sl.MultiHeadSketch(3, 4, 0.05)
+    mh.update(K)
+    (tmp_path / "mh.sk").write_bytes(mh.to_bytes())
+    rc, out, _ = _run(capsys, "inspect", tmp_path / "mh.sk", "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["kind"] == "MultiHeadSketch" and info["heads"] == 3
+    assert info["num_retained"] == mh.num_retained.tolist() and info["n"] == [200, 200, 200]
