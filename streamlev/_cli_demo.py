@@ -183,7 +183,7 @@ def run(eps: float = DEFAULT_EPS, layers=None, plot: str | None = None, quiet: b
     ok = mismatch.size == 0 and bf["missed"].size == 0 and U.size <= bound
 
     print(f"Result: |U| = {_fmt(U.size)} of {_fmt(n)} keys{where}; the sketch held at most {_fmt(peak / 1024)} KiB "
-          f"while the keys grew to {_fmt(n * d * 8 / 1024)} KiB.")
+          f"while the keys grew to {_fmt(n * d * 8 / 1024)} KiB (a stream {n / bound:.1f} times d/eps).")
     print(f"Decode: {1e6 * dec['seconds'] / max(1, dec['n']):.0f} us per key over the last {_fmt(dec['n'])} keys "
           f"(update(key, return_changes=True): {dec['entered']} entered U, {_fmt(dec['evicted'])} left it).")
     print(f"Check: U equals the exact offline set {{j : tau_j >= {eps:g}}} (SVD of all keys, streamlev.reference): "
