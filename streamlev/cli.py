@@ -141,10 +141,11 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--index", type=_int_list("index"), default=None, metavar="I,J",
                    help="one group of an (..., n, d) array, e.g. --index 3,5 for layer 3, head 5 of "
                    "(layers, heads, n, d) (default: every group, reported per group)")
-    s.add_argument("--eps", type=_eps, default=None, help=f"{eps_help} (default 0.1; with --budget B: "
-                   "d/(2B), capped at 1)")
+    s.add_argument("--eps", type=_eps, default=None, help=f"{eps_help} (default 0.1; with --budget B and no "
+                   "--eps: starts at d/B and is lowered, pass by pass, until B keys are kept)")
     s.add_argument("--budget", type=_int_in(1, "budget"), default=None, metavar="B",
-                   help="print the B keys of largest score (among those with score >= eps)")
+                   help="print the B keys of largest score (exact for p = 2: the set of keys with score >= the "
+                   "B-th largest)")
     s.add_argument("--p", type=_p, default=2.0, help="attention exponent, f(x) = |x|^p (default 2)")
     s.add_argument("--chunk", type=_int_in(1, "chunk"), default=4096, help="rows per chunk (default 4096)")
     s.add_argument("--id-offset", type=_int_in(0, "id-offset"), default=0,
