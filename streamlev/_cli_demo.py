@@ -35,7 +35,10 @@ _TOL = 1e-9  # accuracy band around eps inside which set membership may differ f
 
 def have_matplotlib() -> bool:
     """True when matplotlib can be imported (the plot is optional)."""
-    return importlib.util.find_spec("matplotlib") is not None
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # e.g. a broken install, or sys.modules["matplotlib"] = None
+        return False
 
 
 def _warm_up() -> float:

@@ -107,11 +107,26 @@ def test_demo_fails_loudly_when_the_set_misses_a_heavy_key(capsys, monkeypatch):
 
 def test_python_dash_m_entry_point_runs_the_demo():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "streamlev", "demo", "--no-plot", "--quiet"], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-m", "streamlev", "demo", "--no-plot", "--quiet", "--layers", "0"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all on keys in U" in r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_demo_needs_no_matplotlib_unless_asked_for_a_plot(tmp_path):
+    # as after a plain `pip install .`: matplotlib cannot be imported
+    code = ("import sys; sys.modules['matplotlib'] = None; from streamlev.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code, "demo", "--quiet", "--layers", "0"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "all on keys in U" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-c", code, "demo", "--plot", "x.png"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("streamlev: error: --plot needs matplotlib") and len(r.stderr.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------- select
