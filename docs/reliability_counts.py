@@ -61,9 +61,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     counts = collected()
     if args.check:
-        stale = {f: (read_table().get(f), n) for f, n in counts.items() if read_table().get(f) != n}
+        listed = read_table()
+        stale = {f: (listed.get(f), n) for f, n in counts.items() if listed.get(f) != n}
         if stale:
-            print(f"docs/reliability.md is stale (file: (table, suite)): {stale}; run python docs/reliability_counts.py")
+            print(f"docs/reliability.md is stale (file: (table, suite)): {stale}; "
+                  "run python docs/reliability_counts.py")
             return 1
         return 0
     rows = [(f, counts[f], *run_one(f)) for f in FILES]

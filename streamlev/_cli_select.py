@@ -165,7 +165,8 @@ def cmd_select(args) -> int:
 def _print_select(args, label, head, results, several, auto):
     n, d, eps, p = head["n"], head["d"], head["eps"], head["p"]
     quiet = args.quiet
-    what = "scores are exact leverage" if p == 2.0 else "scores are certified upper bounds of the sensitivity, capped at 1"
+    what = ("scores are exact leverage" if p == 2.0 else
+            "scores are certified upper bounds of the sensitivity, capped at 1")
     if not quiet:
         print(f"# {label}: shape {tuple(head['shape'])}, n={n} keys of d={d}, "
               + (f"eps from {eps:g} down, per group" if auto and several else f"eps={eps:g}") + f", p={p:g}"

@@ -79,7 +79,7 @@ def test_demo_shows_flat_memory_on_a_long_real_stream_and_verifies_it(capsys, tm
 def test_demo_plot_on_request(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "demo.png"
-    rc, out, err = _run(capsys, "demo", "--plot", png, "--quiet")
+    rc, out, err = _run(capsys, "demo", "--plot", png, "--quiet", "--layers", "0")
     assert rc == 0, out + err
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -107,8 +107,8 @@ def test_demo_fails_loudly_when_the_set_misses_a_heavy_key(capsys, monkeypatch):
 
 def test_python_dash_m_entry_point_runs_the_demo():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "streamlev", "demo", "--no-plot", "--quiet", "--layers", "0"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "streamlev", "demo", "--no-plot", "--quiet", "--layers", "0"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all on keys in U" in r.stdout
     assert "Traceback" not in r.stderr
@@ -119,8 +119,8 @@ def test_demo_needs_no_matplotlib_unless_asked_for_a_plot(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None; from streamlev.cli import main; "
             "sys.exit(main(sys.argv[1:]))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code, "demo", "--quiet", "--layers", "0"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code, "demo", "--quiet", "--layers", "0"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "all on keys in U" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-c", code, "demo", "--plot", "x.png"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -451,7 +451,7 @@ def test_merge_of_overlapping_shards_suggests_id_offset(capsys, tmp_path):
 
 # ------------------------------------------------------------ the files people have
 def _save_bf16_safetensors(path, name, x32):
-    """A bfloat16 .safetensors file written by hand (round to nearest even), so this needs neither torch nor safetensors."""
+    """A bfloat16 .safetensors file written by hand (round to nearest even): needs neither torch nor safetensors."""
     bits = np.ascontiguousarray(x32, dtype=np.float32).view(np.uint32)
     bf = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
     header = json.dumps({name: {"dtype": "BF16", "shape": list(x32.shape), "data_offsets": [0, bf.nbytes]}}).encode()
