@@ -171,7 +171,20 @@ class KeyArray:
     _data: object = None
 
     def rows(self, start: int, stop: int, group: tuple = ()) -> np.ndarray:
-        """Keys ``start:stop`` of ``array[group]``, shape ``(stop - start, d)``; bfloat16 comes back as float32."""
+        """Read keys ``start:stop`` of ``array[group]`` from disk.
+
+        Parameters
+        ----------
+        start, stop : int
+            Row range along the key axis (``n``).
+        group : tuple of int, default=()
+            Index into the leading group axes, e.g. ``(layer, head)``; empty for a 2-D array.
+
+        Returns
+        -------
+        ndarray of shape (stop - start, d)
+            In the stored dtype; bfloat16 comes back as float32 (exactly).
+        """
         block = np.asarray(self._data[tuple(group) + (slice(start, stop),)])
         return bf16_to_float32(block) if self.dtype == "bfloat16" else block
 
