@@ -239,15 +239,19 @@ def open_keys(path, key: str | None = None) -> KeyArray:
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{path} is not a .npz archive (not a zip file); write one with numpy.savez.")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                name = _choose(path, key, list(z.files), "array")
-                arr = z[name]
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            z = np.load(path, allow_pickle=False)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
             raise ValueError(f"{path}: damaged .npz archive ({exc}).") from None
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):  # numpy's message names a keyword a user of this API cannot pass
-                raise ValueError(f"{path}: array {name!r} holds Python objects, not numbers.") from None
-            raise ValueError(f"{path}: cannot read as .npz ({exc}).") from None
+        with z:
+            name = _choose(path, key, list(z.files), "array")
+            try:
+                arr = z[name]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):  # numpy's message names a keyword a user of this API cannot pass
+                    raise ValueError(f"{path}: array {name!r} holds Python objects, not numbers.") from None
+                raise ValueError(f"{path}: cannot read array {name!r} ({exc}).") from None
+            except (zipfile.BadZipFile, EOFError, OSError) as exc:
+                raise ValueError(f"{path}: damaged .npz archive ({exc}).") from None
         return KeyArray(path, name, arr.shape, str(arr.dtype), arr)
     if ext == ".safetensors":
         tensors = read_safetensors_header(path)

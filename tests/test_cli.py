@@ -490,6 +490,9 @@ def _qkv_like_extract_keys(path, L=2, H=3, n=300, d=4):
 def test_select_sketches_every_head_of_a_layers_heads_array(capsys, tmp_path):
     f = tmp_path / "qkv.npz"
     k = _qkv_like_extract_keys(f)  # the layout of examples/extract_keys.py output
+    rc, out, err = _run(capsys, "select", f)
+    _assert_one_line_error(rc, out, err)
+    assert "holds 4 arrays ['q', 'k', 'v', 'tokens']; choose one with --key NAME" in err and "cannot read" not in err
     rc, out, err = _run(capsys, "select", f, "--key", "k", "--eps", 0.05, "--json")
     assert rc == 0, err
     groups = json.loads(out)["groups"]
