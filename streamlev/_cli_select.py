@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ._cli_common import (EXIT_OK, INT64_MAX, CLIError, bound_exponent, bound_text, budget_note, make_sketch,
                           max_retained, pick, write_bytes)
-from ._validation import EPS_MIN
+from ._constants import EPS_MIN
 from .io import open_keys
 
 

@@ -39,10 +39,9 @@ import numpy as np
 
 from . import LevSketch, LpSketch, MultiHeadSketch, __version__
 from . import _cli_demo
-from ._cli_common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, INT64_MAX, CLIError, max_retained, pick,
-                          write_bytes)
+from ._cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, INT64_MAX, CLIError, pick, write_bytes
 from ._cli_select import cmd_select
-from ._validation import EPS_MIN
+from ._constants import EPS_MIN
 
 __all__ = ["main"]
 
@@ -288,7 +287,7 @@ def _cmd_inspect(args) -> int:
     exact = isinstance(sk, LevSketch)
     info = {"file": args.sketch, "kind": type(sk).__name__, "d": sk.d, "eps": sk.eps, "p": sk.p,
             "rtol": getattr(sk, "rtol", None), "n": sk.n, "num_retained": sk.num_retained,
-            "bound": max_retained(sk.d, sk.eps, sk.p), "nbytes": sk.nbytes,
+            "bound": int(sk.max_retained()), "nbytes": sk.nbytes,
             "file_bytes": os.path.getsize(args.sketch),
             "scores": "exact leverage" if exact else "certified upper bounds of the sensitivity, capped at 1",
             "selected_eps": eps, "budget": args.budget, "num_selected": int(sel_ids.size),
@@ -316,7 +315,7 @@ def _cmd_inspect(args) -> int:
 
 def _inspect_multihead(args, sk) -> int:
     info = {"file": args.sketch, "kind": "MultiHeadSketch", "heads": sk.heads, "d": sk.d, "eps": sk.eps.tolist(),
-            "n": sk.n.tolist(), "num_retained": sk.num_retained.tolist(), "bound": sk.max_retained.tolist(),
+            "n": sk.n.tolist(), "num_retained": sk.num_retained.tolist(), "bound": sk.max_retained().tolist(),
             "nbytes": sk.nbytes, "file_bytes": os.path.getsize(args.sketch)}
     if args.json:
         print(json.dumps(info))
