@@ -21,6 +21,7 @@ Thread-safety rule: every public method that reads or changes state holds
 
 from __future__ import annotations
 
+import abc
 import functools
 import threading
 import warnings
@@ -30,8 +31,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ._topk import top_k
+from ._validation import check_eps
 
-__all__ = ["Sketch", "Changes", "transactional", "locked", "transaction", "size_bound", "deprecated_alias", "check_budget"]
+__all__ = ["Sketch", "KeySketch", "Changes", "transactional", "locked", "transaction", "size_bound", "deprecated_alias", "check_budget"]
 
 
 class Changes(NamedTuple):
@@ -61,7 +63,7 @@ def _rebuild(cls, data):
     return cls.from_bytes(data)
 
 
-class Sketch:
+class Sketch(abc.ABC):
     """Base of every stateful, mergeable streamlev sketch (see the module docstring for the contract)."""
 
     def __init__(self):
@@ -89,11 +91,134 @@ class Sketch:
 
     __hash__ = None  # mutable
 
+    def _check_other(self, other, caller: str) -> None:
+        """The first checks of every ``merge``: same class, and not the sketch itself."""
+        cls = type(self).__name__
+        if type(other) is not type(self):
+            raise TypeError(f"{caller}: can only merge another {cls}, got {type(other).__name__}.")
+        if other is self:
+            raise ValueError(f"{caller}: cannot merge a {cls} with itself (its ids or vectors would count twice).")
+
     # ------------------------------------------------------------------ state
+    d = property(lambda self: self._d, doc="Dimension of the vectors (keys or queries) the sketch takes.")
+    n = property(lambda self: self._n, doc="Number of vectors seen (including merged sketches).")
+
+    # ------------------------------------------------------- what a sketch implements
+    @abc.abstractmethod
+    def update(self, *args, **kwargs):
+        """Fold a block of vectors in; returns self (or the changes, where a sketch reports them)."""
+
+    @abc.abstractmethod
+    def merge(self, other):
+        """Fold another sketch of the same kind and parameters in; ``other`` is not modified."""
+
+    @abc.abstractmethod
+    def to_bytes(self) -> bytes:
+        """Versioned, CRC-checked bytes (streamlev._format); equal sketches give equal bytes."""
+
+    @classmethod
+    def from_bytes(cls, data):
+        """Rebuild a sketch from :meth:`to_bytes` output; raise ValueError on anything else.
+
+        Parameters
+        ----------
+        data : bytes, bytearray or memoryview
+            Output of :meth:`to_bytes` of this class (format version 1).
+
+        Returns
+        -------
+        sketch : instance of the class it is called on
+
+        Notes
+        -----
+        Magic, version, kind, CRC32, dtypes, shapes and the sketch's invariants are
+        checked before anything is allocated or used; pickles go through here too.
+        """
+        return cls._from_bytes(data)
+
+    @classmethod
+    @abc.abstractmethod
+    def _from_bytes(cls, data):
+        """Parse and check the bytes of this class."""
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes held by the sketch's arrays."""
+
+    @abc.abstractmethod
+    def _snapshot(self):
+        """A copy of the whole mutable state (what :func:`transactional` restores on error)."""
+
+    @abc.abstractmethod
+    def _restore(self, snap):
+        """Put back a state returned by :meth:`_snapshot`."""
+
     @property
     def is_empty(self) -> bool:
         """True when no key (or query) has been seen."""
         return not np.any(self.n)
+
+
+
+class KeySketch(Sketch):
+    """A sketch that keeps a set of keys scored against everything seen: the selection contract.
+
+    Subclasses provide ``scores()`` (sorted ids and their scores, each >= eps),
+    ``_eps``, ``_p``, ``_rtol``, ``_rows`` (or override the members below) and a
+    :class:`size_bound` ``max_retained``. ``_SCORE`` names the score in messages.
+    """
+
+    _SCORE = "scores"
+
+    eps = property(lambda self: self._eps, doc="Threshold the sketch was built for: every key scoring >= eps is kept.")
+    p = property(lambda self: self._p, doc="Attention exponent, f(x) = |x|^p.")
+    rtol = property(lambda self: self._rtol, doc="Relative ridge of the numerical leverage definition.")
+    num_retained = property(lambda self: self._rows.r, doc="Number of keys held (always <= ``max_retained()``).")
+
+    def scores(self):
+        """Ids of the retained keys and their scores (leverage, or certified upper bounds for LpSketch).
+
+        Returns
+        -------
+        ids : ndarray of shape (r,), int64, sorted
+        score : ndarray of shape (r,), float64, each >= eps
+        """
+        with self._lock:
+            self._refresh()
+            ids, _, score, _ = self._rows.sorted()
+            return ids, score
+
+    def _retained_rows(self):
+        """(sorted ids, keys at the original scale, values or None) of the retained keys."""
+        with self._lock:
+            self._refresh()
+            ids, K, _, V = self._rows.sorted()
+            return ids, self._f.unscaled(K), V
+
+    def _refresh(self):
+        """Bring lazily maintained scores up to date (nothing to do unless a sketch defers work)."""
+
+    def universal_set(self, eps: float | None = None) -> np.ndarray:
+        """Sorted int64 ids of the retained keys scoring >= eps.
+
+        Parameters
+        ----------
+        eps : float, optional
+            Threshold, >= the sketch's eps (keys below it were discarded); default ``self.eps``.
+
+        Returns
+        -------
+        ids : ndarray of shape (u,), int64, sorted
+        """
+        caller = f"{type(self).__name__}.universal_set"
+        with self._lock:
+            e = self._eps if eps is None else check_eps(eps, caller=caller)
+            if e < self._eps:
+                raise ValueError(f"{caller}: eps={e!r} is below the sketch's eps={self._eps!r}; keys with smaller "
+                                 f"{self._SCORE} were not kept. Build the sketch with a smaller eps.")
+            ids, score = self.scores()
+            return ids[score >= e]
 
     def top(self, budget: int) -> np.ndarray:
         """Sorted ids of the ``budget`` retained keys of largest score (ties toward smaller ids).

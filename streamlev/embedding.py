@@ -204,10 +204,7 @@ class LpEmbedding(Sketch):
     # ------------------------------------------------------------------ merge
     def merge(self, other: LpEmbedding):
         """Fold ``other`` (keys after this one's, in block order) into self; ``other`` is not modified."""
-        if not isinstance(other, LpEmbedding):
-            raise TypeError(f"LpEmbedding.merge: can only merge another LpEmbedding, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError("LpEmbedding.merge: cannot merge an embedding with itself (its keys would count twice).")
+        self._check_other(other, "LpEmbedding.merge")
         mine = (self._d, self._p, self._delta, self._seed, self._rows)
         theirs = (other._d, other._p, other._delta, other._seed, other._rows)
         if mine != theirs:
@@ -317,7 +314,7 @@ class LpEmbedding(Sketch):
             return _format.dump("LpEmbedding", self._fields())
 
     @classmethod
-    def from_bytes(cls, data) -> LpEmbedding:
-        """Rebuild from :meth:`to_bytes` output; ValueError/TypeError on anything else."""
+    def _from_bytes(cls, data) -> LpEmbedding:
+        """Parse and check LpEmbedding bytes (see :meth:`Sketch.from_bytes`)."""
         f = _format.load(data, "LpEmbedding", cls._schema())
         return cls._from_fields(f)

@@ -18,7 +18,7 @@ import numpy as np
 from . import _format
 from ._constants import DEFAULT_RTOL
 from ._decode import apply_plan, plan_one
-from ._sketch_base import Sketch, check_budget, locked, size_bound, transaction
+from ._sketch_base import KeySketch, check_budget, locked, size_bound, transaction
 from ._topk import top_k
 from ._validation import as_real_array, check_dim, check_eps, check_ids
 from .sketch import Changes, LevSketch
@@ -26,7 +26,7 @@ from .sketch import Changes, LevSketch
 __all__ = ["MultiHeadSketch"]
 
 
-class MultiHeadSketch(Sketch):
+class MultiHeadSketch(KeySketch):
     """Universal sets of keys for several attention heads at once (x^2 attention, p = 2).
 
     Parameters
@@ -68,25 +68,9 @@ class MultiHeadSketch(Sketch):
         self._rtol = self._sk[0].rtol
 
     # ------------------------------------------------------------ properties
-    @property
-    def heads(self) -> int:
-        """Number of heads."""
-        return self._heads
-
-    @property
-    def d(self) -> int:
-        """Key dimension."""
-        return self._d
-
-    @property
-    def eps(self) -> np.ndarray:
-        """Per-head thresholds, shape (heads,) (a copy)."""
-        return self._eps.copy()
-
-    @property
-    def rtol(self) -> float:
-        """Relative ridge of the numerical leverage definition."""
-        return self._rtol
+    _p = 2.0
+    heads = property(lambda self: self._heads, doc="Number of heads.")
+    eps = property(lambda self: self._eps.copy(), doc="Per-head thresholds, shape (heads,) (a copy).")
 
     @property
     def n(self) -> np.ndarray:
@@ -238,10 +222,7 @@ class MultiHeadSketch(Sketch):
         head; ``other`` is not modified. On error no head changes.
         """
         caller = "MultiHeadSketch.merge"
-        if not isinstance(other, MultiHeadSketch):
-            raise TypeError(f"{caller}: can only merge another MultiHeadSketch, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError(f"{caller}: cannot merge a sketch with itself (its ids are not disjoint).")
+        self._check_other(other, caller)
         with locked(self, other):
             mine = (self._heads, self._d, self._eps.tolist(), self._rtol)
             theirs = (other._heads, other._d, other._eps.tolist(), other._rtol)
@@ -309,11 +290,11 @@ class MultiHeadSketch(Sketch):
         budget : int or array_like of int of shape (heads,)
             Ids wanted per head, >= 0.
         head : int, optional (keyword)
-            One head; default all heads.
+            Rank the keys of this head only (default: every head).
 
         Returns
         -------
-        ids : ndarray of int64 (one head) or list of ``heads`` such arrays
+        ids : ndarray of shape (<= budget,), int64, or a list with one per head
 
         Notes
         -----
@@ -375,8 +356,8 @@ class MultiHeadSketch(Sketch):
         })
 
     @classmethod
-    def from_bytes(cls, data) -> MultiHeadSketch:
-        """Rebuild from :meth:`to_bytes` output; raise ValueError on anything else."""
+    def _from_bytes(cls, data) -> MultiHeadSketch:
+        """Parse and check MultiHeadSketch bytes (see :meth:`Sketch.from_bytes`)."""
         caller = "MultiHeadSketch.from_bytes"
         f = _format.load(data, "MultiHeadSketch", {
             "heads": ((), "i8"), "d": ((), "i8"), "rtol": ((), "f8"), "eps": (("heads",), "f8"),

@@ -55,27 +55,13 @@ class QuerySketch(Sketch):
         self._s = np.zeros(self._d)
         self._S = np.zeros((self._d, self._d))
 
-    @property
-    def d(self) -> int:
-        """Query dimension."""
-        return self._d
+    sum = property(lambda self: self._copy_of("_s"), doc="Sum of the queries, shape (d,) (a copy).")
+    second_moment = property(lambda self: self._copy_of("_S"),
+                             doc="Raw second moment ``sum_i q_i q_i^T``, shape (d, d), symmetric (a copy).")
 
-    @property
-    def n(self) -> int:
-        """Number of queries seen (including merged sketches)."""
-        return self._n
-
-    @property
-    def sum(self) -> np.ndarray:
-        """Sum of the queries, shape (d,) (a copy)."""
+    def _copy_of(self, name):
         with self._lock:
-            return self._s.copy()
-
-    @property
-    def second_moment(self) -> np.ndarray:
-        """Raw second moment ``sum_i q_i q_i^T``, shape (d, d), symmetric (a copy)."""
-        with self._lock:
-            return self._S.copy()
+            return getattr(self, name).copy()
 
     @property
     def mean(self) -> np.ndarray:
@@ -127,10 +113,7 @@ class QuerySketch(Sketch):
 
     def merge(self, other: QuerySketch) -> QuerySketch:
         """Add another sketch's statistics (queries of a disjoint part of the stream); returns self."""
-        if not isinstance(other, QuerySketch):
-            raise TypeError(f"QuerySketch.merge: can only merge another QuerySketch, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError("QuerySketch.merge: cannot merge a sketch with itself.")
+        self._check_other(other, "QuerySketch.merge")
         if other._d != self._d:
             raise ValueError(f"QuerySketch.merge: dimensions differ ({self._d} here, {other._d} in the other "
                              "sketch); only sketches of queries of one head merge.")
@@ -148,8 +131,8 @@ class QuerySketch(Sketch):
                                                 "sum": self._s, "second_moment": self._S})
 
     @classmethod
-    def from_bytes(cls, data) -> QuerySketch:
-        """Rebuild a sketch from :meth:`to_bytes` output; raise ValueError on anything else."""
+    def _from_bytes(cls, data) -> QuerySketch:
+        """Parse and check QuerySketch bytes (see :meth:`Sketch.from_bytes`)."""
         f = _format.load(data, "QuerySketch", {"d": ((), "i8"), "n": ((), "i8"), "sum": (("d",), "f8"),
                                                 "second_moment": (("d", "d"), "f8")})
         d, n = int(f["d"]), int(f["n"])

@@ -30,7 +30,7 @@ import numpy as np
 from . import _format
 from ._constants import DEFAULT_RTOL, NORM_FLOOR, RECENT_FRACTION, SINKS
 from ._scaling import scale_by_max
-from ._sketch_base import Sketch, locked, size_bound
+from ._sketch_base import KeySketch, locked, size_bound
 from ._topk import top_k
 from ._validation import check_dim, check_eps, check_keys, check_matrix_2d
 from .leverage import leverage_scores
@@ -44,7 +44,7 @@ __all__ = ["ShiftInvariantSketch", "shift_invariant_leverage", "key_norm_scores"
 
 
 # --------------------------------------------------------------------------- translation-invariant leverage
-class ShiftInvariantSketch(Sketch):
+class ShiftInvariantSketch(KeySketch):
     """Leverage of the keys augmented with a constant coordinate, ``[k, c]``: one-pass, mergeable, exact.
 
     Softmax attention is unchanged when every key is shifted by the same vector
@@ -107,35 +107,14 @@ class ShiftInvariantSketch(Sketch):
         K = check_keys(keys, self._d, caller=caller, check_finite=False)
         return np.hstack([K.astype(np.float64, copy=False), np.full((K.shape[0], 1), self._c)])
 
-    @property
-    def d(self) -> int:
-        """Key dimension (without the constant coordinate)."""
-        return self._d
-
-    @property
-    def c(self) -> float:
-        """The constant coordinate."""
-        return self._c
-
-    @property
-    def eps(self) -> float:
-        """Threshold the sketch was built for."""
-        return self._sk.eps
-
-    @property
-    def n(self) -> int:
-        """Number of keys seen."""
-        return self._sk.n
-
-    @property
-    def num_retained(self) -> int:
-        """Number of keys held (<= ``max_retained(d, eps)``)."""
-        return self._sk.num_retained
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the inner sketch's arrays."""
-        return self._sk.nbytes
+    _p = 2.0  # x^2 attention of the augmented keys
+    c = property(lambda self: self._c, doc="The constant coordinate.")
+    # everything else is the inner LevSketch's (of dimension d + 1)
+    eps = property(lambda self: self._sk.eps, doc="Threshold the sketch was built for.")
+    rtol = property(lambda self: self._sk.rtol, doc="Relative ridge of the numerical leverage definition.")
+    n = property(lambda self: self._sk.n, doc="Number of keys seen.")
+    num_retained = property(lambda self: self._sk.num_retained, doc="Number of keys held (<= ``max_retained()``).")
+    nbytes = property(lambda self: self._sk.nbytes, doc="Bytes held by the inner sketch's arrays.")
 
     @size_bound
     def max_retained(cls, d: int, eps: float) -> int:
@@ -169,10 +148,7 @@ class ShiftInvariantSketch(Sketch):
 
     def merge(self, other: ShiftInvariantSketch, *, return_changes: bool = False):
         """Fold another sketch built on disjoint keys with the same ``c`` in; exact."""
-        if not isinstance(other, ShiftInvariantSketch):
-            raise TypeError(f"ShiftInvariantSketch.merge: expected a ShiftInvariantSketch, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError("ShiftInvariantSketch.merge: cannot merge a sketch with itself (its ids are not disjoint).")
+        self._check_other(other, "ShiftInvariantSketch.merge")
         if other._c != self._c:
             raise ValueError(f"ShiftInvariantSketch.merge: constant coordinates differ (c={self._c!r} here, "
                              f"{other._c!r} in the other sketch); build both with the same c.")
@@ -203,8 +179,8 @@ class ShiftInvariantSketch(Sketch):
                                                          "inner": words})
 
     @classmethod
-    def from_bytes(cls, data) -> ShiftInvariantSketch:
-        """Rebuild from :meth:`to_bytes` output; ValueError on anything else."""
+    def _from_bytes(cls, data) -> ShiftInvariantSketch:
+        """Parse and check ShiftInvariantSketch bytes (see :meth:`Sketch.from_bytes`)."""
         f = _format.load(data, "ShiftInvariantSketch", {"c": ((), "f8"), "inner_len": ((), "i8"),
                                                          "inner": ((None,), "i8")})
         raw = f["inner"].astype("<i8").tobytes()
@@ -243,11 +219,11 @@ def key_norm_scores(K) -> np.ndarray:
     Parameters
     ----------
     K : array_like of shape (n, d)
-        Finite keys (NaN/Inf raise ValueError).
+        Keys; NaN or Inf raise ValueError.
 
     Returns
     -------
-    norms : ndarray of shape (n,), float64
+    norms : ndarray of shape (n,), float64, the Euclidean norm of each key
     """
     K = np.asarray(check_matrix_2d(K, caller="key_norm_scores"), dtype=np.float64)
     return np.linalg.norm(K, axis=1)
