@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import inspect
 import threading
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -71,7 +72,12 @@ class Sketch(abc.ABC):
 
     # ------------------------------------------------------- copies and pickle
     def copy(self):
-        """An independent copy (through the byte format)."""
+        """An independent copy (through the byte format).
+
+        Returns
+        -------
+        sketch : same class, ``== self``, sharing no state with it
+        """
         return type(self).from_bytes(self.to_bytes())
 
     def __copy__(self):
@@ -300,10 +306,20 @@ class size_bound:
     def __init__(self, fn):
         self.fn = fn
         functools.update_wrapper(self, fn)
+        sig = inspect.signature(fn)
+        self._signature = sig.replace(parameters=list(sig.parameters.values())[1:])  # without cls
 
     def __get__(self, obj, cls):
         if obj is None:
-            return functools.partial(self.fn, cls)
+            fn = self.fn
+
+            def on_class(*args, **kwargs):
+                return fn(cls, *args, **kwargs)
+
+            functools.update_wrapper(on_class, fn)
+            del on_class.__wrapped__  # so that inspect shows the signature below, without cls
+            on_class.__signature__ = self._signature
+            return on_class
         return _BoundSize(self.fn, cls, obj)
 
 

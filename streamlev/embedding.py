@@ -33,6 +33,20 @@ def default_rows(d: int, p: float, delta: float) -> int:
     p < 2, ``d^(p/2) log d`` up to delta factors for p > 2) with constant 2,
     which is *not* what their theorem proves; the accuracy it gives is
     measured in ``tests/test_embedding.py``.
+
+    Parameters
+    ----------
+    d : int
+        Key dimension.
+    p : float
+        Attention exponent.
+    delta : float in (0, 1)
+        Target relative accuracy of the norm estimates.
+
+    Returns
+    -------
+    int
+        The coreset size.
     """
     dd = float(d) ** max(1.0, p / 2.0)
     return int(math.ceil(_C * dd * math.log(4.0 * dd) / delta ** 2))
@@ -143,7 +157,18 @@ class LpEmbedding(Sketch):
 
     # ---------------------------------------------------------------- update
     def update(self, keys):
-        """Fold keys (m, d) or (d,) into the embedding; returns self. Unchanged on error."""
+        """Fold keys into the embedding. Unchanged on error.
+
+        Parameters
+        ----------
+        keys : array_like of shape (m, d) or (d,)
+            Finite keys, any real dtype.
+
+        Returns
+        -------
+        LpEmbedding
+            self.
+        """
         with self._lock:
             K = check_keys(keys, self._d, caller="LpEmbedding.update")
             if K.shape[0] == 0:
@@ -203,7 +228,18 @@ class LpEmbedding(Sketch):
 
     # ------------------------------------------------------------------ merge
     def merge(self, other: LpEmbedding):
-        """Fold ``other`` (keys after this one's, in block order) into self; ``other`` is not modified."""
+        """Fold ``other`` (keys after this one's, in block order) into self; ``other`` is not modified.
+
+        Parameters
+        ----------
+        other : LpEmbedding
+            Built with the same d, p, delta, seed and rows.
+
+        Returns
+        -------
+        LpEmbedding
+            self.
+        """
         self._check_other(other, "LpEmbedding.merge")
         mine = (self._d, self._p, self._delta, self._seed, self._rows)
         theirs = (other._d, other._p, other._delta, other._seed, other._rows)
@@ -234,7 +270,17 @@ class LpEmbedding(Sketch):
         return S, w
 
     def norm_p(self, Q) -> np.ndarray:
-        """Estimates of ``||K q||_p^p`` for each row q of Q, shape (n_q,) (0 for an empty embedding)."""
+        """Estimates of ``||K q||_p^p`` for each row q of Q (0 for an empty embedding).
+
+        Parameters
+        ----------
+        Q : array_like of shape (n_q, d) or (d,)
+            Queries.
+
+        Returns
+        -------
+        ndarray of shape (n_q,), float64
+        """
         with self._lock:
             Q = np.asarray(check_keys(Q, self._d, caller="LpEmbedding.norm_p", name="Q"), dtype=np.float64)
             S, w = self._terms(Q)
@@ -309,7 +355,12 @@ class LpEmbedding(Sketch):
         return emb
 
     def to_bytes(self) -> bytes:
-        """Versioned, CRC32-checked bytes (no pickle); the seed and counters travel with them."""
+        """Versioned, CRC32-checked bytes (no pickle); the seed and counters travel with them.
+
+        Returns
+        -------
+        bytes
+        """
         with self._lock:
             return _format.dump("LpEmbedding", self._fields())
 

@@ -257,7 +257,18 @@ def keys_kept(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: b
 
 
 def select(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: bool = False):
-    """Deprecated alias of :func:`keys_kept` (renamed: :func:`streamlev.selectors.select` is the other ``select``)."""
+    """Deprecated alias of :func:`keys_kept` (renamed: :func:`streamlev.selectors.select` is the other ``select``).
+
+    Parameters
+    ----------
+    method, K, budget, Q, seed, scale, causal
+        As in :func:`keys_kept`.
+
+    Returns
+    -------
+    ndarray or scipy.sparse.csr_matrix
+        As :func:`keys_kept`.
+    """
     warnings.warn("streamlev.eval.select is deprecated; use streamlev.eval.keys_kept.", DeprecationWarning,
                   stacklevel=2)
     return keys_kept(method, K, budget, Q, seed=seed, scale=scale, causal=causal)
@@ -506,16 +517,27 @@ def evaluate(q, k, v, *, fractions=FRACTIONS, eps=EPS, methods=METHODS, recall_e
     ----------
     q, k, v : arrays of shape (n_layers, n_heads, n_tokens, d)
         As returned by :func:`streamlev.datasets.load_minilm` / ``load_qkv``.
+    fractions : tuple of float in (0, 1]
+        Budget mode: keep ``ceil(f n)`` keys (see :func:`evaluate_head`).
+    eps : tuple of float in (0, 1]
+        Threshold mode thresholds (see :func:`evaluate_head`).
+    methods : tuple of str
+        Subset of :data:`METHODS`.
+    recall_eps : float
+        Heavy-entry threshold of the recall metrics in budget mode.
+    seed : int
+        Base seed; head (doc, layer, head) uses ``SeedSequence([seed, doc, layer, head])``.
+    scale : float, optional
+        Softmax logit scale (default ``1/sqrt(d)``).
+    causal : bool
+        Query i sees keys 0..i only.
     doc_ptr : int array of shape (n_docs + 1,), optional
         Document boundaries on the token axis; each document is its own
         attention problem (its queries see only its keys).
     layers, heads : iterables of int, optional
         Subset to evaluate (default all).
-    seed : base seed; head (doc, layer, head) uses
-        ``SeedSequence([seed, doc, layer, head])``.
     progress : callable, optional
         Called with (doc, layer, head) before each head.
-    other parameters : see :func:`evaluate_head`.
 
     Returns
     -------

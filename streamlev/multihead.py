@@ -124,7 +124,17 @@ class MultiHeadSketch(KeySketch):
                 f"n={self.n.tolist()}, num_retained={self.num_retained.tolist()})")
 
     def sketch(self, head: int) -> LevSketch:
-        """An independent copy of one head's LevSketch."""
+        """An independent copy of one head's LevSketch.
+
+        Parameters
+        ----------
+        head : int
+            Head index in [0, heads).
+
+        Returns
+        -------
+        LevSketch
+        """
         return self._sk[self._head(head, "MultiHeadSketch.sketch")].copy()
 
     def _head(self, head, caller):
@@ -153,6 +163,11 @@ class MultiHeadSketch(KeySketch):
         -----
         Input is validated for every head before any head changes; if a head
         still fails (e.g. an id already retained), all heads are restored.
+
+        Returns
+        -------
+        MultiHeadSketch or list of Changes
+            self, or one :class:`~streamlev.Changes` per head with ``return_changes``.
         """
         caller = "MultiHeadSketch.update"
         with self._lock:
@@ -218,8 +233,21 @@ class MultiHeadSketch(KeySketch):
     def merge(self, other: MultiHeadSketch, *, return_changes: bool = False):
         """Fold another MultiHeadSketch (same heads, d, eps, rtol; disjoint ids per head) into this one.
 
+        Parameters
+        ----------
+        other : MultiHeadSketch
+            Not modified.
+        return_changes : bool, default=False
+            Return one :class:`~streamlev.Changes` per head instead of self.
+
+        Returns
+        -------
+        MultiHeadSketch or list of Changes
+
+        Notes
+        -----
         The result is exactly the sketch of the union of both key sets, per
-        head; ``other`` is not modified. On error no head changes.
+        head. On error no head changes.
         """
         caller = "MultiHeadSketch.merge"
         self._check_other(other, caller)
@@ -249,6 +277,8 @@ class MultiHeadSketch(KeySketch):
         ----------
         eps : float or array_like of shape (heads,), optional
             Default each head's eps; a scalar or one value per head, each >= that head's eps.
+        *args
+            Deprecated: the old second positional argument (eps after head).
         head : int, optional (keyword)
             One head; default all heads.
 
@@ -275,11 +305,33 @@ class MultiHeadSketch(KeySketch):
             return [s.universal_set(float(x)) for s, x in zip(self._sk, e)]
 
     def scores(self, head: int | None = None):
-        """(ids, leverage) of the retained keys, per head (see :meth:`LevSketch.scores`)."""
+        """(ids, leverage) of the retained keys, per head (see :meth:`LevSketch.scores`).
+
+        Parameters
+        ----------
+        head : int, optional
+            One head; default every head.
+
+        Returns
+        -------
+        tuple or list of tuples
+            ``(ids, tau)`` for one head, or one such pair per head.
+        """
         return self._per_head(head, lambda s: s.scores(), "MultiHeadSketch.scores")
 
     def retained(self, head: int | None = None):
-        """(ids, keys, values) of the retained keys, per head (see :meth:`LevSketch.retained`)."""
+        """(ids, keys, values) of the retained keys, per head (see :meth:`LevSketch.retained`).
+
+        Parameters
+        ----------
+        head : int, optional
+            One head; default every head.
+
+        Returns
+        -------
+        tuple or list of tuples
+            ``(ids, keys, values)`` for one head, or one such tuple per head.
+        """
         return self._per_head(head, lambda s: s.retained(), "MultiHeadSketch.retained")
 
     def top(self, budget, *, head: int | None = None):
@@ -323,15 +375,38 @@ class MultiHeadSketch(KeySketch):
             return [pick(s, k) for s, k in zip(self._sk, b)]
 
     def top_keys(self, budget, head: int | None = None):
-        """Deprecated alias of :meth:`top` (``head`` becomes keyword-only there)."""
+        """Deprecated alias of :meth:`top` (``head`` is keyword-only there).
+
+        Parameters
+        ----------
+        budget : int or array_like of int of shape (heads,)
+            Ids wanted per head.
+        head : int, optional
+            One head.
+
+        Returns
+        -------
+        ndarray or list of ndarray
+            As :meth:`top`.
+        """
         warnings.warn("MultiHeadSketch.top_keys is deprecated; use top(budget, head=h).", DeprecationWarning,
                       stacklevel=2)
         return self.top(budget, head=head)
 
     def heavy_attention(self, Q, eps=None):
-        """Heavy x^2 attention entries per head: a list of CSR matrices (see :func:`streamlev.attention.heavy_attention`).
+        """Heavy x^2 attention entries per head (see :func:`streamlev.attention.heavy_attention`).
 
-        ``Q`` has shape (heads, n_q, d); ``eps`` is a scalar or one value per head.
+        Parameters
+        ----------
+        Q : array_like of shape (heads, n_q, d)
+            Queries of every head.
+        eps : float or array_like of shape (heads,), optional
+            Entry threshold per head, each >= that head's eps (default: the heads' eps).
+
+        Returns
+        -------
+        list of scipy.sparse.csr_matrix
+            One per head, holding exactly the entries >= eps.
         """
         caller = "MultiHeadSketch.heavy_attention"
         Qa = as_real_array(Q, name="Q", caller=caller, ndim=(3,))
@@ -344,7 +419,12 @@ class MultiHeadSketch(KeySketch):
 
     # ---------------------------------------------------------- serialization
     def to_bytes(self) -> bytes:
-        """Versioned, CRC32-checked bytes: a header plus each head's :meth:`LevSketch.to_bytes` (own CRC each)."""
+        """Versioned, CRC32-checked bytes: a header plus each head's :meth:`LevSketch.to_bytes` (own CRC each).
+
+        Returns
+        -------
+        bytes
+        """
         with self._lock:
             parts = [s.to_bytes() for s in self._sk]
         blob = b"".join(parts)

@@ -94,9 +94,17 @@ class QuerySketch(Sketch):
         return f"QuerySketch(d={self._d}; n={self._n})"
 
     def update(self, queries) -> QuerySketch:
-        """Fold a block of queries, shape (m, d) or (d,), into the sketch; returns self.
+        """Fold a block of queries into the sketch.
 
-        Non-finite queries are rejected (ValueError) and the sketch is left unchanged.
+        Parameters
+        ----------
+        queries : array_like of shape (m, d) or (d,)
+            Finite queries; non-finite ones raise ValueError and leave the sketch unchanged.
+
+        Returns
+        -------
+        QuerySketch
+            self.
         """
         Q = check_keys(queries, self._d, caller="QuerySketch.update", name="queries", check_finite=True)
         Q = np.asarray(Q, dtype=np.float64)
@@ -112,7 +120,18 @@ class QuerySketch(Sketch):
         return self
 
     def merge(self, other: QuerySketch) -> QuerySketch:
-        """Add another sketch's statistics (queries of a disjoint part of the stream); returns self."""
+        """Add another sketch's statistics (queries of a disjoint part of the stream).
+
+        Parameters
+        ----------
+        other : QuerySketch
+            Same d; not modified.
+
+        Returns
+        -------
+        QuerySketch
+            self.
+        """
         self._check_other(other, "QuerySketch.merge")
         if other._d != self._d:
             raise ValueError(f"QuerySketch.merge: dimensions differ ({self._d} here, {other._d} in the other "
@@ -125,7 +144,12 @@ class QuerySketch(Sketch):
         return self
 
     def to_bytes(self) -> bytes:
-        """Versioned, CRC-checked bytes (the streamlev format; no pickle)."""
+        """Versioned, CRC-checked bytes (the streamlev format; no pickle).
+
+        Returns
+        -------
+        bytes
+        """
         with self._lock:
             return _format.dump("QuerySketch", {"d": np.int64(self._d), "n": np.int64(self._n),
                                                 "sum": self._s, "second_moment": self._S})

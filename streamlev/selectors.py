@@ -75,6 +75,8 @@ class ShiftInvariantSketch(KeySketch):
         ill-conditioned (error ~ u * cond), so pick ``c`` of the order of the
         key norms (e.g. the RMS norm of the first block). It is fixed for the
         life of the sketch and must match to merge.
+    rtol : float, default=1e-13
+        Relative ridge of the leverage (see :mod:`streamlev.reference`).
 
     Notes
     -----
@@ -140,14 +142,42 @@ class ShiftInvariantSketch(KeySketch):
         return f"ShiftInvariantSketch(d={self._d}, eps={self.eps!r}, c={self._c!r}; n={self.n})"
 
     def update(self, keys, ids=None, values=None, *, return_changes: bool = False):
-        """Fold keys (m, d) or (d,) in; same contract as :meth:`LevSketch.update`."""
+        """Fold keys in; the same contract as :meth:`LevSketch.update`.
+
+        Parameters
+        ----------
+        keys : array_like of shape (m, d) or (d,)
+            Keys without the constant coordinate.
+        ids : array_like of int of shape (m,), optional
+            Distinct ids; default ``n, ..., n+m-1``.
+        values : array_like of shape (m, dv), optional
+            Payload carried with each key.
+        return_changes : bool, default=False
+            Return a :class:`~streamlev.Changes` instead of self.
+
+        Returns
+        -------
+        ShiftInvariantSketch or Changes
+        """
         with self._lock:
             out = self._sk.update(self._augment(keys, "ShiftInvariantSketch.update"), ids=ids, values=values,
                                   return_changes=return_changes)
             return self if out is self._sk else out
 
     def merge(self, other: ShiftInvariantSketch, *, return_changes: bool = False):
-        """Fold another sketch built on disjoint keys with the same ``c`` in; exact."""
+        """Fold another sketch built on disjoint keys with the same ``c`` in; exact.
+
+        Parameters
+        ----------
+        other : ShiftInvariantSketch
+            Same d, eps, c and rtol; not modified.
+        return_changes : bool, default=False
+            Return a :class:`~streamlev.Changes` instead of self.
+
+        Returns
+        -------
+        ShiftInvariantSketch or Changes
+        """
         self._check_other(other, "ShiftInvariantSketch.merge")
         if other._c != self._c:
             raise ValueError(f"ShiftInvariantSketch.merge: constant coordinates differ (c={self._c!r} here, "
@@ -157,20 +187,48 @@ class ShiftInvariantSketch(KeySketch):
             return self if out is self._sk else out
 
     def scores(self):
-        """Retained ids (sorted) and their exact augmented leverage ``1/n + tau_j(K_c)``."""
+        """Retained ids and their exact augmented leverage ``1/n + tau_j(K_c)``.
+
+        Returns
+        -------
+        ids : ndarray of shape (r,), int64, sorted
+        tau : ndarray of shape (r,), float64, each >= eps
+        """
         return self._sk.scores()
 
     def universal_set(self, eps: float | None = None) -> np.ndarray:
-        """Sorted ids with augmented leverage >= eps (default ``self.eps``)."""
+        """Sorted ids with augmented leverage >= eps.
+
+        Parameters
+        ----------
+        eps : float, optional
+            Threshold, >= the sketch's eps; default ``self.eps``.
+
+        Returns
+        -------
+        ndarray of shape (u,), int64
+        """
         return self._sk.universal_set(eps)
 
     def retained(self):
-        """Retained ids, keys (without the constant coordinate) and payload values."""
+        """Retained ids, keys (without the constant coordinate) and payload values.
+
+        Returns
+        -------
+        ids : ndarray of shape (r,), int64, sorted
+        keys : ndarray of shape (r, d), float64
+        values : ndarray of shape (r, dv) or None
+        """
         ids, K, V = self._sk.retained()
         return ids, K[:, : self._d], V
 
     def to_bytes(self) -> bytes:
-        """Checksummed bytes: the constant and the inner LevSketch's bytes."""
+        """Checksummed bytes: the constant and the inner LevSketch's bytes.
+
+        Returns
+        -------
+        bytes
+        """
         with self._lock:
             inner = self._sk.to_bytes()
             pad = (-len(inner)) % 8
@@ -196,10 +254,24 @@ class ShiftInvariantSketch(KeySketch):
 
 
 def shift_invariant_leverage(K, *, c: float | None = None, rtol: float = DEFAULT_RTOL) -> np.ndarray:
-    """Offline augmented leverage ``tau_j([K, c1]) = 1/n + tau_j(K - mean)`` of every key, shape (n,).
+    """Offline augmented leverage ``tau_j([K, c1]) = 1/n + tau_j(K - mean)`` of every key.
 
-    Equals the scores of a :class:`ShiftInvariantSketch` fed with ``K`` (any
-    blocks). ``c`` defaults to the RMS key norm (irrelevant except for rounding).
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Keys.
+    c : float, optional
+        The constant coordinate; default the RMS key norm (irrelevant except for rounding).
+    rtol : float, default=1e-13
+        Relative ridge.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64
+
+    Notes
+    -----
+    Equals the scores of a :class:`ShiftInvariantSketch` fed with ``K`` (any blocks).
     """
     if np.ndim(K) != 2:
         raise ValueError(f"shift_invariant_leverage: K must be 2-D of shape (n, d); got shape {np.shape(K)}.")
@@ -268,10 +340,22 @@ def _check_qs(qs, d, caller):
 
 
 def rope_rotations(d: int, positions, theta: float) -> np.ndarray:
-    """Rotary-embedding matrices ``R_t`` (len(positions), d, d), Llama "rotate-half" convention.
+    """Rotary-embedding matrices ``R_t``, Llama "rotate-half" convention.
 
-    ``R_t q`` is the query of pre-RoPE vector ``q`` at position ``t``: pairs
-    ``(i, i + d/2)`` are rotated by the angle ``t * theta**(-2i/d)``.
+    Parameters
+    ----------
+    d : int
+        Head dimension (even).
+    positions : array_like of int of shape (T,)
+        Token positions.
+    theta : float
+        RoPE base (e.g. 10000).
+
+    Returns
+    -------
+    ndarray of shape (T, d, d)
+        ``R_t q`` is the query of pre-RoPE vector ``q`` at position ``t``: pairs
+        ``(i, i + d/2)`` are rotated by the angle ``t * theta**(-2i/d)``.
     """
     d = check_dim(d, caller="rope_rotations")
     if d % 2:
@@ -318,6 +402,10 @@ def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, cov
         Include the ``k^T Sigma k / 2`` term (False: ``scale * mu.k`` only).
     rotations : array_like of shape (T, d, d), optional
         Position-dependent linear maps applied to the queries.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64
     """
     K = np.asarray(check_matrix_2d(K, caller="expected_logit_scores"), dtype=np.float64)
     _check_qs(qs, K.shape[1], "expected_logit_scores")
@@ -341,8 +429,21 @@ def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, cov
 
 
 def query_span_basis(qs: QuerySketch, energy: float = 0.99) -> np.ndarray:
-    """Orthonormal basis (d, r) of the effective span of the queries seen.
+    """Orthonormal basis of the effective span of the queries seen.
 
+    Parameters
+    ----------
+    qs : QuerySketch
+        Statistics of the queries seen so far.
+    energy : float in (0, 1], default=0.99
+        Share of the trace of the second moment the span must capture.
+
+    Returns
+    -------
+    B : ndarray of shape (d, r), orthonormal columns
+
+    Notes
+    -----
     The span of ``r`` leading eigenvectors of the raw second moment ``S``
     where ``r`` is the smallest rank with ``sum_{i<=r} lambda_i >= energy * tr S``
     (``energy=1`` gives the exact numerical span: eigenvalues above ``d u lambda_1``).
@@ -363,6 +464,23 @@ def query_span_basis(qs: QuerySketch, energy: float = 0.99) -> np.ndarray:
 def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float = DEFAULT_RTOL) -> np.ndarray:
     """Leverage of the keys projected onto the span of the observed queries: the x^2 sensitivity over that span.
 
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Finite keys.
+    qs : QuerySketch
+        Statistics of the queries seen so far (same d).
+    energy : float in (0, 1], default=0.99
+        See :func:`query_span_basis`.
+    rtol : float, default=1e-13
+        Relative ridge of the leverage.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64 in [0, 1]
+
+    Notes
+    -----
     With ``P = B B^T`` the projector onto the query span (:func:`query_span_basis`),
 
         max_{q in span} <q, k_j>^2 / ||K q||^2 = tau_j(K P) = tau_j(K B),
@@ -371,7 +489,6 @@ def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float
     the maximum over ``a`` is the leverage of row j of ``K B`` (n x r). Exact
     for queries in the span (``energy=1``); with ``energy<1`` the span is the
     dominant eigenspace of the query second moment (a heuristic truncation).
-    Shape (n,).
     """
     K = np.asarray(check_matrix_2d(K, caller="query_span_leverage"), dtype=np.float64)
     _check_qs(qs, K.shape[1], "query_span_leverage")
@@ -382,6 +499,21 @@ def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float
 def budget_split(budget: int, n: int, *, causal: bool) -> tuple[int, int]:
     """Number of sink and recent keys in a budget: the documented rule.
 
+    Parameters
+    ----------
+    budget : int
+        Keys kept, >= 0 (clipped to n).
+    n : int
+        Keys available, >= 0.
+    causal : bool
+        Causal model (sinks and a recent window) or not.
+
+    Returns
+    -------
+    sinks, recent : int
+
+    Notes
+    -----
     Causal models: ``min(SINKS, budget // 4)`` initial keys (attention sinks,
     StreamingLLM keeps 4) and ``floor(RECENT_FRACTION * budget)`` most recent
     keys; the rest is chosen by score. The fraction is fixed in advance, the
@@ -400,8 +532,24 @@ def budget_split(budget: int, n: int, *, causal: bool) -> tuple[int, int]:
 def select(scores, budget: int, *, sinks: int = 0, recent: int = 0) -> np.ndarray:
     """Sorted indices of the kept keys: the first ``sinks``, the last ``recent``, the rest by highest score.
 
-    Ties are broken towards the lower index (stable). ``budget`` is clipped to
-    ``len(scores)``; exactly ``min(budget, n)`` indices are returned.
+    Parameters
+    ----------
+    scores : array_like of shape (n,)
+        One score per key; NaN raises ValueError.
+    budget : int
+        Keys kept (clipped to n).
+    sinks : int, default=0
+        Initial keys always kept.
+    recent : int, default=0
+        Most recent keys always kept; ``sinks + recent <= budget``.
+
+    Returns
+    -------
+    ndarray of shape (min(budget, n),), int64, increasing
+
+    Notes
+    -----
+    Ties are broken towards the lower index (stable).
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1:
