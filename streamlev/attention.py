@@ -32,7 +32,7 @@ from ._constants import BLOCK_ELEMS, DEFAULT_RTOL
 from ._scaling import pow2_exponent, scale_by_max
 from ._topk import top_k
 from ._kernels.rank_one import givens_add_row
-from ._validation import as_real_array, check_bool, check_eps, check_keys, like_input
+from ._validation import as_real_array, check_bool, check_eps, like_input
 from .leverage import leverage_scores
 from .lp import LpSketch
 from .sketch import LevSketch

@@ -21,7 +21,7 @@ from ._decode import apply_plan, plan_one
 from ._sketch_base import KeySketch, check_budget, locked, size_bound, transaction
 from ._topk import top_k
 from ._validation import as_real_array, check_dim, check_eps, check_ids
-from .sketch import Changes, LevSketch
+from .sketch import LevSketch
 
 __all__ = ["MultiHeadSketch"]
 

@@ -25,11 +25,12 @@ LAYERS = {
     "offline": ["streamlev.leverage", "streamlev.lewis", "streamlev.sensitivity"],
     # stateful, mergeable sketches and their shared base
     "sketches": ["streamlev._sketch_base", "streamlev._decode", "streamlev.sketch", "streamlev.lp",
-                 "streamlev.embedding", "streamlev.multihead", "streamlev.query_sketch", "streamlev._heavy"],
+                 "streamlev.embedding", "streamlev.multihead", "streamlev.query_sketch", "streamlev._heavy",
+                 "streamlev._shift_invariant"],
     # what users build on the sketches (reference.py, the slow exact oracle, sits here so that no
     # lower layer can use it; ORACLE_USERS below says who may)
     "applications": ["streamlev.attention", "streamlev._attention_cost", "streamlev.selectors",
-                     "streamlev._select", "streamlev.eval", "streamlev._eval_cases", "streamlev.testing",
+                     "streamlev.eval", "streamlev._eval_scores", "streamlev.testing",
                      "streamlev.datasets", "streamlev.reference"],
     # the public facade (streamlev/__init__.py)
     "api": ["streamlev"],
