@@ -196,13 +196,8 @@ class ShiftInvariantSketch(KeySketch):
         ids, K, V = self._sk.retained()
         return ids, K[:, : self._d], V
 
-    def to_bytes(self) -> bytes:
-        """Checksummed bytes: the constant and the inner LevSketch's bytes.
-
-        Returns
-        -------
-        bytes
-        """
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             inner = self._sk.to_bytes()
             pad = (-len(inner)) % 8

@@ -118,9 +118,24 @@ class Sketch(abc.ABC):
     def merge(self, other):
         """Fold another sketch of the same kind and parameters in; ``other`` is not modified."""
 
-    @abc.abstractmethod
     def to_bytes(self) -> bytes:
-        """Versioned, CRC-checked bytes (streamlev._format); equal sketches give equal bytes."""
+        """Serialize to versioned, self-describing, CRC32-checked bytes (no pickle).
+
+        Returns
+        -------
+        bytes
+            Read back with :meth:`from_bytes`; the format is :mod:`streamlev._format`.
+
+        Notes
+        -----
+        Equal sketches give equal bytes (retained rows are written sorted by id),
+        so ``==`` compares bytes. Parameters and seeds travel with the data.
+        """
+        return self._to_bytes()
+
+    @abc.abstractmethod
+    def _to_bytes(self) -> bytes:
+        """Write the fields of this class under its kind."""
 
     @classmethod
     def from_bytes(cls, data):

@@ -354,13 +354,8 @@ class LpEmbedding(Sketch):
             off += sz
         return emb
 
-    def to_bytes(self) -> bytes:
-        """Versioned, CRC32-checked bytes (no pickle); the seed and counters travel with them.
-
-        Returns
-        -------
-        bytes
-        """
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             return _format.dump("LpEmbedding", self._fields())
 

@@ -345,13 +345,8 @@ class LpSketch(heavy.HeavyEntries, KeySketch):
         self._idr.extend(other._idr.lo, other._idr.hi, other._n)
 
     # ---------------------------------------------------------- serialization
-    def to_bytes(self) -> bytes:
-        """Serialize to versioned, self-describing, CRC32-checked bytes (no pickle).
-
-        Returns
-        -------
-        bytes
-        """
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             ids, K, ub, V = self._rows.sorted()
             extra = {"ub": ub}

@@ -325,12 +325,11 @@ class MultiHeadSketch(KeySketch):
         Parameters
         ----------
         head : int, optional
-            One head; default every head.
+            Index of the head to read, in [0, heads); None (default) reads all of them.
 
         Returns
         -------
-        tuple or list of tuples
-            ``(ids, keys, values)`` for one head, or one such tuple per head.
+        rows : tuple ``(ids, keys, values)``, or a list of ``heads`` such tuples when ``head`` is None
         """
         return self._per_head(head, lambda s: s.retained(), "MultiHeadSketch.retained")
 
@@ -418,13 +417,8 @@ class MultiHeadSketch(KeySketch):
             return [s.heavy_attention(Qa[h], None if e[h] is None else float(e[h])) for h, s in enumerate(self._sk)]
 
     # ---------------------------------------------------------- serialization
-    def to_bytes(self) -> bytes:
-        """Versioned, CRC32-checked bytes: a header plus each head's :meth:`LevSketch.to_bytes` (own CRC each).
-
-        Returns
-        -------
-        bytes
-        """
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             parts = [s.to_bytes() for s in self._sk]
         blob = b"".join(parts)

@@ -143,13 +143,8 @@ class QuerySketch(Sketch):
             self._S += S
         return self
 
-    def to_bytes(self) -> bytes:
-        """Versioned, CRC-checked bytes (the streamlev format; no pickle).
-
-        Returns
-        -------
-        bytes
-        """
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             return _format.dump("QuerySketch", {"d": np.int64(self._d), "n": np.int64(self._n),
                                                 "sum": self._s, "second_moment": self._S})

@@ -374,15 +374,8 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
             self._rescore()
 
     # ---------------------------------------------------------- serialization
-    def to_bytes(self) -> bytes:
-        """Serialize to versioned, self-describing bytes (no pickle; CRC32-checked).
-
-        Equal sketches give equal bytes: retained keys are written sorted by id.
-
-        Returns
-        -------
-        bytes
-        """
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             self._refresh()
             ids, keys_scaled, _, vals = self._rows.sorted()
