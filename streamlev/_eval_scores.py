@@ -7,14 +7,13 @@ the public names are re-exported there.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import numpy as np
 import scipy.sparse as sp
 
 from ._topk import top_k
-from ._validation import as_real_array
+from ._validation import as_real_array, check_budget, check_scale, check_seed
 from .leverage import leverage_scores
 from .lewis import lewis_weights
 from .selectors import keydiff_scores
@@ -39,26 +38,10 @@ def _check_method(method, caller):
     return method
 
 
-def _check_budget(budget, caller):
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral):
-        raise TypeError(f"{caller}: budget must be an int >= 1. Got {budget!r} of type {type(budget).__name__}.")
-    if int(budget) < 1:
-        raise ValueError(f"{caller}: budget must be an int >= 1. Got {budget}.")
-    return int(budget)
-
-
-def _check_seed(seed, caller):
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or int(seed) < 0:
-        raise TypeError(f"{caller}: seed must be an int >= 0. Got {seed!r}.")
-    return int(seed)
-
-
 def _check_scale(scale, d, caller):
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
-        raise TypeError(f"{caller}: scale must be a finite real number or None (1/sqrt(d)). Got {scale!r}.")
-    return float(scale)
+    """The softmax logit scale, ``1/sqrt(d)`` by default."""
+    scale = check_scale(scale, caller=caller)
+    return 1.0 / math.sqrt(d) if scale is None else scale
 
 
 def _check_qkv(Q, K, V, caller, need_q=True):
@@ -144,7 +127,7 @@ def key_scores(method, K, Q=None, *, seed: int = 0, scale=None, causal: bool = F
     """
     caller = "key_scores"
     method = _check_method(method, caller)
-    seed = _check_seed(seed, caller)
+    seed = check_seed(seed, caller=caller)
     Q, K, _ = _check_qkv(Q, K, None, caller, need_q=method in QUERY_AWARE)
     n, d = K.shape
     if method == "leverage":
@@ -204,11 +187,11 @@ def keys_kept(method, K, budget, Q=None, *, seed: int = 0, scale=None, causal: b
     Q, K, _ = _check_qkv(Q, K, None, caller, need_q=method in QUERY_AWARE)
     n = K.shape[0]
     if not causal:
-        budget = _check_budget(budget, caller)
+        budget = check_budget(budget, caller=caller)
         return top_k(key_scores(method, K, Q, seed=seed, scale=scale), min(budget, n))
     b = np.broadcast_to(np.asarray(budget), (n,))
     for x in b:
-        _check_budget(x.item() if isinstance(x, np.generic) else x, caller)
+        check_budget(x.item() if isinstance(x, np.generic) else x, caller=caller)
     if method in QUERY_AWARE and Q.shape[0] != n:
         raise ValueError(f"{caller}: causal needs one query per key; got Q {Q.shape} and K {K.shape}.")
     rows = []

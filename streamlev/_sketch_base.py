@@ -32,9 +32,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ._topk import top_k
-from ._validation import check_eps
+from ._validation import check_budget, check_eps
 
-__all__ = ["Sketch", "KeySketch", "Changes", "transactional", "locked", "transaction", "size_bound", "deprecated_alias", "check_budget"]
+__all__ = ["Sketch", "KeySketch", "Changes", "transactional", "locked", "transaction", "size_bound"]
 
 
 class Changes(NamedTuple):
@@ -258,16 +258,9 @@ class KeySketch(Sketch):
         A selection query: the sketch is not changed. Only keys scoring >= eps
         are retained, so fewer than ``budget`` ids come back when fewer are held.
         """
-        b = check_budget(budget, f"{type(self).__name__}.top")
+        b = check_budget(budget, caller=f"{type(self).__name__}.top", minimum=0)
         ids, score = self.scores()
         return np.sort(ids[top_k(score, b)])
-
-
-def check_budget(budget, caller: str) -> int:
-    """Return ``budget`` as an int >= 0, or raise."""
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)) or budget < 0:
-        raise ValueError(f"{caller}: budget must be an int >= 0, got {budget!r}.")
-    return int(budget)
 
 
 def transactional(method):
@@ -394,16 +387,3 @@ class _BoundSize:
 
     def __repr__(self):
         return f"<bound max_retained of {self._obj!r}>"
-
-
-def deprecated_alias(new_name: str, old_name: str):
-    """A method ``old_name`` that warns (DeprecationWarning) and calls ``new_name``."""
-
-    def alias(self, *args, **kwargs):
-        warnings.warn(f"{type(self).__name__}.{old_name} is deprecated; use {new_name} instead.",
-                      DeprecationWarning, stacklevel=2)
-        return getattr(self, new_name)(*args, **kwargs)
-
-    alias.__name__ = old_name
-    alias.__doc__ = f"Deprecated alias of :meth:`{new_name}`."
-    return alias

@@ -40,9 +40,9 @@ import scipy.sparse as sp
 
 from ._constants import DEFAULT_RTOL
 from ._eval_scores import (EPS, FRACTIONS, HEAVY_SLACK, METHODS, QUERY_AWARE, _check_fractions, _check_method,
-                           _check_qkv, _check_scale, _check_seed, _softmax_rows, key_scores, keys_kept, select)
+                           _check_qkv, _check_scale, _softmax_rows, key_scores, keys_kept, select)
 from ._topk import top_k
-from ._validation import as_real_array, check_eps
+from ._validation import as_real_array, check_eps, check_seed
 from .attention import select_keys
 from .reference import worst_case_queries
 from .sketch import LevSketch
@@ -246,7 +246,7 @@ def evaluate_head(Q, K, V, *, fractions=FRACTIONS, eps=EPS, methods=METHODS, rec
     eps = tuple(check_eps(e, caller=caller) for e in eps)
     recall_eps = check_eps(recall_eps, name="recall_eps", caller=caller)
     methods = tuple(_check_method(m, caller) for m in methods)
-    seed = _check_seed(seed, caller)
+    seed = check_seed(seed, caller=caller)
     n = K.shape[0]
     sc = _check_scale(scale, K.shape[1], caller)
     head = _Head(Q, K, V, sc, bool(causal))
@@ -329,7 +329,7 @@ def evaluate(q, k, v, *, fractions=FRACTIONS, eps=EPS, methods=METHODS, recall_e
     ptr = np.array([0, N] if doc_ptr is None else doc_ptr, dtype=np.int64)
     if ptr[0] != 0 or ptr[-1] != N or np.any(np.diff(ptr) < 1):
         raise ValueError(f"{caller}: doc_ptr must increase strictly from 0 to {N}; got {ptr.tolist()}.")
-    seed = _check_seed(seed, caller)
+    seed = check_seed(seed, caller=caller)
     recs = []
     for doc in range(ptr.size - 1):
         a, b = int(ptr[doc]), int(ptr[doc + 1])

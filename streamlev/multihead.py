@@ -18,9 +18,9 @@ import numpy as np
 from . import _format
 from ._constants import DEFAULT_RTOL
 from ._decode import apply_plan, plan_one
-from ._sketch_base import KeySketch, check_budget, locked, size_bound, transaction
+from ._sketch_base import KeySketch, locked, size_bound, transaction
 from ._topk import top_k
-from ._validation import as_real_array, check_dim, check_eps, check_ids
+from ._validation import as_real_array, check_budget, check_dim, check_eps, check_ids
 from .sketch import LevSketch
 
 __all__ = ["MultiHeadSketch"]
@@ -356,7 +356,7 @@ class MultiHeadSketch(KeySketch):
         """
         caller = "MultiHeadSketch.top"
         if np.ndim(budget) == 0:
-            b = np.full(self._heads, check_budget(budget, caller))
+            b = np.full(self._heads, check_budget(budget, caller=caller, minimum=0))
         else:
             b = np.asarray(budget)
             if b.shape != (self._heads,) or b.dtype.kind not in "iu" or (b < 0).any():
