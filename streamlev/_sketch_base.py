@@ -133,9 +133,9 @@ class Sketch(abc.ABC):
         """
         return self._to_bytes()
 
-    @abc.abstractmethod
     def _to_bytes(self) -> bytes:
-        """Write the fields of this class under its kind."""
+        """Write the fields of this class under its kind (implement this, or override :meth:`to_bytes`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _to_bytes (or override to_bytes).")
 
     @classmethod
     def from_bytes(cls, data):
@@ -158,9 +158,9 @@ class Sketch(abc.ABC):
         return cls._from_bytes(data)
 
     @classmethod
-    @abc.abstractmethod
     def _from_bytes(cls, data):
-        """Parse and check the bytes of this class."""
+        """Parse and check the bytes of this class (implement this, or override :meth:`from_bytes`)."""
+        raise NotImplementedError(f"{cls.__name__} must implement _from_bytes (or override from_bytes).")
 
     @property
     @abc.abstractmethod
