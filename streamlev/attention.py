@@ -28,9 +28,9 @@ import scipy.sparse as sp
 
 from . import _factor
 from ._constants import BLOCK_ELEMS, DEFAULT_RTOL
+from ._kernels.rank_one import givens_add_row
 from ._scaling import pow2_exponent, scale_by_max
 from ._topk import top_k
-from ._kernels.rank_one import givens_add_row
 from ._validation import as_real_array, check_attention_p, check_bool, check_budget, check_eps, like_input
 from .leverage import leverage_scores
 from .lp import LpSketch

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 
 from . import _factor, _format
-from ._scaling import scale_by_max
+from ._scaling import pow2_exponent, scale_by_max
 from ._sketch_base import Sketch, locked, transactional
 from ._validation import check_dim, check_keys, check_p
 from .lewis import LewisConvergenceWarning, lewis_weights
@@ -295,8 +295,9 @@ class LpEmbedding(Sketch):
             return np.zeros(n_q), np.zeros(n_q)
         Y = Q @ S.T
         mx = np.max(np.abs(Y), axis=1)
-        e = np.where(mx > 0, np.frexp(mx)[1], 0).astype(np.float64)
-        Y = np.ldexp(Y, -e[:, None].astype(np.int64))
+        e = pow2_exponent(mx)
+        Y = np.ldexp(Y, -e[:, None])
+        e = e.astype(np.float64)
         return np.abs(Y) ** self._p @ w, e
 
     # ---------------------------------------------------------- serialization

@@ -41,6 +41,7 @@ import scipy.sparse as sp
 from ._constants import DEFAULT_RTOL
 from ._eval_scores import (EPS, FRACTIONS, HEAVY_SLACK, METHODS, QUERY_AWARE, _check_fractions, _check_method,
                            _check_qkv, _check_scale, _softmax_rows, key_scores, keys_kept, select)
+from ._scaling import scale_by_max
 from ._topk import top_k
 from ._validation import as_real_array, check_eps, check_seed
 from .attention import select_keys
@@ -63,7 +64,7 @@ class _Head:
         self.A2 = _x2_attention(Q, K, self.visible)
         # x^2 attention of the worst-case query of every key (q_j = (K^T K)^+ k_j gives key j its
         # largest possible share tau_j): the guarantee is "for any query", the real queries are one draw.
-        Ks = _pow2_scaled(K)  # shares are scale-free; the scaled copy keeps ||K||_F finite
+        Ks = scale_by_max(K)[0]  # shares are scale-free; the scaled copy keeps ||K||_F finite
         # The guarantee is checked in its documented form: shares with the relative ridge
         # lam = (rtol ||K||_F)^2 in the denominator (of the prefix a causal query sees). It differs
         # from the plain share only for queries with ||Kq|| near round-off scale (cond(K) ~ 1e8 and up).
@@ -125,11 +126,6 @@ class _Head:
             den = float(np.linalg.norm(self.O))
             out["out_err"] = float(np.linalg.norm(OS - self.O) / den) if den > 0 else 0.0
         return out
-
-
-def _pow2_scaled(K):
-    m = float(np.max(np.abs(K))) if K.size else 0.0
-    return np.ldexp(K, -int(np.frexp(m)[1])) if m > 0 else K
 
 
 def _x2_attention(Q, K, visible, lam=None):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._constants import DEFAULT_RTOL
+from ._scaling import scale_by_max
 
 __all__ = ["DEFAULT_RTOL", "leverage_scores", "universal_set", "worst_case_queries", "attention_x2"]
 
@@ -32,11 +33,7 @@ def _as_scaled(K):
     K = np.asarray(K, dtype=np.float64)
     if K.ndim != 2:
         raise ValueError(f"K must be 2-D, got shape {K.shape}")
-    m = np.max(np.abs(K)) if K.size else 0.0
-    if m == 0.0:
-        return K.copy(), 0
-    e = int(np.frexp(m)[1])
-    return np.ldexp(K, -e), e
+    return scale_by_max(K)
 
 
 def leverage_scores(K, rtol: float = DEFAULT_RTOL) -> np.ndarray:

@@ -29,11 +29,11 @@ import numpy as np
 
 from ._constants import DEFAULT_RTOL, NORM_FLOOR, RECENT_FRACTION, SINKS
 from ._scaling import scale_by_max
+from ._shift_invariant import ShiftInvariantSketch
 from ._topk import top_k
 from ._validation import check_dim, check_keys, check_matrix_2d
 from .leverage import leverage_scores
 from .query_sketch import QuerySketch
-from ._shift_invariant import ShiftInvariantSketch
 
 __all__ = ["ShiftInvariantSketch", "shift_invariant_leverage", "key_norm_scores", "keydiff_scores",
            "expected_logit_scores", "rope_rotations", "query_span_leverage", "query_span_basis", "budget_split", "select",

@@ -22,8 +22,8 @@ from ._decode import NO_IDS, DecodeState, DecodeStep
 from ._ids import IdRange, check_disjoint, check_not_retained
 from ._retained import RetainedRows
 from ._scaled_factor import ScaledFactor
-from ._state_format import COMMON_SCHEMA, VALUES_SCHEMA, common_fields, load_common
 from ._sketch_base import Changes, KeySketch, changes_between, locked, no_changes, size_bound, transactional
+from ._state_format import COMMON_SCHEMA, VALUES_SCHEMA, common_fields, load_common
 from ._validation import (check_dim, check_eps, check_ids, check_keys, check_payload, check_rtol,
                           check_state_size)
 

@@ -15,6 +15,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from ._constants import DEFAULT_RTOL
+from ._scaling import scale_by_max
 from .reference import leverage_scores, worst_case_queries
 from .sensitivity import sensitivities
 
@@ -184,7 +185,7 @@ def score_tolerance(K, rtol: float = DEFAULT_RTOL) -> float:
     m = np.max(np.abs(K))
     if m == 0:
         return 1e-9
-    s = np.linalg.svd(np.ldexp(K, -int(np.frexp(m)[1])), compute_uv=False)
+    s = np.linalg.svd(scale_by_max(K)[0], compute_uv=False)
     lam = (rtol * np.sqrt(np.sum(s**2))) ** 2
     u = np.finfo(np.float64).eps
     # round-off directions: a computed factor of rank-deficient keys has singular values ~ f, not 0
@@ -229,8 +230,7 @@ def assert_no_false_negatives(U, K, eps: float, p: float = 2.0, *, rtol: float =
     if out.size == 0:
         return
     if float(p) == 2.0:
-        m = np.max(np.abs(K))
-        Ks = np.ldexp(K, -int(np.frexp(m)[1])) if m > 0 else K
+        Ks, _ = scale_by_max(K)
         Q = worst_case_queries(Ks, DEFAULT_RTOL)[out]
         num = np.einsum("ij,ij->i", Q, Ks[out]) ** 2
         # The contract carries the documented relative ridge: <k_j,q>^2 <= tau_j (||Kq||^2 + lam ||q||^2).
