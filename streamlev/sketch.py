@@ -314,7 +314,6 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
 
     # ------------------------------------------------------------------ merge
     def _check_compatible(self, other, caller):
-        self._check_other(other, caller)
         mine = (self._d, self._eps, self._p, self._rtol)
         theirs = (other._d, other._eps, other._p, other._rtol)
         if mine != theirs:
@@ -344,7 +343,7 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
         other sketch's ids that are retained).
         """
         caller = "LevSketch.merge"
-        self._check_compatible(other, caller)
+        self._check_other(other, caller)  # before taking other's lock: it must be a LevSketch
         with locked(self, other):
             self._check_compatible(other, caller)
             if other._n == 0:
