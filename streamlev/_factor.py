@@ -18,7 +18,6 @@ import contextlib
 import math
 
 import numpy as np
-import scipy.linalg as sla
 from scipy.linalg import blas, lapack
 
 __all__ = ["blas_threads", "update_factor", "score_rows", "cond_estimate", "ridge_lambda", "KAPPA_GRAM", "KAPPA_CHOLQR2"]

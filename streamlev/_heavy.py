@@ -14,7 +14,36 @@ from ._constants import BLOCK_ELEMS, CANDIDATE_SLACK
 from ._scaling import pow2_exponent
 from ._validation import check_eps
 
-__all__ = ["query_threshold", "heavy_x2", "heavy_p"]
+__all__ = ["HeavyEntries", "query_threshold", "heavy_x2", "heavy_p"]
+
+
+class HeavyEntries:
+    """Mixin: ``heavy_attention`` for a sketch that implements ``_heavy_entries(Q, e, id_map)``."""
+
+    def heavy_attention(self, Q, eps: float | None = None, *, id_map: bool = False):
+        """Every (query, key) pair whose attention share over all keys seen is >= eps.
+
+        Parameters
+        ----------
+        Q : array_like of shape (n_q, d) or (d,)
+            Queries: float16/32/64, integers, or a CPU torch tensor.
+        eps : float, optional
+            Entry threshold, >= the sketch's eps (default ``self.eps``).
+        id_map : bool, default=False
+            If True, label columns by position in a returned sorted id array.
+
+        Returns
+        -------
+        A : scipy.sparse.csr_matrix of shape (n_q, max(n, max id + 1)), or (n_q, num_retained) with id_map
+            The entries >= eps and their shares; ``(A, ids)`` when ``id_map``.
+
+        Notes
+        -----
+        See :func:`streamlev.attention.heavy_attention` for the guarantee (exact
+        for a LevSketch, within the embedding's accuracy for an LpSketch).
+        """
+        e = query_threshold(self, eps, id_map)
+        return self._heavy_entries(Q, e, id_map)
 
 
 def query_threshold(sketch, eps, id_map) -> float:

@@ -21,7 +21,9 @@ Thread-safety rule: every public method that reads or changes state holds
 
 from __future__ import annotations
 
+import abc
 import functools
+import inspect
 import threading
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -30,8 +32,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ._topk import top_k
+from ._validation import check_budget, check_eps
 
-__all__ = ["Sketch", "Changes", "transactional", "locked", "transaction", "size_bound", "deprecated_alias", "check_budget"]
+__all__ = ["Sketch", "KeySketch", "Changes", "transactional", "locked", "transaction", "size_bound"]
 
 
 class Changes(NamedTuple):
@@ -61,7 +64,7 @@ def _rebuild(cls, data):
     return cls.from_bytes(data)
 
 
-class Sketch:
+class Sketch(abc.ABC):
     """Base of every stateful, mergeable streamlev sketch (see the module docstring for the contract)."""
 
     def __init__(self):
@@ -69,7 +72,12 @@ class Sketch:
 
     # ------------------------------------------------------- copies and pickle
     def copy(self):
-        """An independent copy (through the byte format)."""
+        """An independent copy (through the byte format).
+
+        Returns
+        -------
+        sketch : same class, ``== self``, sharing no state with it
+        """
         return type(self).from_bytes(self.to_bytes())
 
     def __copy__(self):
@@ -89,11 +97,149 @@ class Sketch:
 
     __hash__ = None  # mutable
 
+    def _check_other(self, other, caller: str) -> None:
+        """The first checks of every ``merge``: same class, and not the sketch itself."""
+        cls = type(self).__name__
+        if type(other) is not type(self):
+            raise TypeError(f"{caller}: can only merge another {cls}, got {type(other).__name__}.")
+        if other is self:
+            raise ValueError(f"{caller}: cannot merge a {cls} with itself (its ids or vectors would count twice).")
+
     # ------------------------------------------------------------------ state
+    d = property(lambda self: self._d, doc="Dimension of the vectors (keys or queries) the sketch takes.")
+    n = property(lambda self: self._n, doc="Number of vectors seen (including merged sketches).")
+
+    # ------------------------------------------------------- what a sketch implements
+    @abc.abstractmethod
+    def update(self, *args, **kwargs):
+        """Fold a block of vectors in; returns self (or the changes, where a sketch reports them)."""
+
+    @abc.abstractmethod
+    def merge(self, other):
+        """Fold another sketch of the same kind and parameters in; ``other`` is not modified."""
+
+    def to_bytes(self) -> bytes:
+        """Serialize to versioned, self-describing, CRC32-checked bytes (no pickle).
+
+        Returns
+        -------
+        bytes
+            Read back with :meth:`from_bytes`; the format is :mod:`streamlev._format`.
+
+        Notes
+        -----
+        Equal sketches give equal bytes (retained rows are written sorted by id),
+        so ``==`` compares bytes. Parameters and seeds travel with the data.
+        """
+        return self._to_bytes()
+
+    def _to_bytes(self) -> bytes:
+        """Write the fields of this class under its kind (implement this, or override :meth:`to_bytes`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _to_bytes (or override to_bytes).")
+
+    @classmethod
+    def from_bytes(cls, data):
+        """Rebuild a sketch from :meth:`to_bytes` output; raise ValueError on anything else.
+
+        Parameters
+        ----------
+        data : bytes, bytearray or memoryview
+            Output of :meth:`to_bytes` of this class (format version 1).
+
+        Returns
+        -------
+        sketch : instance of the class it is called on
+
+        Notes
+        -----
+        Magic, version, kind, CRC32, dtypes, shapes and the sketch's invariants are
+        checked before anything is allocated or used; pickles go through here too.
+        """
+        return cls._from_bytes(data)
+
+    @classmethod
+    def _from_bytes(cls, data):
+        """Parse and check the bytes of this class (implement this, or override :meth:`from_bytes`)."""
+        raise NotImplementedError(f"{cls.__name__} must implement _from_bytes (or override from_bytes).")
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes held by the sketch's arrays."""
+
+    @abc.abstractmethod
+    def _snapshot(self):
+        """A copy of the whole mutable state (what :func:`transactional` restores on error)."""
+
+    @abc.abstractmethod
+    def _restore(self, snap):
+        """Put back a state returned by :meth:`_snapshot`."""
+
     @property
     def is_empty(self) -> bool:
         """True when no key (or query) has been seen."""
         return not np.any(self.n)
+
+
+
+class KeySketch(Sketch):
+    """A sketch that keeps a set of keys scored against everything seen: the selection contract.
+
+    Subclasses provide ``scores()`` (sorted ids and their scores, each >= eps),
+    ``_eps``, ``_p``, ``_rtol``, ``_rows`` (or override the members below) and a
+    :class:`size_bound` ``max_retained``. ``_SCORE`` names the score in messages.
+    """
+
+    _SCORE = "scores"
+
+    eps = property(lambda self: self._eps, doc="Threshold the sketch was built for: every key scoring >= eps is kept.")
+    p = property(lambda self: self._p, doc="Attention exponent, f(x) = |x|^p.")
+    rtol = property(lambda self: self._rtol, doc="Relative ridge of the numerical leverage definition.")
+    num_retained = property(lambda self: self._rows.r, doc="Number of keys held (always <= ``max_retained()``).")
+
+    def scores(self):
+        """Ids of the retained keys and their scores (leverage, or certified upper bounds for LpSketch).
+
+        Returns
+        -------
+        ids : ndarray of shape (r,), int64, sorted
+        score : ndarray of shape (r,), float64, each >= eps
+        """
+        with self._lock:
+            self._refresh()
+            ids, _, score, _ = self._rows.sorted()
+            return ids, score
+
+    def _retained_rows(self):
+        """(sorted ids, keys at the original scale, values or None) of the retained keys."""
+        with self._lock:
+            self._refresh()
+            ids, K, _, V = self._rows.sorted()
+            return ids, self._f.unscaled(K), V
+
+    def _refresh(self):
+        """Bring lazily maintained scores up to date (nothing to do unless a sketch defers work)."""
+
+    def universal_set(self, eps: float | None = None) -> np.ndarray:
+        """Sorted int64 ids of the retained keys scoring >= eps.
+
+        Parameters
+        ----------
+        eps : float, optional
+            Threshold, >= the sketch's eps (keys below it were discarded); default ``self.eps``.
+
+        Returns
+        -------
+        ids : ndarray of shape (u,), int64, sorted
+        """
+        caller = f"{type(self).__name__}.universal_set"
+        with self._lock:
+            e = self._eps if eps is None else check_eps(eps, caller=caller)
+            if e < self._eps:
+                raise ValueError(f"{caller}: eps={e!r} is below the sketch's eps={self._eps!r}; keys with smaller "
+                                 f"{self._SCORE} were not kept. Build the sketch with a smaller eps.")
+            ids, score = self.scores()
+            return ids[score >= e]
 
     def top(self, budget: int) -> np.ndarray:
         """Sorted ids of the ``budget`` retained keys of largest score (ties toward smaller ids).
@@ -112,16 +258,9 @@ class Sketch:
         A selection query: the sketch is not changed. Only keys scoring >= eps
         are retained, so fewer than ``budget`` ids come back when fewer are held.
         """
-        b = check_budget(budget, f"{type(self).__name__}.top")
+        b = check_budget(budget, caller=f"{type(self).__name__}.top", minimum=0)
         ids, score = self.scores()
         return np.sort(ids[top_k(score, b)])
-
-
-def check_budget(budget, caller: str) -> int:
-    """Return ``budget`` as an int >= 0, or raise."""
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)) or budget < 0:
-        raise ValueError(f"{caller}: budget must be an int >= 0, got {budget!r}.")
-    return int(budget)
 
 
 def transactional(method):
@@ -175,10 +314,20 @@ class size_bound:
     def __init__(self, fn):
         self.fn = fn
         functools.update_wrapper(self, fn)
+        sig = inspect.signature(fn)
+        self._signature = sig.replace(parameters=list(sig.parameters.values())[1:])  # without cls
 
     def __get__(self, obj, cls):
         if obj is None:
-            return functools.partial(self.fn, cls)
+            fn = self.fn
+
+            def on_class(*args, **kwargs):
+                return fn(cls, *args, **kwargs)
+
+            functools.update_wrapper(on_class, fn)
+            del on_class.__wrapped__  # so that inspect shows the signature below, without cls
+            on_class.__signature__ = self._signature
+            return on_class
         return _BoundSize(self.fn, cls, obj)
 
 
@@ -238,16 +387,3 @@ class _BoundSize:
 
     def __repr__(self):
         return f"<bound max_retained of {self._obj!r}>"
-
-
-def deprecated_alias(new_name: str, old_name: str):
-    """A method ``old_name`` that warns (DeprecationWarning) and calls ``new_name``."""
-
-    def alias(self, *args, **kwargs):
-        warnings.warn(f"{type(self).__name__}.{old_name} is deprecated; use {new_name} instead.",
-                      DeprecationWarning, stacklevel=2)
-        return getattr(self, new_name)(*args, **kwargs)
-
-    alias.__name__ = old_name
-    alias.__doc__ = f"Deprecated alias of :meth:`{new_name}`."
-    return alias

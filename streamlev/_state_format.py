@@ -21,10 +21,15 @@ COMMON_SCHEMA = {
 VALUES_SCHEMA = {"values": (("r", None), "f8")}
 
 
-def common_fields(d: int, eps: float, p: float, rtol: float, n: int, e: int, idr: IdRange, R, ids, keys) -> dict:
-    """The common fields, in format order (ids sorted, keys scaled)."""
-    return {"d": np.int64(d), "eps": np.float64(eps), "p": np.float64(p), "rtol": np.float64(rtol),
-            "n": np.int64(n), "scale_exp": np.int64(e), "id_range": idr.as_array(), "R": R, "ids": ids, "keys": keys}
+def common_fields(d: int, eps: float, p: float, rtol: float, n: int, e: int, idr: IdRange, R, ids, keys,
+                  extra: dict | None = None, values=None) -> dict:
+    """All fields in format order: the common ones (ids sorted, keys scaled), ``extra``, then ``values``."""
+    out = {"d": np.int64(d), "eps": np.float64(eps), "p": np.float64(p), "rtol": np.float64(rtol),
+           "n": np.int64(n), "scale_exp": np.int64(e), "id_range": idr.as_array(), "R": R, "ids": ids, "keys": keys}
+    out.update(extra or {})
+    if values is not None:
+        out["values"] = values
+    return out
 
 
 def load_common(f: dict, max_retained: int, caller: str, *, positive_diagonal: bool = True):

@@ -13,6 +13,7 @@ import torch  # absolute import: always the third-party package, never streamlev
 from torch import nn
 
 from ._constants import DEFAULT_RTOL
+from ._validation import check_attention_p, check_bool, check_budget, check_rtol
 
 __all__ = ["LevAttention", "leverage_scores", "select_keys", "lev_attention"]
 
@@ -20,17 +21,6 @@ QR_CHUNK_ELEMS = 1 << 24  # float64 entries per batched QR call (128 MB): bounds
 
 
 # ------------------------------------------------------------------ validation
-def _check_budget(budget, caller):
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
-        raise TypeError(f"{caller}: budget must be an int >= 1 or None. Got {budget!r} of type "
-                        f"{type(budget).__name__}.")
-    if int(budget) < 1:
-        raise ValueError(f"{caller}: budget must be an int >= 1 or None. Got {budget}.")
-    return int(budget)
-
-
 def _check_eps(eps, caller):
     if eps is None:
         return None
@@ -41,42 +31,12 @@ def _check_eps(eps, caller):
 
 
 def _check_mode(eps, budget, caller):
-    eps, budget = _check_eps(eps, caller), _check_budget(budget, caller)
+    eps, budget = _check_eps(eps, caller), check_budget(budget, caller=caller, allow_none=True)
     if eps is None and budget is None:
         raise ValueError(f"{caller}: pass budget= (the budget keys of largest leverage), eps= (keys with leverage "
                          ">= eps), or both (eps capped by a budget). Got neither; for full attention use "
                          "torch.nn.MultiheadAttention or a budget >= the number of keys.")
     return eps, budget
-
-
-def _check_bool(x, name, caller):
-    if not isinstance(x, bool):
-        raise TypeError(f"{caller}: {name} must be True or False. Got {x!r}.")
-    return x
-
-
-def _check_rtol(rtol, caller):
-    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not (0.0 < float(rtol) < 1.0):
-        raise ValueError(f"{caller}: rtol must be a number in (0, 1) (default {DEFAULT_RTOL}). Got {rtol!r}.")
-    return float(rtol)
-
-
-def _check_p(p, scale, caller):
-    if isinstance(p, str):
-        if p != "softmax":
-            raise ValueError(f"{caller}: p must be 'softmax' or a number >= 1 (|x|^p attention). Got {p!r}.")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                                  or not math.isfinite(scale)):
-            raise TypeError(f"{caller}: scale must be a finite real number or None (default 1/sqrt(head_dim)). "
-                            f"Got {scale!r}.")
-        return "softmax", None if scale is None else float(scale)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (1.0 <= float(p) < math.inf):
-        # p < 1 makes |x|^p non-differentiable with an infinite slope at 0: useless for training
-        raise ValueError(f"{caller}: p must be 'softmax' or a finite number >= 1 (|x|^p attention). Got {p!r}.")
-    if scale is not None:
-        raise ValueError(f"{caller}: scale applies to softmax only (|x|^p attention is invariant to it). Got "
-                         f"scale={scale!r} with p={p!r}; pass scale=None.")
-    return float(p), None
 
 
 def _check_heads(x, name, caller, ndim=4):
@@ -150,8 +110,8 @@ def leverage_scores(K, *, causal: bool = False, rtol: float = DEFAULT_RTOL):
     if not isinstance(K, torch.Tensor) or K.dim() < 2 or not K.is_floating_point():
         raise ValueError(f"{caller}: K must be a floating-point torch.Tensor of shape (..., n, d); got "
                          f"{type(K).__name__} {getattr(K, 'dtype', '')} {tuple(getattr(K, 'shape', ()))}.")
-    causal = _check_bool(causal, "causal", caller)
-    rtol = _check_rtol(rtol, caller)
+    causal = check_bool(causal, name="causal", caller=caller)
+    rtol = check_rtol(rtol, caller=caller, allow_zero=False)
     lead, (n, d) = K.shape[:-2], K.shape[-2:]
     Ks = _scaled64(K).reshape(-1, n, d).cpu()
     if not causal:
@@ -219,8 +179,8 @@ def select_keys(K, *, budget: int | None = None, eps: float | None = None, causa
     """
     caller = "streamlev.torch.select_keys"
     eps, budget = _check_mode(eps, budget, caller)
-    causal = _check_bool(causal, "causal", caller)
-    keep_first = _check_bool(keep_first, "keep_first", caller)
+    causal = check_bool(causal, name="causal", caller=caller)
+    keep_first = check_bool(keep_first, name="keep_first", caller=caller)
     tau = leverage_scores(K, causal=causal, rtol=rtol)
     n = tau.shape[-1]
     m = n if budget is None else min(budget, n)
@@ -288,11 +248,11 @@ def lev_attention(q, k, v, *, budget: int | None = None, eps: float | None = Non
     """
     caller = "streamlev.torch.lev_attention"
     eps, budget = _check_mode(eps, budget, caller)
-    p, scale = _check_p(p, scale, caller)
-    causal = _check_bool(causal, "causal", caller)
-    keep_first = _check_bool(keep_first, "keep_first", caller)
-    need_weights = _check_bool(need_weights, "need_weights", caller)
-    rtol = _check_rtol(rtol, caller)
+    p, scale = check_attention_p(p, scale, caller=caller, p_min=1.0)
+    causal = check_bool(causal, name="causal", caller=caller)
+    keep_first = check_bool(keep_first, name="keep_first", caller=caller)
+    need_weights = check_bool(need_weights, name="need_weights", caller=caller)
+    rtol = check_rtol(rtol, caller=caller, allow_zero=False)
     q, k, v = (_check_heads(x, nm, caller) for x, nm in ((q, "q"), (k, "k"), (v, "v")))
     B, H, n_q, dh = q.shape
     n = k.shape[-2]
@@ -387,10 +347,10 @@ class LevAttention(nn.Module):
             raise ValueError(f"{caller}: num_heads={num_heads} must divide embed_dim={embed_dim} (each head gets "
                              "embed_dim // num_heads features); choose a divisor.")
         self_eps, self_budget = _check_mode(eps, budget, caller)
-        self_p, self_scale = _check_p(p, scale, caller)
-        flags = [_check_bool(x, nm, caller) for x, nm in ((keep_first, "keep_first"), (causal, "causal"),
+        self_p, self_scale = check_attention_p(p, scale, caller=caller, p_min=1.0)
+        flags = [check_bool(x, name=nm, caller=caller) for x, nm in ((keep_first, "keep_first"), (causal, "causal"),
                                                           (bias, "bias"))]
-        rtol = _check_rtol(rtol, caller)
+        rtol = check_rtol(rtol, caller=caller, allow_zero=False)
         super().__init__()
         self.embed_dim, self.num_heads, self.head_dim = int(embed_dim), int(num_heads), embed_dim // num_heads
         self.budget, self.eps, self.p, self.scale, self.rtol = self_budget, self_eps, self_p, self_scale, rtol
@@ -455,7 +415,7 @@ class LevAttention(nn.Module):
 
     def select(self, query, key=None, *, is_causal: bool | None = None):
         """Boolean mask of the keys each (example, head) attends to: (B, H, n) or, causal, (B, H, n, n)."""
-        causal = self.causal if is_causal is None else _check_bool(is_causal, "is_causal", "LevAttention.select")
+        causal = self.causal if is_causal is None else check_bool(is_causal, name="is_causal", caller="LevAttention.select")
         with torch.no_grad():
             _, k, _ = self._project(query, key, None)
             return select_keys(k, budget=self.budget, eps=self.eps, causal=causal, keep_first=self.keep_first,
@@ -487,7 +447,7 @@ class LevAttention(nn.Module):
             raise NotImplementedError("LevAttention.forward: key_padding_mask and attn_mask are not supported "
                                       "(the leverage selection would have to exclude masked keys); pass None and "
                                       "use is_causal=True for causal masking.")
-        causal = self.causal if is_causal is None else _check_bool(is_causal, "is_causal", "LevAttention.forward")
+        causal = self.causal if is_causal is None else check_bool(is_causal, name="is_causal", caller="LevAttention.forward")
         q, k, v = self._project(query, key, value)
         res = lev_attention(q, k, v, budget=self.budget, eps=self.eps, p=self.p, scale=self.scale, causal=causal,
                             keep_first=self.keep_first, rtol=self.rtol, need_weights=bool(need_weights))

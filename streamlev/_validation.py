@@ -19,7 +19,8 @@ from ._constants import EPS_MIN, MAX_STATE_BYTES
 
 __all__ = ["check_eps", "check_dim", "check_keys", "check_ids", "check_values", "check_p", "check_rtol",
            "check_bool", "check_matrix", "check_matrix_2d", "check_positive_float", "check_max_iter", "check_idx", "check_choice",
-           "is_torch", "as_real_array", "like_input", "check_state_size", "check_payload"]
+           "is_torch", "as_real_array", "like_input", "check_state_size", "check_payload", "check_budget", "check_seed", "check_scale",
+           "check_attention_p"]
 
 
 def check_eps(eps, *, name: str = "eps", caller: str) -> float:
@@ -319,3 +320,51 @@ def check_payload(values, m: int, dv: int | None, has_data: bool, *, caller: str
         raise ValueError(f"{caller}: values were not given for earlier keys; a sketch either carries values for "
                          "every key or for none.")
     return check_values(values, m, dv, caller=caller)
+
+
+# ------------------------------------------------------------ selection and attention options
+def check_budget(budget, *, caller: str, minimum: int = 1, allow_none: bool = False):
+    """Return ``budget`` as an int >= ``minimum`` (or None when allowed), or raise TypeError/ValueError."""
+    if budget is None and allow_none:
+        return None
+    want = f"an int >= {minimum}" + (" or None" if allow_none else "")
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"{caller}: budget must be {want}. Got {budget!r} of type {type(budget).__name__}.")
+    if int(budget) < minimum:
+        raise ValueError(f"{caller}: budget must be {want}. Got {budget}.")
+    return int(budget)
+
+
+def check_seed(seed, *, caller: str) -> int:
+    """Return ``seed`` as an int >= 0, or raise TypeError."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or int(seed) < 0:
+        raise TypeError(f"{caller}: seed must be an int >= 0. Got {seed!r}.")
+    return int(seed)
+
+
+def check_scale(scale, *, caller: str, default: str = "1/sqrt(d)"):
+    """Return the softmax logit ``scale`` as a finite float, or None; raise TypeError otherwise."""
+    if scale is None:
+        return None
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
+        raise TypeError(f"{caller}: scale must be a finite real number or None (default {default}). Got {scale!r}.")
+    return float(scale)
+
+
+def check_attention_p(p, scale, *, caller: str, p_min: float = 0.0):
+    """Return ``(p, scale)`` for an attention kind: ``"softmax"`` (with a scale) or a real p (then scale is None).
+
+    ``p_min`` = 0 accepts any p > 0; ``p_min`` >= 1 accepts p >= p_min (differentiable |x|^p for training).
+    """
+    want = "a positive number" if p_min <= 0 else f"a finite number >= {p_min:g}"
+    if isinstance(p, str):
+        if p != "softmax":
+            raise ValueError(f"{caller}: p must be 'softmax' or {want} (|x|^p attention). Got {p!r}.")
+        return "softmax", check_scale(scale, caller=caller)
+    ok = (0.0 < float(p) if p_min <= 0 else p_min <= float(p)) if isinstance(p, numbers.Real) else False
+    if isinstance(p, (bool, np.bool_)) or not ok or not float(p) < np.inf:
+        raise ValueError(f"{caller}: p must be 'softmax' or {want} (|x|^p attention). Got {p!r}.")
+    if scale is not None:
+        raise ValueError(f"{caller}: scale applies to softmax only (|x|^p attention is invariant to it). Got "
+                         f"scale={scale!r} with p={p!r}; pass scale=None.")
+    return float(p), None

@@ -21,7 +21,6 @@ guarantee for softmax.
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -29,10 +28,10 @@ import scipy.sparse as sp
 
 from . import _factor
 from ._constants import BLOCK_ELEMS, DEFAULT_RTOL
+from ._kernels.rank_one import givens_add_row
 from ._scaling import pow2_exponent, scale_by_max
 from ._topk import top_k
-from ._kernels.rank_one import givens_add_row
-from ._validation import as_real_array, check_bool, check_eps, check_keys, like_input
+from ._validation import as_real_array, check_attention_p, check_bool, check_budget, check_eps, like_input
 from .leverage import leverage_scores
 from .lp import LpSketch
 from .sketch import LevSketch
@@ -123,11 +122,7 @@ def _check_mode(eps, budget, caller):
                          f"budget= (the budget keys of largest leverage). Got eps={eps!r}, budget={budget!r}.")
     if eps is not None:
         return check_eps(eps, caller=caller), None
-    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral):
-        raise TypeError(f"{caller}: budget must be an int >= 1. Got {budget!r} of type {type(budget).__name__}.")
-    if int(budget) < 1:
-        raise ValueError(f"{caller}: budget must be an int >= 1. Got {budget}.")
-    return None, int(budget)
+    return None, check_budget(budget, caller=caller)
 
 
 def select_keys(K, *, eps: float | None = None, budget: int | None = None, causal: bool = False,
@@ -220,22 +215,6 @@ def _causal_sets(Ks, eps, budget, rtol):
 
 
 # ----------------------------------------------------------------------- attention
-def _check_p(p, scale, caller):
-    if isinstance(p, str):
-        if p != "softmax":
-            raise ValueError(f"{caller}: p must be a positive number (|x|^p attention) or 'softmax'. Got {p!r}.")
-        if scale is not None and (isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real)
-                                  or not np.isfinite(scale)):
-            raise TypeError(f"{caller}: scale must be a finite real number or None. Got {scale!r}.")
-        return "softmax", None if scale is None else float(scale)
-    if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real) or not (0 < float(p) < np.inf):
-        raise ValueError(f"{caller}: p must be a positive number (|x|^p attention) or 'softmax'. Got {p!r}.")
-    if scale is not None:
-        raise ValueError(f"{caller}: scale applies to softmax only (|x|^p attention is invariant to it); "
-                         f"got scale={scale!r} with p={p!r}.")
-    return float(p), None
-
-
 def _weights(S, visible, p, scale):
     """Unnormalised attention weights of scores S over the visible entries (others 0); scale-safe."""
     if p == "softmax":
@@ -370,7 +349,7 @@ def lev_attention(Q, K, V, *, eps: float | None = None, budget: int | None = Non
     """
     caller = "lev_attention"
     eps, budget = _check_mode(eps, budget, caller)
-    p, scale = _check_p(p, scale, caller)
+    p, scale = check_attention_p(p, scale, caller=caller)
     causal = check_bool(causal, name="causal", caller=caller)
     if eps is not None and p not in ("softmax", 2.0):
         raise NotImplementedError(f"{caller}: threshold mode needs the universal set for p={p}, which is not "
@@ -459,7 +438,7 @@ def restriction_cost(Q, K, V, kept, *, p=2.0, scale=None, causal: bool = False) 
     bounded memory. Use it on a sample of queries to choose eps or a budget.
     """
     caller = "restriction_cost"
-    p, scale = _check_p(p, scale, caller)
+    p, scale = check_attention_p(p, scale, caller=caller)
     causal = check_bool(causal, name="causal", caller=caller)
     Qa, Ka, Va = _check_qkv(Q, K, V, caller)
     n_q, n = Qa.shape[0], Ka.shape[0]

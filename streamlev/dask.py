@@ -47,6 +47,16 @@ def _dask_array():
 def sketch_class(p: float = 2.0):
     """The sketch class for attention exponent ``p``: LevSketch for p = 2, else ``streamlev.LpSketch``.
 
+    Parameters
+    ----------
+    p : float, default=2.0
+        Attention exponent of |x|^p attention, > 0.
+
+    Returns
+    -------
+    type
+        :class:`streamlev.LevSketch` or :class:`streamlev.LpSketch`.
+
     Raises
     ------
     ValueError

@@ -71,25 +71,10 @@ class QKVSample:
     text_license: str
     extra: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def n_layers(self) -> int:
-        """Number of layers stored."""
-        return self.k.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        """Number of attention heads per layer."""
-        return self.k.shape[1]
-
-    @property
-    def n_tokens(self) -> int:
-        """Number of tokens over all documents."""
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        """Dimension of each head's queries, keys and values."""
-        return self.k.shape[3]
+    n_layers = property(lambda self: self.k.shape[0], doc="Number of layers stored.")
+    n_heads = property(lambda self: self.k.shape[1], doc="Number of attention heads per layer.")
+    n_tokens = property(lambda self: self.k.shape[2], doc="Number of tokens over all documents.")
+    head_dim = property(lambda self: self.k.shape[3], doc="Dimension of each head's queries, keys and values.")
 
     def __repr__(self) -> str:
         return (f"QKVSample(model={self.model!r}, layers={self.n_layers}, heads={self.n_heads}, "

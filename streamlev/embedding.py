@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 
 from . import _factor, _format
-from ._scaling import scale_by_max
+from ._scaling import pow2_exponent, scale_by_max
 from ._sketch_base import Sketch, locked, transactional
 from ._validation import check_dim, check_keys, check_p
 from .lewis import LewisConvergenceWarning, lewis_weights
@@ -33,6 +33,20 @@ def default_rows(d: int, p: float, delta: float) -> int:
     p < 2, ``d^(p/2) log d`` up to delta factors for p > 2) with constant 2,
     which is *not* what their theorem proves; the accuracy it gives is
     measured in ``tests/test_embedding.py``.
+
+    Parameters
+    ----------
+    d : int
+        Key dimension.
+    p : float
+        Attention exponent.
+    delta : float in (0, 1)
+        Target relative accuracy of the norm estimates.
+
+    Returns
+    -------
+    int
+        The coreset size.
     """
     dd = float(d) ** max(1.0, p / 2.0)
     return int(math.ceil(_C * dd * math.log(4.0 * dd) / delta ** 2))
@@ -143,7 +157,18 @@ class LpEmbedding(Sketch):
 
     # ---------------------------------------------------------------- update
     def update(self, keys):
-        """Fold keys (m, d) or (d,) into the embedding; returns self. Unchanged on error."""
+        """Fold keys into the embedding. Unchanged on error.
+
+        Parameters
+        ----------
+        keys : array_like of shape (m, d) or (d,)
+            Finite keys, any real dtype.
+
+        Returns
+        -------
+        LpEmbedding
+            self.
+        """
         with self._lock:
             K = check_keys(keys, self._d, caller="LpEmbedding.update")
             if K.shape[0] == 0:
@@ -203,11 +228,19 @@ class LpEmbedding(Sketch):
 
     # ------------------------------------------------------------------ merge
     def merge(self, other: LpEmbedding):
-        """Fold ``other`` (keys after this one's, in block order) into self; ``other`` is not modified."""
-        if not isinstance(other, LpEmbedding):
-            raise TypeError(f"LpEmbedding.merge: can only merge another LpEmbedding, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError("LpEmbedding.merge: cannot merge an embedding with itself (its keys would count twice).")
+        """Fold ``other`` (keys after this one's, in block order) into self; ``other`` is not modified.
+
+        Parameters
+        ----------
+        other : LpEmbedding
+            Built with the same d, p, delta, seed and rows.
+
+        Returns
+        -------
+        LpEmbedding
+            self.
+        """
+        self._check_other(other, "LpEmbedding.merge")
         mine = (self._d, self._p, self._delta, self._seed, self._rows)
         theirs = (other._d, other._p, other._delta, other._seed, other._rows)
         if mine != theirs:
@@ -237,7 +270,17 @@ class LpEmbedding(Sketch):
         return S, w
 
     def norm_p(self, Q) -> np.ndarray:
-        """Estimates of ``||K q||_p^p`` for each row q of Q, shape (n_q,) (0 for an empty embedding)."""
+        """Estimates of ``||K q||_p^p`` for each row q of Q (0 for an empty embedding).
+
+        Parameters
+        ----------
+        Q : array_like of shape (n_q, d) or (d,)
+            Queries.
+
+        Returns
+        -------
+        ndarray of shape (n_q,), float64
+        """
         with self._lock:
             Q = np.asarray(check_keys(Q, self._d, caller="LpEmbedding.norm_p", name="Q"), dtype=np.float64)
             S, w = self._terms(Q)
@@ -252,8 +295,9 @@ class LpEmbedding(Sketch):
             return np.zeros(n_q), np.zeros(n_q)
         Y = Q @ S.T
         mx = np.max(np.abs(Y), axis=1)
-        e = np.where(mx > 0, np.frexp(mx)[1], 0).astype(np.float64)
-        Y = np.ldexp(Y, -e[:, None].astype(np.int64))
+        e = pow2_exponent(mx)
+        Y = np.ldexp(Y, -e[:, None])
+        e = e.astype(np.float64)
         return np.abs(Y) ** self._p @ w, e
 
     # ---------------------------------------------------------- serialization
@@ -311,13 +355,13 @@ class LpEmbedding(Sketch):
             off += sz
         return emb
 
-    def to_bytes(self) -> bytes:
-        """Versioned, CRC32-checked bytes (no pickle); the seed and counters travel with them."""
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             return _format.dump("LpEmbedding", self._fields())
 
     @classmethod
-    def from_bytes(cls, data) -> LpEmbedding:
-        """Rebuild from :meth:`to_bytes` output; ValueError/TypeError on anything else."""
+    def _from_bytes(cls, data) -> LpEmbedding:
+        """Parse and check LpEmbedding bytes (see :meth:`Sketch.from_bytes`)."""
         f = _format.load(data, "LpEmbedding", cls._schema())
         return cls._from_fields(f)

@@ -437,9 +437,27 @@ def sensitivity_upper_bounds(K, p, *, rtol: float = DEFAULT_RTOL, tol: float = 1
 def universal_set_p(K, eps: float, *, p: float, rtol: float = DEFAULT_RTOL) -> np.ndarray:
     """Offline superset of ``{j : alpha_j >= eps}`` for |x|^p attention from certified bounds.
 
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Finite keys.
+    eps : float in (0, 1]
+        Smallest attention share of interest.
+    p : float
+        Attention exponent, > 0.
+    rtol : float, default=1e-13
+        Relative ridge of every leverage evaluation.
+
+    Returns
+    -------
+    ndarray of shape (u,), int64, sorted
+
+    Notes
+    -----
     Uses :func:`streamlev.lewis.sensitivity_upper_bounds` (for p <= 2 the
     minimum of the Lewis bound and ``tau^(p/2)``; for p > 2 ``(sum w)^(p/2-1) w``).
-    Size <= d^max(1, p/2) / eps.
+    Size <= d^max(1, p/2) / eps. No false negatives: every key with
+    sensitivity >= eps is in the set.
     """
     K = check_matrix_2d(K, caller="universal_set")
     if K.shape[0] == 0:

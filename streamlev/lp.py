@@ -22,8 +22,8 @@ from ._constants import CHUNK_ROWS, DEFAULT_RTOL, LEWIS_FAST_TOL, LEWIS_TIGHT_TO
 from ._ids import IdRange, check_disjoint, check_not_retained
 from ._retained import RetainedRows
 from ._scaled_factor import ScaledFactor
+from ._sketch_base import KeySketch, changes_between, locked, no_changes, size_bound, transactional
 from ._state_format import COMMON_SCHEMA, VALUES_SCHEMA, common_fields, load_common
-from ._sketch_base import Sketch, changes_between, locked, no_changes, size_bound, transactional
 from ._validation import (check_dim, check_eps, check_ids, check_keys, check_p, check_payload, check_rtol,
                           check_state_size)
 from .embedding import LpEmbedding
@@ -32,7 +32,7 @@ from .lewis import LewisConvergenceWarning, sensitivity_upper_bounds, universal_
 __all__ = ["LpSketch", "universal_set_p"]
 
 
-class LpSketch(Sketch):
+class LpSketch(heavy.HeavyEntries, KeySketch):
     """One-pass, mergeable superset of the universal set for |x|^p attention.
 
     Parameters
@@ -91,6 +91,8 @@ class LpSketch(Sketch):
     True
     """
 
+    _SCORE = "bounds"
+
     def __init__(self, d: int, eps: float, *, p: float = 1.0, rtol: float = DEFAULT_RTOL, normalizer: bool = False,
                  delta: float = 0.1, seed: int = 0, normalizer_rows: int | None = None):
         super().__init__()
@@ -109,12 +111,6 @@ class LpSketch(Sketch):
         self._rows = RetainedRows(self._d)  # candidates; score = certified sensitivity upper bound
 
     # ------------------------------------------------------------ properties
-    d = property(lambda self: self._d, doc="Key dimension.")
-    eps = property(lambda self: self._eps, doc="Threshold the sketch was built for.")
-    p = property(lambda self: self._p, doc="Attention exponent.")
-    rtol = property(lambda self: self._rtol, doc="Relative ridge of leverage evaluations.")
-    n = property(lambda self: self._n, doc="Number of keys seen (including merged sketches).")
-    num_retained = property(lambda self: self._rows.r, doc="Candidates held.")
     normalizer = property(lambda self: self._emb, doc="The LpEmbedding of all keys, or None (normalizer=False).")
 
     @property
@@ -130,11 +126,11 @@ class LpSketch(Sketch):
         Parameters
         ----------
         d : int
-            Key dimension.
+            Number of columns of the keys.
         eps : float in (0, 1]
-            Threshold.
+            Smallest attention share the sketch reports.
         p : float, default=1.0
-            Attention exponent.
+            Exponent of |x|^p attention; the bound grows as d^(p/2) for p > 2.
 
         Returns
         -------
@@ -259,73 +255,24 @@ class LpSketch(Sketch):
             return sensitivity_upper_bounds(K, self._p, rtol=self._rtol, tol=tol)
 
     # ---------------------------------------------------------------- queries
-    def scores(self):
-        """Retained ids (sorted) and their certified sensitivity upper bounds (each >= eps).
-
-        Returns
-        -------
-        ids : ndarray of shape (r,), int64, sorted
-        ub : ndarray of shape (r,), float64
-        """
-        with self._lock:
-            ids, _, ub, _ = self._rows.sorted()
-            return ids, ub
-
-    def universal_set(self, eps: float | None = None) -> np.ndarray:
-        """Sorted int64 ids whose sensitivity bound is >= eps (a superset of ``{j : alpha_j >= eps}``).
-
-        Parameters
-        ----------
-        eps : float, optional
-            Threshold, >= the sketch's eps; default ``self.eps``.
-
-        Returns
-        -------
-        ids : ndarray of shape (u,), int64, sorted
-        """
-        with self._lock:
-            e = self._eps if eps is None else check_eps(eps, caller="LpSketch.universal_set")
-            if e < self._eps:
-                raise ValueError(f"LpSketch.universal_set: eps={e!r} is below the sketch's eps={self._eps!r}; "
-                                 "keys with smaller bounds were not kept. Build the sketch with a smaller eps.")
-            ids, ub = self.scores()
-            return ids[ub >= e]
-
     def retained(self):
-        """Retained ids (sorted), their keys (float64, original scale), and their values if the sketch carries them.
+        """The candidates: their ids and keys, and their payload when the sketch carries values.
 
         Returns
         -------
-        ids : ndarray of shape (r,), int64
-        keys : ndarray of shape (r, d), float64
-        values : ndarray of shape (r, dv), only when the sketch carries values
+        rows : tuple
+            ``(ids, keys)``: sorted int64 ids of shape (r,) and float64 keys of shape
+            (r, d) at the original scale; ``(ids, keys, values)`` with values of shape
+            (r, dv) when the sketch carries values.
         """
-        with self._lock:
-            ids, K, _, V = self._rows.sorted()
-            out = (ids, self._f.unscaled(K))
-            return out if V is None else out + (V,)
+        ids, K, V = self._retained_rows()
+        return (ids, K) if V is None else (ids, K, V)
 
-    def heavy_attention(self, Q, eps: float | None = None, *, id_map: bool = False):
-        """|x|^p heavy attention entries; needs ``normalizer=True`` (see :func:`streamlev.attention.heavy_attention`).
-
-        Parameters
-        ----------
-        Q : array_like of shape (n_q, d) or (d,)
-            Queries.
-        eps : float, optional
-            Entry threshold, >= the sketch's eps.
-        id_map : bool, default=False
-            Label columns by position in a returned id array instead of by id.
-
-        Returns
-        -------
-        A : scipy.sparse.csr_matrix (and ``ids`` when ``id_map``)
-        """
+    def _heavy_entries(self, Q, e, id_map):
         if self._emb is None:
             raise NotImplementedError(
                 f"heavy_attention: p={self._p!r} needs the row normaliser sum_l |<q,k_l>|^p: build the sketch "
                 "with LpSketch(d, eps, p=..., normalizer=True).")
-        e = heavy.query_threshold(self, eps, id_map)
         Q = np.asarray(check_keys(Q, self._d, caller="heavy_attention", name="Q"), dtype=np.float64)
         with self._lock:
             ids, K, ub, _ = self._rows.sorted()
@@ -349,10 +296,7 @@ class LpSketch(Sketch):
         self, or Changes when ``return_changes`` is True.
         """
         caller = "LpSketch.merge"
-        if not isinstance(other, LpSketch):
-            raise TypeError(f"{caller}: can only merge another LpSketch, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError(f"{caller}: cannot merge a sketch with itself (its ids are not disjoint).")
+        self._check_other(other, caller)
         mine, theirs = (self._d, self._eps, self._p, self._rtol), (other._d, other._eps, other._p, other._rtol)
         if mine != theirs:
             raise ValueError(f"{caller}: incompatible sketches: this one has (d, eps, p, rtol)={mine}, "
@@ -401,36 +345,19 @@ class LpSketch(Sketch):
         self._idr.extend(other._idr.lo, other._idr.hi, other._n)
 
     # ---------------------------------------------------------- serialization
-    def to_bytes(self) -> bytes:
-        """Serialize to versioned, self-describing, CRC32-checked bytes (no pickle).
-
-        Returns
-        -------
-        bytes
-        """
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             ids, K, ub, V = self._rows.sorted()
-            fields = common_fields(self._d, self._eps, self._p, self._rtol, self._n, self._f.e, self._idr, self._f.R,
-                                   ids, K)
-            fields["ub"] = ub
+            extra = {"ub": ub}
             if self._emb is not None:  # optional fields: bytes without them (older sketches) still load
-                fields.update(self._emb._fields(_NZ))
-            if V is not None:
-                fields["values"] = V
-            return _format.dump("LpSketch", fields)
+                extra.update(self._emb._fields(_NZ))
+            return _format.dump("LpSketch", common_fields(self._d, self._eps, self._p, self._rtol, self._n, self._f.e,
+                                                          self._idr, self._f.R, ids, K, extra, V))
 
     @classmethod
-    def from_bytes(cls, data) -> LpSketch:
-        """Rebuild a sketch from :meth:`to_bytes` output; raise ValueError on anything else.
-
-        Parameters
-        ----------
-        data : bytes, bytearray or memoryview
-
-        Returns
-        -------
-        LpSketch
-        """
+    def _from_bytes(cls, data) -> LpSketch:
+        """Parse and check LpSketch bytes (see :meth:`Sketch.from_bytes`)."""
         caller = "LpSketch.from_bytes"
         optional = dict(LpEmbedding._schema(_NZ, dname="d"))
         optional.update(VALUES_SCHEMA)

@@ -18,15 +18,15 @@ import numpy as np
 from . import _format
 from ._constants import DEFAULT_RTOL
 from ._decode import apply_plan, plan_one
-from ._sketch_base import Sketch, check_budget, locked, size_bound, transaction
+from ._sketch_base import KeySketch, locked, size_bound, transaction
 from ._topk import top_k
-from ._validation import as_real_array, check_dim, check_eps, check_ids
-from .sketch import Changes, LevSketch
+from ._validation import as_real_array, check_budget, check_dim, check_eps, check_ids
+from .sketch import LevSketch
 
 __all__ = ["MultiHeadSketch"]
 
 
-class MultiHeadSketch(Sketch):
+class MultiHeadSketch(KeySketch):
     """Universal sets of keys for several attention heads at once (x^2 attention, p = 2).
 
     Parameters
@@ -68,25 +68,9 @@ class MultiHeadSketch(Sketch):
         self._rtol = self._sk[0].rtol
 
     # ------------------------------------------------------------ properties
-    @property
-    def heads(self) -> int:
-        """Number of heads."""
-        return self._heads
-
-    @property
-    def d(self) -> int:
-        """Key dimension."""
-        return self._d
-
-    @property
-    def eps(self) -> np.ndarray:
-        """Per-head thresholds, shape (heads,) (a copy)."""
-        return self._eps.copy()
-
-    @property
-    def rtol(self) -> float:
-        """Relative ridge of the numerical leverage definition."""
-        return self._rtol
+    _p = 2.0
+    heads = property(lambda self: self._heads, doc="Number of heads.")
+    eps = property(lambda self: self._eps.copy(), doc="Per-head thresholds, shape (heads,) (a copy).")
 
     @property
     def n(self) -> np.ndarray:
@@ -140,7 +124,17 @@ class MultiHeadSketch(Sketch):
                 f"n={self.n.tolist()}, num_retained={self.num_retained.tolist()})")
 
     def sketch(self, head: int) -> LevSketch:
-        """An independent copy of one head's LevSketch."""
+        """An independent copy of one head's LevSketch.
+
+        Parameters
+        ----------
+        head : int
+            Head index in [0, heads).
+
+        Returns
+        -------
+        LevSketch
+        """
         return self._sk[self._head(head, "MultiHeadSketch.sketch")].copy()
 
     def _head(self, head, caller):
@@ -169,6 +163,11 @@ class MultiHeadSketch(Sketch):
         -----
         Input is validated for every head before any head changes; if a head
         still fails (e.g. an id already retained), all heads are restored.
+
+        Returns
+        -------
+        MultiHeadSketch or list of Changes
+            self, or one :class:`~streamlev.Changes` per head with ``return_changes``.
         """
         caller = "MultiHeadSketch.update"
         with self._lock:
@@ -234,14 +233,24 @@ class MultiHeadSketch(Sketch):
     def merge(self, other: MultiHeadSketch, *, return_changes: bool = False):
         """Fold another MultiHeadSketch (same heads, d, eps, rtol; disjoint ids per head) into this one.
 
+        Parameters
+        ----------
+        other : MultiHeadSketch
+            Not modified.
+        return_changes : bool, default=False
+            Return one :class:`~streamlev.Changes` per head instead of self.
+
+        Returns
+        -------
+        MultiHeadSketch or list of Changes
+
+        Notes
+        -----
         The result is exactly the sketch of the union of both key sets, per
-        head; ``other`` is not modified. On error no head changes.
+        head. On error no head changes.
         """
         caller = "MultiHeadSketch.merge"
-        if not isinstance(other, MultiHeadSketch):
-            raise TypeError(f"{caller}: can only merge another MultiHeadSketch, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError(f"{caller}: cannot merge a sketch with itself (its ids are not disjoint).")
+        self._check_other(other, caller)
         with locked(self, other):
             mine = (self._heads, self._d, self._eps.tolist(), self._rtol)
             theirs = (other._heads, other._d, other._eps.tolist(), other._rtol)
@@ -268,6 +277,8 @@ class MultiHeadSketch(Sketch):
         ----------
         eps : float or array_like of shape (heads,), optional
             Default each head's eps; a scalar or one value per head, each >= that head's eps.
+        *args
+            Deprecated: the old second positional argument (eps after head).
         head : int, optional (keyword)
             One head; default all heads.
 
@@ -294,11 +305,32 @@ class MultiHeadSketch(Sketch):
             return [s.universal_set(float(x)) for s, x in zip(self._sk, e)]
 
     def scores(self, head: int | None = None):
-        """(ids, leverage) of the retained keys, per head (see :meth:`LevSketch.scores`)."""
+        """(ids, leverage) of the retained keys, per head (see :meth:`LevSketch.scores`).
+
+        Parameters
+        ----------
+        head : int, optional
+            One head; default every head.
+
+        Returns
+        -------
+        tuple or list of tuples
+            ``(ids, tau)`` for one head, or one such pair per head.
+        """
         return self._per_head(head, lambda s: s.scores(), "MultiHeadSketch.scores")
 
     def retained(self, head: int | None = None):
-        """(ids, keys, values) of the retained keys, per head (see :meth:`LevSketch.retained`)."""
+        """(ids, keys, values) of the retained keys, per head (see :meth:`LevSketch.retained`).
+
+        Parameters
+        ----------
+        head : int, optional
+            Index of the head to read, in [0, heads); None (default) reads all of them.
+
+        Returns
+        -------
+        rows : tuple ``(ids, keys, values)``, or a list of ``heads`` such tuples when ``head`` is None
+        """
         return self._per_head(head, lambda s: s.retained(), "MultiHeadSketch.retained")
 
     def top(self, budget, *, head: int | None = None):
@@ -309,11 +341,11 @@ class MultiHeadSketch(Sketch):
         budget : int or array_like of int of shape (heads,)
             Ids wanted per head, >= 0.
         head : int, optional (keyword)
-            One head; default all heads.
+            Rank the keys of this head only (default: every head).
 
         Returns
         -------
-        ids : ndarray of int64 (one head) or list of ``heads`` such arrays
+        ids : ndarray of shape (<= budget,), int64, or a list with one per head
 
         Notes
         -----
@@ -324,7 +356,7 @@ class MultiHeadSketch(Sketch):
         """
         caller = "MultiHeadSketch.top"
         if np.ndim(budget) == 0:
-            b = np.full(self._heads, check_budget(budget, caller))
+            b = np.full(self._heads, check_budget(budget, caller=caller, minimum=0))
         else:
             b = np.asarray(budget)
             if b.shape != (self._heads,) or b.dtype.kind not in "iu" or (b < 0).any():
@@ -342,15 +374,38 @@ class MultiHeadSketch(Sketch):
             return [pick(s, k) for s, k in zip(self._sk, b)]
 
     def top_keys(self, budget, head: int | None = None):
-        """Deprecated alias of :meth:`top` (``head`` becomes keyword-only there)."""
+        """Deprecated alias of :meth:`top` (``head`` is keyword-only there).
+
+        Parameters
+        ----------
+        budget : int or array_like of int of shape (heads,)
+            Ids wanted per head.
+        head : int, optional
+            One head.
+
+        Returns
+        -------
+        ndarray or list of ndarray
+            As :meth:`top`.
+        """
         warnings.warn("MultiHeadSketch.top_keys is deprecated; use top(budget, head=h).", DeprecationWarning,
                       stacklevel=2)
         return self.top(budget, head=head)
 
     def heavy_attention(self, Q, eps=None):
-        """Heavy x^2 attention entries per head: a list of CSR matrices (see :func:`streamlev.attention.heavy_attention`).
+        """Heavy x^2 attention entries per head (see :func:`streamlev.attention.heavy_attention`).
 
-        ``Q`` has shape (heads, n_q, d); ``eps`` is a scalar or one value per head.
+        Parameters
+        ----------
+        Q : array_like of shape (heads, n_q, d)
+            Queries of every head.
+        eps : float or array_like of shape (heads,), optional
+            Entry threshold per head, each >= that head's eps (default: the heads' eps).
+
+        Returns
+        -------
+        list of scipy.sparse.csr_matrix
+            One per head, holding exactly the entries >= eps.
         """
         caller = "MultiHeadSketch.heavy_attention"
         Qa = as_real_array(Q, name="Q", caller=caller, ndim=(3,))
@@ -362,8 +417,8 @@ class MultiHeadSketch(Sketch):
             return [s.heavy_attention(Qa[h], None if e[h] is None else float(e[h])) for h, s in enumerate(self._sk)]
 
     # ---------------------------------------------------------- serialization
-    def to_bytes(self) -> bytes:
-        """Versioned, CRC32-checked bytes: a header plus each head's :meth:`LevSketch.to_bytes` (own CRC each)."""
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             parts = [s.to_bytes() for s in self._sk]
         blob = b"".join(parts)
@@ -375,8 +430,8 @@ class MultiHeadSketch(Sketch):
         })
 
     @classmethod
-    def from_bytes(cls, data) -> MultiHeadSketch:
-        """Rebuild from :meth:`to_bytes` output; raise ValueError on anything else."""
+    def _from_bytes(cls, data) -> MultiHeadSketch:
+        """Parse and check MultiHeadSketch bytes (see :meth:`Sketch.from_bytes`)."""
         caller = "MultiHeadSketch.from_bytes"
         f = _format.load(data, "MultiHeadSketch", {
             "heads": ((), "i8"), "d": ((), "i8"), "rtol": ((), "f8"), "eps": (("heads",), "f8"),

@@ -55,27 +55,13 @@ class QuerySketch(Sketch):
         self._s = np.zeros(self._d)
         self._S = np.zeros((self._d, self._d))
 
-    @property
-    def d(self) -> int:
-        """Query dimension."""
-        return self._d
+    sum = property(lambda self: self._copy_of("_s"), doc="Sum of the queries, shape (d,) (a copy).")
+    second_moment = property(lambda self: self._copy_of("_S"),
+                             doc="Raw second moment ``sum_i q_i q_i^T``, shape (d, d), symmetric (a copy).")
 
-    @property
-    def n(self) -> int:
-        """Number of queries seen (including merged sketches)."""
-        return self._n
-
-    @property
-    def sum(self) -> np.ndarray:
-        """Sum of the queries, shape (d,) (a copy)."""
+    def _copy_of(self, name):
         with self._lock:
-            return self._s.copy()
-
-    @property
-    def second_moment(self) -> np.ndarray:
-        """Raw second moment ``sum_i q_i q_i^T``, shape (d, d), symmetric (a copy)."""
-        with self._lock:
-            return self._S.copy()
+            return getattr(self, name).copy()
 
     @property
     def mean(self) -> np.ndarray:
@@ -108,9 +94,17 @@ class QuerySketch(Sketch):
         return f"QuerySketch(d={self._d}; n={self._n})"
 
     def update(self, queries) -> QuerySketch:
-        """Fold a block of queries, shape (m, d) or (d,), into the sketch; returns self.
+        """Fold a block of queries into the sketch.
 
-        Non-finite queries are rejected (ValueError) and the sketch is left unchanged.
+        Parameters
+        ----------
+        queries : array_like of shape (m, d) or (d,)
+            Finite queries; non-finite ones raise ValueError and leave the sketch unchanged.
+
+        Returns
+        -------
+        QuerySketch
+            self.
         """
         Q = check_keys(queries, self._d, caller="QuerySketch.update", name="queries", check_finite=True)
         Q = np.asarray(Q, dtype=np.float64)
@@ -126,11 +120,19 @@ class QuerySketch(Sketch):
         return self
 
     def merge(self, other: QuerySketch) -> QuerySketch:
-        """Add another sketch's statistics (queries of a disjoint part of the stream); returns self."""
-        if not isinstance(other, QuerySketch):
-            raise TypeError(f"QuerySketch.merge: can only merge another QuerySketch, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError("QuerySketch.merge: cannot merge a sketch with itself.")
+        """Add another sketch's statistics (queries of a disjoint part of the stream).
+
+        Parameters
+        ----------
+        other : QuerySketch
+            Same d; not modified.
+
+        Returns
+        -------
+        QuerySketch
+            self.
+        """
+        self._check_other(other, "QuerySketch.merge")
         if other._d != self._d:
             raise ValueError(f"QuerySketch.merge: dimensions differ ({self._d} here, {other._d} in the other "
                              "sketch); only sketches of queries of one head merge.")
@@ -141,15 +143,15 @@ class QuerySketch(Sketch):
             self._S += S
         return self
 
-    def to_bytes(self) -> bytes:
-        """Versioned, CRC-checked bytes (the streamlev format; no pickle)."""
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             return _format.dump("QuerySketch", {"d": np.int64(self._d), "n": np.int64(self._n),
                                                 "sum": self._s, "second_moment": self._S})
 
     @classmethod
-    def from_bytes(cls, data) -> QuerySketch:
-        """Rebuild a sketch from :meth:`to_bytes` output; raise ValueError on anything else."""
+    def _from_bytes(cls, data) -> QuerySketch:
+        """Parse and check QuerySketch bytes (see :meth:`Sketch.from_bytes`)."""
         f = _format.load(data, "QuerySketch", {"d": ((), "i8"), "n": ((), "i8"), "sum": (("d",), "f8"),
                                                 "second_moment": (("d", "d"), "f8")})
         d, n = int(f["d"]), int(f["n"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._constants import DEFAULT_RTOL
+from ._scaling import scale_by_max
 
 __all__ = ["DEFAULT_RTOL", "leverage_scores", "universal_set", "worst_case_queries", "attention_x2"]
 
@@ -32,11 +33,7 @@ def _as_scaled(K):
     K = np.asarray(K, dtype=np.float64)
     if K.ndim != 2:
         raise ValueError(f"K must be 2-D, got shape {K.shape}")
-    m = np.max(np.abs(K)) if K.size else 0.0
-    if m == 0.0:
-        return K.copy(), 0
-    e = int(np.frexp(m)[1])
-    return np.ldexp(K, -e), e
+    return scale_by_max(K)
 
 
 def leverage_scores(K, rtol: float = DEFAULT_RTOL) -> np.ndarray:
@@ -64,15 +61,39 @@ def leverage_scores(K, rtol: float = DEFAULT_RTOL) -> np.ndarray:
 
 
 def universal_set(K, eps: float, rtol: float = DEFAULT_RTOL) -> np.ndarray:
-    """Sorted int64 indices ``{j : tau_j >= eps}`` from :func:`leverage_scores`."""
+    """Sorted int64 indices ``{j : tau_j >= eps}`` from :func:`leverage_scores`.
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Keys.
+    eps : float
+        Threshold.
+    rtol : float
+        Relative ridge.
+
+    Returns
+    -------
+    ndarray of shape (u,), int64
+    """
     return np.flatnonzero(leverage_scores(K, rtol) >= eps).astype(np.int64)
 
 
 def worst_case_queries(K, rtol: float = DEFAULT_RTOL) -> np.ndarray:
     """Queries ``q_j = (K^T K + lam I)^{-1} k_j`` (rows), the maximisers of A_qj for x^2 attention.
 
-    Returns an (n, d) array; row j is the query that gives key j its largest
-    share ``<k_j,q>^2 / ||K q||^2``, which equals tau_j (up to the ridge).
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Keys.
+    rtol : float
+        Relative ridge.
+
+    Returns
+    -------
+    Q : ndarray of shape (n, d)
+        Row j is the query that gives key j its largest share
+        ``<k_j,q>^2 / ||K q||^2``, which equals tau_j (up to the ridge).
     """
     Ks, _ = _as_scaled(K)
     _, s, Vt = np.linalg.svd(Ks, full_matrices=False)
@@ -82,7 +103,19 @@ def worst_case_queries(K, rtol: float = DEFAULT_RTOL) -> np.ndarray:
 
 
 def attention_x2(Q, K) -> np.ndarray:
-    """Exact x^2 attention ``A_ij = <q_i,k_j>^2 / sum_l <q_i,k_l>^2`` (rows with zero normaliser are 0)."""
+    """Exact x^2 attention ``A_ij = <q_i,k_j>^2 / sum_l <q_i,k_l>^2`` (rows with zero normaliser are 0).
+
+    Parameters
+    ----------
+    Q : array_like of shape (n_q, d)
+        Queries.
+    K : array_like of shape (n, d)
+        Keys.
+
+    Returns
+    -------
+    A : ndarray of shape (n_q, n)
+    """
     Qs, _ = _as_scaled(Q)
     Ks, _ = _as_scaled(K)
     S = (Qs @ Ks.T) ** 2

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _format
 from ._constants import DEFAULT_RTOL, NORM_FLOOR, RECENT_FRACTION, SINKS
 from ._scaling import scale_by_max
-from ._sketch_base import Sketch, locked, size_bound
+from ._shift_invariant import ShiftInvariantSketch
 from ._topk import top_k
-from ._validation import check_dim, check_eps, check_keys, check_matrix_2d
+from ._validation import check_dim, check_keys, check_matrix_2d
 from .leverage import leverage_scores
 from .query_sketch import QuerySketch
-from .sketch import LevSketch
 
 __all__ = ["ShiftInvariantSketch", "shift_invariant_leverage", "key_norm_scores", "keydiff_scores",
            "expected_logit_scores", "rope_rotations", "query_span_leverage", "query_span_basis", "budget_split", "select",
@@ -44,186 +42,25 @@ __all__ = ["ShiftInvariantSketch", "shift_invariant_leverage", "key_norm_scores"
 
 
 # --------------------------------------------------------------------------- translation-invariant leverage
-class ShiftInvariantSketch(Sketch):
-    """Leverage of the keys augmented with a constant coordinate, ``[k, c]``: one-pass, mergeable, exact.
-
-    Softmax attention is unchanged when every key is shifted by the same vector
-    (the shift adds ``<q, shift>`` to every logit of a query), so a softmax key
-    score should be shift-invariant; plain leverage is not. The leverage of the
-    augmented rows ``[k_j, c]`` is
-
-        tau_j([K, c 1]) = 1/n + tau_j(K - 1 mu^T),   mu = mean key,
-
-    (the column space of ``[K, c1]`` is ``span(1)`` plus the orthogonal span of
-    the centred keys), which is shift-invariant up to the constant ``1/n``, and
-    -- being ordinary leverage of a growing row set -- never increases as keys
-    arrive. So the exact streaming, merge and threshold machinery of
-    :class:`LevSketch` carries over: this class *is* a ``LevSketch(d + 1, eps)``
-    fed with ``[k, c]``.
+def shift_invariant_leverage(K, *, c: float | None = None, rtol: float = DEFAULT_RTOL) -> np.ndarray:
+    """Offline augmented leverage ``tau_j([K, c1]) = 1/n + tau_j(K - mean)`` of every key.
 
     Parameters
     ----------
-    d : int
-        Key dimension (the inner sketch has d + 1 columns).
-    eps : float in (0, 1]
-        Smallest augmented leverage kept.
-    c : float, default=1.0
-        The constant coordinate. Mathematically irrelevant: ``[K, c1]`` and
-        ``[K, 1]`` have the same column space for every ``c != 0``, so the scores
-        do not depend on ``c``. Numerically it matters only through conditioning:
-        a ``c`` far from the typical key norm makes the (d+1)-column factor
-        ill-conditioned (error ~ u * cond), so pick ``c`` of the order of the
-        key norms (e.g. the RMS norm of the first block). It is fixed for the
-        life of the sketch and must match to merge.
+    K : array_like of shape (n, d)
+        Keys.
+    c : float, optional
+        The constant coordinate; default the RMS key norm (irrelevant except for rounding).
+    rtol : float, default=1e-13
+        Relative ridge.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64
 
     Notes
     -----
-    Guarantee (exact, inherited from LevSketch): after any sequence of updates
-    and merges over keys K, ``universal_set(e) == {j : 1/n + tau_j(K_c) >= e}``
-    for all ``e >= eps``, ``num_retained <= (d + 1)/eps``. For the x^2 attention
-    of *augmented* queries ``[q, b]`` (a query with a bias, i.e. logits
-    ``<q, k> + b c``) it is the universal set. For softmax it is a heuristic
-    ranking only: no share of softmax mass is guaranteed.
-    """
-
-    def __init__(self, d: int, eps: float, *, c: float = 1.0, rtol: float = DEFAULT_RTOL):
-        super().__init__()
-        self._d = check_dim(d, caller="ShiftInvariantSketch")
-        check_eps(eps, caller="ShiftInvariantSketch")
-        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(c) or float(c) == 0.0:
-            raise ValueError(f"ShiftInvariantSketch: c must be a finite non-zero real number (about the typical "
-                             f"key norm); got {c!r}.")
-        self._c = float(c)
-        self._sk = LevSketch(self._d + 1, eps, rtol=rtol)
-
-    def _snapshot(self):
-        return self._sk._snapshot()
-
-    def _restore(self, snap):
-        self._sk._restore(snap)
-
-    def _augment(self, keys, caller):
-        K = check_keys(keys, self._d, caller=caller, check_finite=False)
-        return np.hstack([K.astype(np.float64, copy=False), np.full((K.shape[0], 1), self._c)])
-
-    @property
-    def d(self) -> int:
-        """Key dimension (without the constant coordinate)."""
-        return self._d
-
-    @property
-    def c(self) -> float:
-        """The constant coordinate."""
-        return self._c
-
-    @property
-    def eps(self) -> float:
-        """Threshold the sketch was built for."""
-        return self._sk.eps
-
-    @property
-    def n(self) -> int:
-        """Number of keys seen."""
-        return self._sk.n
-
-    @property
-    def num_retained(self) -> int:
-        """Number of keys held (<= ``max_retained(d, eps)``)."""
-        return self._sk.num_retained
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the inner sketch's arrays."""
-        return self._sk.nbytes
-
-    @size_bound
-    def max_retained(cls, d: int, eps: float) -> int:
-        """A-priori bound on ``num_retained``: ``floor((d + 1) / eps)``.
-
-        Parameters
-        ----------
-        d : int
-            Key dimension (without the constant coordinate).
-        eps : float in (0, 1]
-            Threshold.
-
-        Returns
-        -------
-        int
-        """
-        return LevSketch.max_retained(check_dim(d, caller="ShiftInvariantSketch.max_retained") + 1, eps)
-
-    def _size_params(self):
-        return self._d, self.eps
-
-    def __repr__(self) -> str:
-        return f"ShiftInvariantSketch(d={self._d}, eps={self.eps!r}, c={self._c!r}; n={self.n})"
-
-    def update(self, keys, ids=None, values=None, *, return_changes: bool = False):
-        """Fold keys (m, d) or (d,) in; same contract as :meth:`LevSketch.update`."""
-        with self._lock:
-            out = self._sk.update(self._augment(keys, "ShiftInvariantSketch.update"), ids=ids, values=values,
-                                  return_changes=return_changes)
-            return self if out is self._sk else out
-
-    def merge(self, other: ShiftInvariantSketch, *, return_changes: bool = False):
-        """Fold another sketch built on disjoint keys with the same ``c`` in; exact."""
-        if not isinstance(other, ShiftInvariantSketch):
-            raise TypeError(f"ShiftInvariantSketch.merge: expected a ShiftInvariantSketch, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError("ShiftInvariantSketch.merge: cannot merge a sketch with itself (its ids are not disjoint).")
-        if other._c != self._c:
-            raise ValueError(f"ShiftInvariantSketch.merge: constant coordinates differ (c={self._c!r} here, "
-                             f"{other._c!r} in the other sketch); build both with the same c.")
-        with locked(self, other):
-            out = self._sk.merge(other._sk, return_changes=return_changes)
-            return self if out is self._sk else out
-
-    def scores(self):
-        """Retained ids (sorted) and their exact augmented leverage ``1/n + tau_j(K_c)``."""
-        return self._sk.scores()
-
-    def universal_set(self, eps: float | None = None) -> np.ndarray:
-        """Sorted ids with augmented leverage >= eps (default ``self.eps``)."""
-        return self._sk.universal_set(eps)
-
-    def retained(self):
-        """Retained ids, keys (without the constant coordinate) and payload values."""
-        ids, K, V = self._sk.retained()
-        return ids, K[:, : self._d], V
-
-    def to_bytes(self) -> bytes:
-        """Checksummed bytes: the constant and the inner LevSketch's bytes."""
-        with self._lock:
-            inner = self._sk.to_bytes()
-            pad = (-len(inner)) % 8
-            words = np.frombuffer(inner + b"\0" * pad, dtype="<i8")
-            return _format.dump("ShiftInvariantSketch", {"c": np.float64(self._c), "inner_len": np.int64(len(inner)),
-                                                         "inner": words})
-
-    @classmethod
-    def from_bytes(cls, data) -> ShiftInvariantSketch:
-        """Rebuild from :meth:`to_bytes` output; ValueError on anything else."""
-        f = _format.load(data, "ShiftInvariantSketch", {"c": ((), "f8"), "inner_len": ((), "i8"),
-                                                         "inner": ((None,), "i8")})
-        raw = f["inner"].astype("<i8").tobytes()
-        m = int(f["inner_len"])
-        if not 0 <= m <= len(raw) < m + 8:
-            raise ValueError("ShiftInvariantSketch.from_bytes: inconsistent inner length.")
-        inner = LevSketch.from_bytes(raw[:m])
-        if inner.d < 2:
-            raise ValueError("ShiftInvariantSketch.from_bytes: the inner sketch must have d + 1 >= 2 columns.")
-        sk = cls(inner.d - 1, inner.eps, c=float(f["c"]), rtol=inner.rtol)
-        sk._sk = inner
-        return sk
-
-
-def shift_invariant_leverage(K, *, c: float | None = None, rtol: float = DEFAULT_RTOL) -> np.ndarray:
-    """Offline augmented leverage ``tau_j([K, c1]) = 1/n + tau_j(K - mean)`` of every key, shape (n,).
-
-    Equals the scores of a :class:`ShiftInvariantSketch` fed with ``K`` (any
-    blocks). ``c`` defaults to the RMS key norm (irrelevant except for rounding).
+    Equals the scores of a :class:`ShiftInvariantSketch` fed with ``K`` (any blocks).
     """
     if np.ndim(K) != 2:
         raise ValueError(f"shift_invariant_leverage: K must be 2-D of shape (n, d); got shape {np.shape(K)}.")
@@ -243,11 +80,11 @@ def key_norm_scores(K) -> np.ndarray:
     Parameters
     ----------
     K : array_like of shape (n, d)
-        Finite keys (NaN/Inf raise ValueError).
+        Keys; NaN or Inf raise ValueError.
 
     Returns
     -------
-    norms : ndarray of shape (n,), float64
+    norms : ndarray of shape (n,), float64, the Euclidean norm of each key
     """
     K = np.asarray(check_matrix_2d(K, caller="key_norm_scores"), dtype=np.float64)
     return np.linalg.norm(K, axis=1)
@@ -292,10 +129,22 @@ def _check_qs(qs, d, caller):
 
 
 def rope_rotations(d: int, positions, theta: float) -> np.ndarray:
-    """Rotary-embedding matrices ``R_t`` (len(positions), d, d), Llama "rotate-half" convention.
+    """Rotary-embedding matrices ``R_t``, Llama "rotate-half" convention.
 
-    ``R_t q`` is the query of pre-RoPE vector ``q`` at position ``t``: pairs
-    ``(i, i + d/2)`` are rotated by the angle ``t * theta**(-2i/d)``.
+    Parameters
+    ----------
+    d : int
+        Head dimension (even).
+    positions : array_like of int of shape (T,)
+        Token positions.
+    theta : float
+        RoPE base (e.g. 10000).
+
+    Returns
+    -------
+    ndarray of shape (T, d, d)
+        ``R_t q`` is the query of pre-RoPE vector ``q`` at position ``t``: pairs
+        ``(i, i + d/2)`` are rotated by the angle ``t * theta**(-2i/d)``.
     """
     d = check_dim(d, caller="rope_rotations")
     if d % 2:
@@ -342,6 +191,10 @@ def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, cov
         Include the ``k^T Sigma k / 2`` term (False: ``scale * mu.k`` only).
     rotations : array_like of shape (T, d, d), optional
         Position-dependent linear maps applied to the queries.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64
     """
     K = np.asarray(check_matrix_2d(K, caller="expected_logit_scores"), dtype=np.float64)
     _check_qs(qs, K.shape[1], "expected_logit_scores")
@@ -365,8 +218,21 @@ def expected_logit_scores(K, qs: QuerySketch, *, scale: float | None = None, cov
 
 
 def query_span_basis(qs: QuerySketch, energy: float = 0.99) -> np.ndarray:
-    """Orthonormal basis (d, r) of the effective span of the queries seen.
+    """Orthonormal basis of the effective span of the queries seen.
 
+    Parameters
+    ----------
+    qs : QuerySketch
+        Statistics of the queries seen so far.
+    energy : float in (0, 1], default=0.99
+        Share of the trace of the second moment the span must capture.
+
+    Returns
+    -------
+    B : ndarray of shape (d, r), orthonormal columns
+
+    Notes
+    -----
     The span of ``r`` leading eigenvectors of the raw second moment ``S``
     where ``r`` is the smallest rank with ``sum_{i<=r} lambda_i >= energy * tr S``
     (``energy=1`` gives the exact numerical span: eigenvalues above ``d u lambda_1``).
@@ -387,6 +253,23 @@ def query_span_basis(qs: QuerySketch, energy: float = 0.99) -> np.ndarray:
 def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float = DEFAULT_RTOL) -> np.ndarray:
     """Leverage of the keys projected onto the span of the observed queries: the x^2 sensitivity over that span.
 
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Finite keys.
+    qs : QuerySketch
+        Statistics of the queries seen so far (same d).
+    energy : float in (0, 1], default=0.99
+        See :func:`query_span_basis`.
+    rtol : float, default=1e-13
+        Relative ridge of the leverage.
+
+    Returns
+    -------
+    ndarray of shape (n,), float64 in [0, 1]
+
+    Notes
+    -----
     With ``P = B B^T`` the projector onto the query span (:func:`query_span_basis`),
 
         max_{q in span} <q, k_j>^2 / ||K q||^2 = tau_j(K P) = tau_j(K B),
@@ -395,7 +278,6 @@ def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float
     the maximum over ``a`` is the leverage of row j of ``K B`` (n x r). Exact
     for queries in the span (``energy=1``); with ``energy<1`` the span is the
     dominant eigenspace of the query second moment (a heuristic truncation).
-    Shape (n,).
     """
     K = np.asarray(check_matrix_2d(K, caller="query_span_leverage"), dtype=np.float64)
     _check_qs(qs, K.shape[1], "query_span_leverage")
@@ -406,6 +288,21 @@ def query_span_leverage(K, qs: QuerySketch, *, energy: float = 0.99, rtol: float
 def budget_split(budget: int, n: int, *, causal: bool) -> tuple[int, int]:
     """Number of sink and recent keys in a budget: the documented rule.
 
+    Parameters
+    ----------
+    budget : int
+        Keys kept, >= 0 (clipped to n).
+    n : int
+        Keys available, >= 0.
+    causal : bool
+        Causal model (sinks and a recent window) or not.
+
+    Returns
+    -------
+    sinks, recent : int
+
+    Notes
+    -----
     Causal models: ``min(SINKS, budget // 4)`` initial keys (attention sinks,
     StreamingLLM keeps 4) and ``floor(RECENT_FRACTION * budget)`` most recent
     keys; the rest is chosen by score. The fraction is fixed in advance, the
@@ -424,8 +321,24 @@ def budget_split(budget: int, n: int, *, causal: bool) -> tuple[int, int]:
 def select(scores, budget: int, *, sinks: int = 0, recent: int = 0) -> np.ndarray:
     """Sorted indices of the kept keys: the first ``sinks``, the last ``recent``, the rest by highest score.
 
-    Ties are broken towards the lower index (stable). ``budget`` is clipped to
-    ``len(scores)``; exactly ``min(budget, n)`` indices are returned.
+    Parameters
+    ----------
+    scores : array_like of shape (n,)
+        One score per key; NaN raises ValueError.
+    budget : int
+        Keys kept (clipped to n).
+    sinks : int, default=0
+        Initial keys always kept.
+    recent : int, default=0
+        Most recent keys always kept; ``sinks + recent <= budget``.
+
+    Returns
+    -------
+    ndarray of shape (min(budget, n),), int64, increasing
+
+    Notes
+    -----
+    Ties are broken towards the lower index (stable).
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1:

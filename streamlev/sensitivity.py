@@ -20,8 +20,9 @@ import warnings
 import numpy as np
 from scipy.optimize import linprog
 
-from ._validation import check_choice, check_idx, check_matrix, check_p, check_positive_float
 from ._constants import DEFAULT_RTOL
+from ._scaling import scale_by_max
+from ._validation import check_choice, check_idx, check_matrix, check_p, check_positive_float
 
 __all__ = ["sensitivities", "SensitivityAccuracyWarning"]
 
@@ -41,10 +42,9 @@ def _basis(K: np.ndarray, rtol: float) -> np.ndarray:
 
     alpha(K) = alpha(B) since K = B R with R invertible on the kept directions.
     """
-    m = np.max(np.abs(K)) if K.size else 0.0
-    if m == 0.0:
+    Ks, _ = scale_by_max(K)  # power-of-two scaling: exact, avoids overflow
+    if not Ks.size or not Ks.any():
         return np.zeros((K.shape[0], 0))
-    Ks = np.ldexp(K, -int(np.frexp(m)[1]))  # power-of-two scaling: exact, avoids overflow
     U, s, _ = np.linalg.svd(Ks, full_matrices=False)
     r = int(np.sum(s > rtol * np.linalg.norm(s)))
     return U[:, :r]

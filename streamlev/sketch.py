@@ -22,15 +22,15 @@ from ._decode import NO_IDS, DecodeState, DecodeStep
 from ._ids import IdRange, check_disjoint, check_not_retained
 from ._retained import RetainedRows
 from ._scaled_factor import ScaledFactor
+from ._sketch_base import Changes, KeySketch, changes_between, locked, no_changes, size_bound, transactional
 from ._state_format import COMMON_SCHEMA, VALUES_SCHEMA, common_fields, load_common
-from ._sketch_base import Changes, Sketch, changes_between, locked, no_changes, size_bound, transactional
 from ._validation import (check_dim, check_eps, check_ids, check_keys, check_payload, check_rtol,
                           check_state_size)
 
 __all__ = ["LevSketch", "Changes"]
 
 
-class LevSketch(DecodeStep, Sketch):
+class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
     """One-pass, mergeable universal set of keys for x^2 attention (leverage >= eps).
 
     Parameters
@@ -94,6 +94,8 @@ class LevSketch(DecodeStep, Sketch):
     True
     """
 
+    _SCORE = "leverage"
+
     def __init__(self, d: int, eps: float, *, p: float = 2.0, rtol: float = DEFAULT_RTOL,
                  blas_threads: int | None = 1):
         super().__init__()
@@ -136,36 +138,6 @@ class LevSketch(DecodeStep, Sketch):
         self._dec.set(dec)
 
     # ------------------------------------------------------------ properties
-    @property
-    def d(self) -> int:
-        """Key dimension."""
-        return self._d
-
-    @property
-    def eps(self) -> float:
-        """Threshold the sketch was built for."""
-        return self._eps
-
-    @property
-    def p(self) -> float:
-        """Attention exponent (2.0)."""
-        return self._p
-
-    @property
-    def rtol(self) -> float:
-        """Relative ridge of the numerical leverage definition."""
-        return self._rtol
-
-    @property
-    def n(self) -> int:
-        """Number of keys seen (including merged sketches)."""
-        return self._n
-
-    @property
-    def num_retained(self) -> int:
-        """Number of keys currently held (always <= ``max_retained(d, eps)``)."""
-        return self._rows.r
-
     @property
     def nbytes(self) -> int:
         """Bytes held by the sketch's arrays (factor, keys, ids, scores, payload)."""
@@ -321,39 +293,6 @@ class LevSketch(DecodeStep, Sketch):
             with _factor.blas_threads(self._blas_threads):
                 self._rescore()
 
-    def scores(self):
-        """Retained ids and their exact leverage with respect to all keys seen.
-
-        Returns
-        -------
-        ids : ndarray of shape (r,), int64, sorted
-        tau : ndarray of shape (r,), float64, each >= eps
-        """
-        with self._lock:
-            self._refresh()
-            ids, _, tau, _ = self._rows.sorted()
-            return ids, tau
-
-    def universal_set(self, eps: float | None = None) -> np.ndarray:
-        """Sorted int64 ids of the keys with leverage >= eps.
-
-        Parameters
-        ----------
-        eps : float, optional
-            Threshold, >= the sketch's eps (keys below it were discarded); default ``self.eps``.
-
-        Returns
-        -------
-        ids : ndarray of shape (u,), int64, sorted
-        """
-        with self._lock:
-            e = self._eps if eps is None else check_eps(eps, caller="LevSketch.universal_set")
-            if e < self._eps:
-                raise ValueError(f"LevSketch.universal_set: eps={e!r} is below the sketch's eps={self._eps!r}; "
-                                 "keys with smaller leverage were not kept. Build the sketch with a smaller eps.")
-            ids, tau = self.scores()
-            return ids[tau >= e]
-
     def retained(self):
         """Retained ids (sorted), their keys (float64, original scale) and payload values (or None).
 
@@ -363,30 +302,9 @@ class LevSketch(DecodeStep, Sketch):
         keys : ndarray of shape (r, d), float64
         values : ndarray of shape (r, dv) or None
         """
-        with self._lock:
-            self._refresh()
-            ids, K, _, V = self._rows.sorted()
-            return ids, self._f.unscaled(K), V
+        return self._retained_rows()
 
-    def heavy_attention(self, Q, eps: float | None = None, *, id_map: bool = False):
-        """Every (query, key) pair with x^2 attention >= eps over all keys seen.
-
-        Parameters
-        ----------
-        Q : array_like of shape (n_q, d) or (d,)
-            Queries.
-        eps : float, optional
-            Entry threshold, >= the sketch's eps (default ``self.eps``).
-        id_map : bool, default=False
-            See :func:`streamlev.attention.heavy_attention`.
-
-        Returns
-        -------
-        A : scipy.sparse.csr_matrix of shape (n_q, max(n, max id + 1))
-            Exactly the entries >= eps (and ``ids`` when ``id_map``); see
-            :func:`streamlev.attention.heavy_attention` for the guarantee.
-        """
-        e = heavy.query_threshold(self, eps, id_map)
+    def _heavy_entries(self, Q, e, id_map):
         Q = check_keys(Q, self._d, caller="heavy_attention", name="Q")
         with self._lock:
             self._refresh()  # exact scores of every retained key
@@ -396,10 +314,6 @@ class LevSketch(DecodeStep, Sketch):
 
     # ------------------------------------------------------------------ merge
     def _check_compatible(self, other, caller):
-        if not isinstance(other, LevSketch):
-            raise TypeError(f"{caller}: can only merge another LevSketch, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError(f"{caller}: cannot merge a sketch with itself (its ids are not disjoint).")
         mine = (self._d, self._eps, self._p, self._rtol)
         theirs = (other._d, other._eps, other._p, other._rtol)
         if mine != theirs:
@@ -429,7 +343,7 @@ class LevSketch(DecodeStep, Sketch):
         other sketch's ids that are retained).
         """
         caller = "LevSketch.merge"
-        self._check_compatible(other, caller)
+        self._check_other(other, caller)  # before taking other's lock: it must be a LevSketch
         with locked(self, other):
             self._check_compatible(other, caller)
             if other._n == 0:
@@ -459,36 +373,17 @@ class LevSketch(DecodeStep, Sketch):
             self._rescore()
 
     # ---------------------------------------------------------- serialization
-    def to_bytes(self) -> bytes:
-        """Serialize to versioned, self-describing bytes (no pickle; CRC32-checked).
-
-        Equal sketches give equal bytes: retained keys are written sorted by id.
-
-        Returns
-        -------
-        bytes
-        """
+    def _to_bytes(self) -> bytes:
+        """Write this class's fields (see :meth:`Sketch.to_bytes`)."""
         with self._lock:
             self._refresh()
             ids, keys_scaled, _, vals = self._rows.sorted()
-            fields = common_fields(self._d, self._eps, self._p, self._rtol, self._n, self._f.e, self._idr, self._f.R,
-                                   ids, keys_scaled)
-            if vals is not None:
-                fields["values"] = vals
-            return _format.dump("LevSketch", fields)
+            return _format.dump("LevSketch", common_fields(self._d, self._eps, self._p, self._rtol, self._n, self._f.e,
+                                                           self._idr, self._f.R, ids, keys_scaled, values=vals))
 
     @classmethod
-    def from_bytes(cls, data) -> LevSketch:
-        """Rebuild a sketch from :meth:`to_bytes` output; raise ValueError on anything else.
-
-        Parameters
-        ----------
-        data : bytes, bytearray or memoryview
-
-        Returns
-        -------
-        LevSketch
-        """
+    def _from_bytes(cls, data) -> LevSketch:
+        """Parse and check LevSketch bytes (see :meth:`Sketch.from_bytes`)."""
         caller = "LevSketch.from_bytes"
         f = _format.load(data, "LevSketch", COMMON_SCHEMA, optional=VALUES_SCHEMA)
         try:

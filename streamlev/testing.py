@@ -15,6 +15,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from ._constants import DEFAULT_RTOL
+from ._scaling import scale_by_max
 from .reference import leverage_scores, worst_case_queries
 from .sensitivity import sensitivities
 
@@ -26,7 +27,23 @@ KINDS = ("gaussian", "heavy_tailed", "low_rank", "ill_conditioned", "duplicates"
 
 
 def make_keys(kind: str, n: int, d: int, seed: int, *, cond: float = 1e12) -> np.ndarray:
-    """Deterministic (n, d) float64 key matrix of a given ``kind`` (see :data:`KINDS`)."""
+    """Deterministic float64 key matrix of a given ``kind`` (see :data:`KINDS`).
+
+    Parameters
+    ----------
+    kind : str
+        One of :data:`KINDS`.
+    n, d : int
+        Shape.
+    seed : int
+        Seed of the generator.
+    cond : float, default=1e12
+        Condition number of the ill-conditioned kinds.
+
+    Returns
+    -------
+    ndarray of shape (n, d), float64
+    """
     rng = np.random.default_rng(seed)
     K = rng.standard_normal((n, d))
     if kind == "gaussian":
@@ -67,7 +84,22 @@ def make_keys(kind: str, n: int, d: int, seed: int, *, cond: float = 1e12) -> np
 
 @st.composite
 def key_matrices(draw, *, min_n: int = 1, max_n: int = 60, min_d: int = 1, max_d: int = 8, kinds=KINDS):
-    """Hypothesis strategy for (n, d) float64 key matrices of adversarial kinds."""
+    """Hypothesis strategy for (n, d) float64 key matrices of adversarial kinds.
+
+    Parameters
+    ----------
+    min_n, max_n : int
+        Range of the number of rows n.
+    min_d, max_d : int
+        Range of the dimension d.
+    kinds : tuple of str
+        Kinds drawn from (see :data:`KINDS` and :func:`make_keys`).
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        Of ndarray of shape (n, d), float64.
+    """
     d = draw(st.integers(min_d, max_d))
     n = draw(st.integers(min_n, max_n))
     kind = draw(st.sampled_from(kinds))
@@ -77,7 +109,20 @@ def key_matrices(draw, *, min_n: int = 1, max_n: int = 60, min_d: int = 1, max_d
 
 @st.composite
 def query_matrices(draw, d: int, *, max_q: int = 20):
-    """Hypothesis strategy for (n_q, d) float64 query matrices (Gaussian, sparse, and scaled)."""
+    """Hypothesis strategy for (n_q, d) float64 query matrices (Gaussian, sparse, and scaled).
+
+    Parameters
+    ----------
+    d : int
+        Query dimension.
+    max_q : int
+        Largest number of queries n_q.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
+        Of ndarray of shape (n_q, d), float64.
+    """
     nq = draw(st.integers(1, max_q))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -88,7 +133,21 @@ def query_matrices(draw, d: int, *, max_q: int = 20):
 
 
 def random_partition(n: int, seed: int, max_parts: int = 6):
-    """Split range(n) into consecutive blocks of random sizes (some may be empty)."""
+    """Split range(n) into consecutive blocks of random sizes (some may be empty).
+
+    Parameters
+    ----------
+    n : int
+        Number of rows.
+    seed : int
+        Seed.
+    max_parts : int, default=6
+        Most blocks.
+
+    Returns
+    -------
+    list of (start, stop) tuples of int
+    """
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.integers(0, n + 1, size=int(rng.integers(0, max_parts))))
     edges = np.concatenate([[0], cuts, [n]])
@@ -107,6 +166,18 @@ def score_tolerance(K, rtol: float = DEFAULT_RTOL) -> float:
     Singular values below the round-off floor ``f = 8 u s_1 sqrt(max(n, d))``
     (exact rank deficiency) count as directions of size f, which a computed
     factor has instead of exact zeros.
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Keys.
+    rtol : float, default=1e-13
+        Relative ridge of the scores.
+
+    Returns
+    -------
+    float
+        Absolute tolerance on each leverage score.
     """
     K = np.asarray(K, dtype=np.float64)
     if K.size == 0:
@@ -114,7 +185,7 @@ def score_tolerance(K, rtol: float = DEFAULT_RTOL) -> float:
     m = np.max(np.abs(K))
     if m == 0:
         return 1e-9
-    s = np.linalg.svd(np.ldexp(K, -int(np.frexp(m)[1])), compute_uv=False)
+    s = np.linalg.svd(scale_by_max(K)[0], compute_uv=False)
     lam = (rtol * np.sqrt(np.sum(s**2))) ** 2
     u = np.finfo(np.float64).eps
     # round-off directions: a computed factor of rank-deficient keys has singular values ~ f, not 0
@@ -139,6 +210,19 @@ def assert_no_false_negatives(U, K, eps: float, p: float = 2.0, *, rtol: float =
     Raises
     ------
     AssertionError naming the first keys whose attention can reach eps.
+
+    Parameters
+    ----------
+    U : array_like of int
+        The claimed universal set.
+    K : array_like of shape (n, d)
+        Keys.
+    eps : float
+        Threshold.
+    p : float, default=2.0
+        Attention exponent.
+    rtol : float, default=1e-9
+        Relative slack on eps for rounding.
     """
     K = np.asarray(K, dtype=np.float64)
     U = np.asarray(U, dtype=np.int64)
@@ -146,8 +230,7 @@ def assert_no_false_negatives(U, K, eps: float, p: float = 2.0, *, rtol: float =
     if out.size == 0:
         return
     if float(p) == 2.0:
-        m = np.max(np.abs(K))
-        Ks = np.ldexp(K, -int(np.frexp(m)[1])) if m > 0 else K
+        Ks, _ = scale_by_max(K)
         Q = worst_case_queries(Ks, DEFAULT_RTOL)[out]
         num = np.einsum("ij,ij->i", Q, Ks[out]) ** 2
         # The contract carries the documented relative ridge: <k_j,q>^2 <= tau_j (||Kq||^2 + lam ||q||^2).

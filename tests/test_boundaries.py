@@ -71,3 +71,27 @@ def test_keydiff_is_scale_invariant_and_zero_keys_score_zero():
 def test_one_dimensional_input_to_offline_functions_is_an_error(fn):
     with pytest.raises(ValueError, match=r"must be 2-D of shape \(n, d\).*reshape\(1, -1\).*reshape\(-1, 1\)"):
         fn(np.ones(4))
+
+
+def test_lp_sketch_update_takes_values_and_return_changes_like_levsketch():
+    rng = np.random.default_rng(3)
+    K = rng.standard_normal((60, 3))
+    V = np.arange(120, dtype=np.float64).reshape(60, 2)
+    sk = sl.LpSketch(3, 0.2, p=1.0)
+    first = sk.update(K[:30], values=V[:30], return_changes=True)
+    assert isinstance(first, sl.Changes) and set(first.added.tolist()) == set(sk.universal_set().tolist())
+    before = sk.universal_set()
+    ch = sk.update(K[30:], values=V[30:], return_changes=True)
+    after = sk.universal_set()
+    np.testing.assert_array_equal(ch.added, np.sort(after[after >= 30]))
+    np.testing.assert_array_equal(ch.evicted, np.setdiff1d(before, after))
+    ids, keys, vals = sk.retained()
+    np.testing.assert_array_equal(vals, V[ids])  # each payload row travels with its key
+    np.testing.assert_allclose(keys, K[ids], rtol=0, atol=0)
+    again = sl.LpSketch.from_bytes(sk.to_bytes())
+    assert again == sk and np.array_equal(again.retained()[2], vals)
+    with pytest.raises(ValueError, match="carries values"):
+        sk.update(K[:1] + 1.0, ids=[999])
+    assert sk == again
+    plain = sl.LpSketch(3, 0.2, p=1.0).update(K)
+    assert len(plain.retained()) == 2  # no payload: the old (ids, keys) pair

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import streamlev
+from streamlev._constants import CHUNK_ROWS
 from streamlev._sketch_base import Sketch
 
 
@@ -148,6 +149,11 @@ def test_bad_input_leaves_the_sketch_unchanged(cls):
         with pytest.raises((ValueError, TypeError)):
             update(sk, bad, 500)
         assert sk == before
+    late = keys(sk, CHUNK_ROWS + 5, 6)
+    late[..., -1, 0] = np.nan  # the first chunk folds in before the bad one is reached: must be undone
+    with pytest.raises(ValueError):
+        update(sk, late, 10_000)
+    assert sk == before
     if takes(sk.update, "ids"):
         with pytest.raises(ValueError):  # ids already used
             update(sk, K, 0)

@@ -25,11 +25,12 @@ LAYERS = {
     "offline": ["streamlev.leverage", "streamlev.lewis", "streamlev.sensitivity"],
     # stateful, mergeable sketches and their shared base
     "sketches": ["streamlev._sketch_base", "streamlev._decode", "streamlev.sketch", "streamlev.lp",
-                 "streamlev.embedding", "streamlev.multihead", "streamlev.query_sketch", "streamlev._heavy"],
+                 "streamlev.embedding", "streamlev.multihead", "streamlev.query_sketch", "streamlev._heavy",
+                 "streamlev._shift_invariant"],
     # what users build on the sketches (reference.py, the slow exact oracle, sits here so that no
     # lower layer can use it; ORACLE_USERS below says who may)
     "applications": ["streamlev.attention", "streamlev._attention_cost", "streamlev.selectors",
-                     "streamlev._select", "streamlev.eval", "streamlev._eval_cases", "streamlev.testing",
+                     "streamlev.eval", "streamlev._eval_scores", "streamlev.testing",
                      "streamlev.datasets", "streamlev.reference"],
     # the public facade (streamlev/__init__.py)
     "api": ["streamlev"],
@@ -94,12 +95,7 @@ def test_core_imports_only_numpy_scipy_numba():
     for mod in core:
         tree = ast.parse(FILES[mod].read_text())
         for node in tree.body:  # module level only: lazy imports of OPTIONAL packages are allowed in functions
-            if isinstance(node, ast.Import):
-                roots = {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                roots = {(node.module or "").split(".")[0]}
-            else:
-                continue
+            roots = _absolute_roots(node)
             foreign = {r for r in roots if r not in THIRD_PARTY_CORE and r not in _stdlib() and r != "streamlev"}
             assert not foreign, f"{mod}:{node.lineno} (core) imports {foreign}"
 
@@ -111,13 +107,19 @@ def test_lazy_imports_are_only_of_optional_packages():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for inner in ast.walk(node):
-                    if isinstance(inner, ast.Import):
-                        roots = {a.name.split(".")[0] for a in inner.names}
-                    elif isinstance(inner, ast.ImportFrom) and inner.level == 0:
-                        roots = {(inner.module or "").split(".")[0]}
-                    else:
-                        continue
+                    roots = _absolute_roots(inner)
                     assert roots <= OPTIONAL | _stdlib(), f"{mod}:{inner.lineno} lazily imports {roots - OPTIONAL}"
+
+
+def _absolute_roots(node) -> set:
+    """Top-level package names an import node brings in (empty for relative imports and non-imports)."""
+    import ast
+
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[0] for a in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0:
+        return {(node.module or "").split(".")[0]}
+    return set()
 
 
 def _stdlib():
