@@ -5,7 +5,7 @@
     python benchmarks/kvpress_crosscheck.py
 
 On every head of the embedded MiniLM sample and every budget fraction, compares the keys kept by
-``streamlev.eval.select`` with the top-k of kvpress's ``KnormPress``, ``KeyDiffPress`` and
+``streamlev.eval.keys_kept`` with the top-k of kvpress's ``KnormPress``, ``KeyDiffPress`` and
 ``StreamingLLMPress`` scores (must be identical), and the sketched-leverage scores with
 ``LeverageScorePress.compute_leverage_scores`` (kvpress draws its Gaussian sketch from torch's RNG, so
 the two sketches differ; with head dim 32 <= 48 both equal the centred leverage, so the scores must
@@ -50,7 +50,7 @@ def main() -> int:
                                     ("streaming_llm", StreamingLLMPress(compression_ratio=1 - f))):
                     b = int(n * (1 - press.compression_ratio))  # kvpress's n_kept
                     theirs = sorted(press.score(None, None, kt, kt, None, None)[0, 0].topk(b).indices.tolist())
-                    ours = ev.select(name, K, b).tolist()
+                    ours = ev.keys_kept(name, K, b).tolist()
                     mismatches[name] = mismatches.get(name, 0) + (theirs != ours)
             torch.manual_seed(L * 100 + H)
             theirs = LeverageScorePress.compute_leverage_scores(kt.float(), 48)[0, 0].double().numpy()

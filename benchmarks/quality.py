@@ -98,7 +98,7 @@ def run_e2e(cfg, w, texts, fractions, methods, seed, progress=print):
 
                 def select(layer, head, q, k, m=m, b=b):
                     s = int(np.random.SeedSequence([seed, ti, layer, head]).generate_state(1)[0])
-                    return ev.select(m, k, b, q, seed=s)
+                    return ev.keys_kept(m, k, b, q, seed=s)
 
                 emb = sentence_embedding(forward_pruned(ids, cfg, w, select))
                 rows.append({"text": label, "n": n, "method": m, "fraction": f, "budget": b,
