@@ -1,0 +1,300 @@
+"""Batched rank-one decode step: many stacked p=2 sketches, a few keys each, one compiled loop.
+
+The per-sketch math is that of :mod:`streamlev._kernels.rank_one` (Givens fold
+with the augmented unit column, Sherman-Morrison lowering of the retained
+scores, exact re-scoring inside the rounding band); what is new is the layout
+and that the loop over sketches and tokens runs without Python.
+
+Layout (S sketches, key dimension d, capacity ``cap`` retained keys each):
+
+* ``R`` (S, d, d) float64: upper-triangular factors, R^T R = K^T K.
+* ``KT`` (S, d, cap): retained keys stored *transposed* in the caller's
+  precision, so the product with all retained keys is a sequence of
+  contiguous axpy sweeps (which LLVM vectorizes without fastmath) rather than
+  dot products (reductions, which it must not reorder). float32/float64 are
+  stored as such; float16 and bfloat16 are stored as their uint16 bits
+  (numba has no CPU float16) and widened exactly to float64 here.
+* ``ids``, ``tau`` (S, cap); payload ``V`` (S, cap, dv) in the storage bits.
+
+A sketch stops (``status``) when its next key needs the general path
+(``GENERAL``: not yet well conditioned, out-of-range key, possibly clashing
+id), its buffers are full (``GROW``) or its rank-one rounding band calls for
+an exact refresh (``REFRESH``); the caller handles that sketch in numpy and
+resumes it at ``start[s]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from . import jit
+from .rank_one import abs_max, fold_key, lower_scores
+
+DONE, GENERAL, REFRESH, GROW = 0, 1, 2, 3
+_U = 2.220446049250313e-16
+_TWO_112 = 5.192296858534828e33  # 2**112: float16 bits moved into a float32 exponent field, rescaled
+
+
+def widen(src, out, n, half, tmp):  # pragma: no cover - replaced by the overload inside kernels
+    """out[:n] = float64 values of src[:n] (float32/float64, or uint16 bits of float16/bfloat16)."""
+    raise NotImplementedError
+
+
+@overload(widen, jit_options={"cache": True, "nogil": True})
+def _widen_impl(src, out, n, half, tmp):
+    if isinstance(src.dtype, types.Float):
+        def impl(src, out, n, half, tmp):
+            for a in range(n):
+                out[a] = src[a]
+        return impl
+
+    def impl_bits(src, out, n, half, tmp):
+        if half:
+            # float16 -> float32 with the same bits shifted into place, times 2**112: exact,
+            # subnormals included (inputs were checked finite, so no Inf/NaN patterns occur).
+            for a in range(n):
+                h = np.uint32(src[a])
+                tmp[a] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
+            f = tmp[:n].view(np.float32)
+            for a in range(n):
+                out[a] = np.float64(f[a]) * _TWO_112
+        else:  # bfloat16 is the top half of a float32
+            for a in range(n):
+                tmp[a] = np.uint32(src[a]) << np.uint32(16)
+            f = tmp[:n].view(np.float32)
+            for a in range(n):
+                out[a] = f[a]
+    return impl_bits
+
+
+@jit
+def widen_row(src, out, n, half, tmp):
+    """:func:`widen` callable from Python (for tests and the torch bridge)."""
+    widen(src, out, n, half, tmp)
+
+
+def load4(Ks, k, n, buf, tmp, half):  # pragma: no cover - replaced by the overload inside kernels
+    """Rows k..k+3 of stored keys as float values: views for float storage, widened copies for bits."""
+    raise NotImplementedError
+
+
+@overload(load4, jit_options={"cache": True, "nogil": True})
+def _load4_impl(Ks, k, n, buf, tmp, half):
+    if isinstance(Ks.dtype, types.Float):
+        def impl(Ks, k, n, buf, tmp, half):
+            return Ks[k], Ks[k + 1], Ks[k + 2], Ks[k + 3]
+        return impl
+
+    def impl_bits(Ks, k, n, buf, tmp, half):
+        for i in range(4):
+            widen(Ks[k + i], buf[i], n, half, tmp)
+        return buf[0], buf[1], buf[2], buf[3]
+    return impl_bits
+
+
+@jit
+def retained_products(Ks, u, n, c, buf, tmp, half):
+    """c[a] = sum_k Ks[k, a] u[k] for a < n: axpy sweeps over contiguous rows, four rows per sweep."""
+    d = Ks.shape[0]
+    for a in range(n):
+        c[a] = 0.0
+    k = 0
+    while k + 3 < d:
+        r0, r1, r2, r3 = load4(Ks, k, n, buf, tmp, half)
+        u0, u1, u2, u3 = u[k], u[k + 1], u[k + 2], u[k + 3]
+        for a in range(n):
+            c[a] += (u0 * r0[a] + u1 * r1[a]) + (u2 * r2[a] + u3 * r3[a])
+        k += 4
+    while k < d:
+        widen(Ks[k], buf[0], n, half, tmp)
+        uk = u[k]
+        row = buf[0]
+        for a in range(n):
+            c[a] += uk * row[a]
+        k += 1
+
+
+@jit
+def back_solve(R, v, u):
+    """u = R^{-1} v for C-ordered upper-triangular R (row dot products, four independent sums)."""
+    d = R.shape[0]
+    for i in range(d - 1, -1, -1):
+        Ri = R[i]
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        j = i + 1
+        while j + 3 < d:
+            a0 += Ri[j] * u[j]
+            a1 += Ri[j + 1] * u[j + 1]
+            a2 += Ri[j + 2] * u[j + 2]
+            a3 += Ri[j + 3] * u[j + 3]
+            j += 4
+        while j < d:
+            a0 += Ri[j] * u[j]
+            j += 1
+        u[i] = (v[i] - ((a0 + a1) + (a2 + a3))) / Ri[i]
+
+
+@jit
+def forward_score(R, k, y):
+    """||R^{-T} k||^2 (exact leverage of k without ridge); y is scratch, k is overwritten."""
+    d = R.shape[0]
+    s = 0.0
+    for j in range(d):
+        yj = k[j] / R[j, j]
+        s += yj * yj
+        Rj = R[j]
+        for i in range(j + 1, d):
+            k[i] -= yj * Rj[i]
+    return s
+
+
+@jit
+def _kappa2(k, fro2_now, fro2_ref, d):
+    # sigma_min never decreases as rows arrive and sigma_max^2 grows by at most the added squared
+    # norm while sigma_max^2 >= ||R||_F^2 / d (see LevSketch._decode_kappa2).
+    return k * k * (1.0 + d * (fro2_now - fro2_ref) / fro2_ref)
+
+
+@jit
+def _drop(s, a, KT, ids, tau, V, r, new_ids, added, ev_ids, ev_cnt):
+    """Swap-remove retained slot a of sketch s; record the id as evicted unless it arrived in this call."""
+    g = ids[s, a]
+    fresh = False
+    for jj in range(new_ids.shape[1]):
+        if new_ids[s, jj] == g and added[s, jj]:
+            added[s, jj] = False
+            fresh = True
+            break
+    if not fresh:
+        ev_ids[s, ev_cnt[s]] = g
+        ev_cnt[s] += 1
+    last = r[s] - 1
+    if a != last:
+        for k in range(KT.shape[1]):
+            KT[s, k, a] = KT[s, k, last]
+        ids[s, a] = ids[s, last]
+        tau[s, a] = tau[s, last]
+        for k in range(V.shape[2]):
+            V[s, a, k] = V[s, last, k]
+    r[s] = last
+
+
+@jit
+def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, id_lo, id_hi, eps,
+                 X, Xst, new_ids, XV, half, limits, start, status, added, ev_ids, ev_cnt):
+    """Fold keys ``X[s, start[s]:]`` into sketch s for every s, in place, until done or a stop.
+
+    Parameters
+    ----------
+    R, KT, ids, tau, V : stacked state, see the module docstring; updated in place.
+    r, n, e, steps, id_lo, id_hi : (S,) int64; retained count, keys seen, scale exponent (the
+        kernel runs only where it is 0), rank-one steps since the last exact refresh, id range.
+    kappa, fro2_ref, fro2_now : (S,) float64; 2-norm condition number of R and ||R||_F^2 at the
+        last exact refresh, ||R||_F^2 now.
+    eps : (S,) float64 thresholds.
+    X : (S, t, d) float64 keys (exact values of the stored precision); Xst the same in storage bits.
+    new_ids : (S, t) int64; XV : (S, t, dv) payload rows in the storage bits (dv may be 0).
+    half : bool, uint16 storage holds float16 (True) or bfloat16 (False) bits.
+    limits : float64 [kappa_max, margin_refresh, refresh_steps, safe_lo, safe_hi].
+    start : (S,) int64 first key to fold; on return the next key not folded.
+    status : (S,) int64 out: DONE, GENERAL, REFRESH or GROW.
+    added : (S, t) bool, set for new keys retained; ev_ids (S, >= r) int64 / ev_cnt (S,) int64:
+        ids retained before the call and evicted by it (appended).
+    """
+    S, d, cap = KT.shape
+    t = X.shape[1]
+    kappa_max, margin_refresh, refresh_steps, safe_lo, safe_hi = limits[0], limits[1], limits[2], limits[3], limits[4]
+    k2_max = kappa_max * kappa_max
+    min_steps = max(32, d)
+    w = np.empty(d)
+    v = np.empty(d)
+    u = np.empty(d)
+    y = np.empty(d)
+    col = np.empty(d)
+    c = np.empty(cap)
+    buf = np.empty((4, max(cap, d)))
+    tmp = np.empty(max(cap, d), np.uint32)
+    colst = np.empty(d, KT.dtype)
+    for s in range(S):
+        status[s] = DONE
+        j = start[s]
+        Rs = R[s]
+        Ks = KT[s]
+        while j < t:
+            x = X[s, j]
+            nid = new_ids[s, j]
+            ready = e[s] == 0 and n[s] >= d and kappa[s] <= kappa_max and fro2_ref[s] > 0.0
+            if ready:  # (short-circuit: numba raises on a float division by zero)
+                ready = _kappa2(kappa[s], fro2_now[s], fro2_ref[s], d) <= k2_max
+            amax = abs_max(x)
+            if not ready or not (safe_lo <= amax < safe_hi) or (id_lo[s] <= nid <= id_hi[s]):
+                status[s] = GENERAL
+                break
+            if r[s] >= cap:
+                status[s] = GROW
+                break
+            rho, tau_x, xx = fold_key(Rs, x, w, v, safe_lo, safe_hi)
+            rs = r[s]
+            lowest = math.inf
+            if rs:
+                back_solve(Rs, v, u)
+                retained_products(Ks, u, rs, c, buf, tmp, half)
+                lowest = lower_scores(tau[s], c, rs, 1.0 / (rho * rho))
+            n[s] += 1
+            steps[s] += 1
+            fro2_now[s] += xx
+            st = steps[s]
+            k2 = _kappa2(kappa[s], fro2_now[s], fro2_ref[s], d)
+            if not (k2 <= k2_max):  # kappa may have passed the rank-one limit: decide from exact scores
+                margin = 1.0
+                fresh = 1.0
+            else:
+                margin = min(1.0, 64.0 * st * _U * k2 * d)
+                fresh = min(margin, 64.0 * _U * k2 * d)  # the new key's score has one step of rounding
+            es = eps[s]
+            if tau_x >= es - fresh:
+                p = r[s]
+                for k in range(d):
+                    Ks[k, p] = Xst[s, j, k]
+                ids[s, p] = nid
+                tau[s, p] = tau_x
+                for k in range(V.shape[2]):
+                    V[s, p, k] = XV[s, j, k]
+                r[s] = p + 1
+                added[s, j] = True
+                lowest = min(lowest, tau_x)
+            if lowest < es + margin:
+                a = r[s] - 1
+                while a >= 0:  # from the back: a row swapped into a hole was already judged
+                    ta = tau[s, a]
+                    drop = False
+                    if abs(ta - es) < margin:
+                        for k in range(d):
+                            colst[k] = Ks[k, a]
+                        widen(colst, col, d, half, tmp)
+                        ta = forward_score(Rs, col, y)
+                        tau[s, a] = ta
+                        drop = ta < es
+                    elif ta < es:
+                        drop = True
+                    if drop:
+                        _drop(s, a, KT, ids, tau, V, r, new_ids, added, ev_ids, ev_cnt)
+                    a -= 1
+            if id_hi[s] < id_lo[s]:
+                id_lo[s] = nid
+                id_hi[s] = nid
+            else:
+                id_lo[s] = min(id_lo[s], nid)
+                id_hi[s] = max(id_hi[s], nid)
+            j += 1
+            if (margin > margin_refresh and st >= min_steps) or st >= refresh_steps or margin >= 1.0:
+                status[s] = REFRESH
+                break
+        start[s] = j

@@ -1,0 +1,606 @@
+"""DecodeEngine: the exact p=2 sketches of every KV head of a model, updated per token in one call.
+
+Why a stacked state instead of a list of :class:`~streamlev.LevSketch`: at decode
+time a sketch's work per token is small (O(d^2 + r d)), so with tens of heads per
+layer the per-sketch Python of a list costs more than the arithmetic. Here all
+sketches live in stacked numpy arrays and one compiled loop
+(:mod:`streamlev._kernels.batched_decode`) folds the new keys of every sketch.
+Whatever that loop does not take (the first d keys, ill-conditioned factors,
+out-of-range keys, large blocks) goes through LevSketch itself, one sketch at a
+time, so the two give the same sets by construction.
+"""
+
+from __future__ import annotations
+
+import numbers
+import threading
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg as sla
+
+from . import _factor, _format
+from ._bytes_mixin import ByteRoundTrip
+from ._arrays import as_real_array
+from ._engine_store import STORAGE, Store, from_float64, kernel_view, storage_dtype, to_float64
+from ._kernels.batched_decode import DONE, GENERAL, GROW, REFRESH, decode_block
+from ._validation import check_dim, check_eps
+from .reference import DEFAULT_RTOL
+from .sketch import (_NO_DATA_EXP, _SAFE_HI, _SAFE_LO, DECODE_MAX_ROWS, KAPPA_DECODE, MARGIN_REFRESH, REFRESH_STEPS,
+                     SVD_MAX_D, LevSketch)
+
+__all__ = ["DecodeEngine", "BatchChanges"]
+
+_LIMITS = np.array([KAPPA_DECODE, MARGIN_REFRESH, REFRESH_STEPS, _SAFE_LO, _SAFE_HI])
+_LEV_SCHEMA = {"d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
+               "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
+               "keys": (("r", "d"), "f8")}
+
+
+class BatchChanges(NamedTuple):
+    """Ids that entered and left the retained sets during one :meth:`DecodeEngine.update`.
+
+    ``added_id[i]`` (a new key's id) is retained by sketch ``added_sketch[i]``
+    after the call; ``evicted_id[i]`` was retained by sketch ``evicted_sketch[i]``
+    before the call and is not after it. All int64, sorted by (sketch, id).
+    """
+
+    added_sketch: np.ndarray
+    added_id: np.ndarray
+    evicted_sketch: np.ndarray
+    evicted_id: np.ndarray
+
+
+class DecodeEngine(ByteRoundTrip):
+    """Exact universal sets (x^2 attention, leverage >= eps) of many key streams, fed token by token.
+
+    Parameters
+    ----------
+    sketches : int
+        Number of key streams S (e.g. layers x KV heads, flattened).
+    d : int
+        Key dimension.
+    eps : float or array_like of shape (S,)
+        Threshold of each sketch, in (0, 1].
+    dtype : {"float16", "bfloat16", "float32", "float64"}, default "float32"
+        Precision in which retained keys and payloads are stored. Keys are
+        rounded to it once on arrival; every leverage is then computed in
+        float64 on the rounded values, so the guarantee below holds for the
+        keys *as stored*.
+    value_dim : int, optional
+        Width of a payload row stored with each key (e.g. the value vector);
+        then every ``update`` passes ``values``.
+    rtol : float, default 1e-13
+        Relative ridge of the leverage definition (see :mod:`streamlev.reference`).
+
+    Notes
+    -----
+    Guarantee, per sketch s (the same as :class:`~streamlev.LevSketch`): after
+    any sequence of ``update`` and ``merge`` calls over keys K_s (rounded to
+    ``dtype``), the retained ids are exactly ``{j : tau_j(K_s) >= eps_s}``, and
+    ``universal_set(e, sketch=s)`` equals the offline set for every
+    ``e >= eps_s``; ``num_retained[s] <= floor(d / eps_s)``.
+
+    Memory: per sketch the d x d float64 factor plus, per retained key, its
+    key and payload in ``dtype`` and an int64 id and float64 score (buffers
+    grow by 1.25x as needed); independent of the number of keys seen.
+
+    Errors: on bad input (NaN/Inf, wrong shape or dtype, a wrong number of
+    sketches, repeated or reused ids) ``update`` raises before any sketch
+    changes. Every public method holds an internal lock.
+    """
+
+    def __init__(self, sketches: int, d: int, eps, *, dtype="float32", value_dim: int | None = None,
+                 rtol: float = DEFAULT_RTOL):
+        caller = "DecodeEngine"
+        S = check_dim(sketches, name="sketches", caller=caller)
+        self._d = check_dim(d, caller=caller)
+        self._eps = _per_sketch_eps(eps, S, caller)
+        self._rtol = LevSketch(1, 1.0, rtol=rtol).rtol  # validated as LevSketch does
+        self._dv = 0 if value_dim is None else check_dim(value_dim, name="value_dim", caller=caller)
+        self._has_v = value_dim is not None
+        self._kind = storage_dtype(dtype, caller)
+        self._lock = threading.RLock()
+        self._st = Store.empty(S, self._d, self._dv, self._kind, cap=16, e0=_NO_DATA_EXP)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def sketches(self) -> int:
+        """Number of sketches S."""
+        return self._st.S
+
+    @property
+    def d(self) -> int:
+        """Key dimension."""
+        return self._d
+
+    @property
+    def eps(self) -> np.ndarray:
+        """Per-sketch thresholds, shape (S,) (a copy)."""
+        return self._eps.copy()
+
+    @property
+    def rtol(self) -> float:
+        """Relative ridge of the leverage definition."""
+        return self._rtol
+
+    @property
+    def dtype(self) -> str:
+        """Storage precision of keys and payloads."""
+        return self._kind
+
+    @property
+    def value_dim(self) -> int | None:
+        """Payload width, or None when the engine carries no payload."""
+        return self._dv if self._has_v else None
+
+    @property
+    def n(self) -> np.ndarray:
+        """Keys seen per sketch, shape (S,), int64 (a copy)."""
+        return self._st.n.copy()
+
+    @property
+    def num_retained(self) -> np.ndarray:
+        """Keys held per sketch, shape (S,), int64 (a copy)."""
+        return self._st.r.copy()
+
+    @property
+    def max_retained(self) -> np.ndarray:
+        """A-priori bound per sketch, ``floor(d / eps_s)``, shape (S,)."""
+        return np.floor(self._d / self._eps).astype(np.int64)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no sketch has seen a key."""
+        return not bool(self._st.n.any())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the engine's arrays (factors, key/payload buffers, ids, scores, counters)."""
+        return self._st.nbytes
+
+    def __repr__(self) -> str:
+        return (f"DecodeEngine(sketches={self.sketches}, d={self._d}, dtype={self._kind!r}, "
+                f"value_dim={self.value_dim}; n.max()={int(self._st.n.max())}, "
+                f"num_retained.max()={int(self._st.r.max())})")
+
+    def __eq__(self, other):
+        if not isinstance(other, DecodeEngine):
+            return NotImplemented
+        return self.to_bytes() == other.to_bytes()
+
+    __hash__ = None
+
+    # ---------------------------------------------------------------- update
+    def update(self, keys, values=None, ids=None, *, return_changes: bool = False):
+        """Fold t new keys into every sketch.
+
+        Parameters
+        ----------
+        keys : array_like of shape (S, t, d), or (S, d) for one key each
+            numpy float16/32/64 (or integers) or a CPU torch tensor (bfloat16 included);
+            rounded once to the engine's ``dtype``.
+        values : array_like of shape (S, t, value_dim) or (S, value_dim), optional
+            Payload rows; required exactly when the engine was built with ``value_dim``.
+        ids : array_like of int, shape (t,) (shared) or (S, t), optional
+            Distinct new ids per sketch; default ``n[s], ..., n[s] + t - 1``.
+        return_changes : bool, default False
+            Return a :class:`BatchChanges` instead of self.
+
+        Returns
+        -------
+        self, or BatchChanges when ``return_changes`` is True.
+
+        Notes
+        -----
+        Blocks of up to 8 keys per sketch take the compiled rank-one loop
+        (O(d^2 + r d) per key, no Python per sketch or key). A sketch the loop
+        cannot take yet (fewer than d keys, condition number above 1e4, keys
+        outside 2**+-250, an id inside its id range) and blocks of more than 8
+        keys go through :meth:`LevSketch.update` for that sketch.
+        """
+        with self._lock:
+            X64, Xst, nid, XV64, XVst = self._check_update(keys, values, ids)
+            S, t = nid.shape
+            st = self._st
+            added = np.zeros((S, t), bool)
+            ev_ids = np.empty((S, int(st.r.max()) + 1), np.int64)
+            ev_cnt = np.zeros(S, np.int64)
+            if t:
+                # Only float64 storage can hold keys whose range needs rescaling, where LevSketch may
+                # refuse a key after other sketches changed: keep a copy to undo the whole call then.
+                risky = self._kind == "float64" and (bool((st.e[st.n > 0] != 0).any()) or _out_of_range(X64))
+                snap = st.copy() if risky else None
+                try:
+                    if t <= DECODE_MAX_ROWS:
+                        self._decode(X64, Xst, nid, XV64, XVst, added, ev_ids, ev_cnt)
+                    else:
+                        for s in range(S):
+                            self._general(s, 0, X64, nid, XV64, added, ev_ids, ev_cnt)
+                except BaseException:
+                    if snap is not None:
+                        self._st = snap
+                    raise
+            if not return_changes:
+                return self
+            a_s, a_j = np.nonzero(added)
+            e_s = np.repeat(np.arange(S, dtype=np.int64), ev_cnt)
+            e_id = ev_ids[np.arange(ev_ids.shape[1])[None, :] < ev_cnt[:, None]]
+            a_id = nid[a_s, a_j]
+            ao, eo = np.lexsort((a_id, a_s)), np.lexsort((e_id, e_s))
+            return BatchChanges(a_s[ao].astype(np.int64), a_id[ao], e_s[eo], e_id[eo])
+
+    def _decode(self, X64, Xst, nid, XV64, XVst, added, ev_ids, ev_cnt):
+        """The compiled loop over all sketches; numpy handles the (rare) sketches it stops on, then resumes."""
+        st = self._st
+        S, t = nid.shape
+        start = np.zeros(S, np.int64)
+        status = np.zeros(S, np.int64)
+        half = self._kind == "float16"
+        while True:
+            decode_block(*st.kernel_args(), self._eps, X64, Xst, nid, XVst, half, _LIMITS, start, status,
+                         added, ev_ids, ev_cnt)
+            stopped = np.flatnonzero(status != DONE)
+            if not stopped.size:
+                return
+            for s in stopped.tolist():
+                if status[s] == REFRESH:
+                    self._refresh(s, nid[s], added[s], ev_ids, ev_cnt)
+                elif status[s] == GROW:
+                    st.grow(int(st.r[s]) + 1)
+                else:
+                    self._general(s, int(start[s]), X64, nid, XV64, added, ev_ids, ev_cnt)
+                    start[s] = t
+            if (start >= t).all():
+                return
+
+    def _general(self, s, j0, X64, nid, XV64, added, ev_ids, ev_cnt):
+        """Keys j0.. of sketch s through LevSketch itself (first keys, rescaling, ill-conditioning, blocks)."""
+        sk = self._to_lev(s)
+        ch = sk.update(X64[s, j0:], ids=nid[s, j0:], values=None if XV64 is None else XV64[s, j0:],
+                       return_changes=True)
+        self._from_lev(s, sk)
+        self._record_evicted(s, ch.evicted, nid[s], added[s], ev_ids, ev_cnt)
+        added[s, j0:] = np.isin(nid[s, j0:], ch.added)
+
+    def _record_evicted(self, s, gone, nid_row, added_row, ev_ids, ev_cnt):
+        # An id that arrived earlier in this call was never reported: it just is not added.
+        fresh = np.isin(gone, nid_row[added_row])
+        added_row[np.isin(nid_row, gone[fresh])] = False
+        old = gone[~fresh]
+        k = int(ev_cnt[s])
+        ev_ids[s, k : k + old.size] = old
+        ev_cnt[s] = k + old.size
+
+    def _refresh(self, s, nid_row=None, added_row=None, ev_ids=None, ev_cnt=None):
+        """Exact scores of sketch s's retained keys (as LevSketch's rescore); drop those below eps."""
+        st = self._st
+        r = int(st.r[s])
+        kappa = _factor.cond_estimate(st.R[s])
+        if r:
+            tau = _factor.score_rows(st.R[s], st.keys64(s), self._rtol, kappa=kappa)
+            st.tau[s, :r] = tau
+            keep = tau >= self._eps[s]
+            if not keep.all():
+                gone = st.ids[s, :r][~keep].copy()
+                k = int(keep.sum())
+                st.KT[s, :, :k] = st.KT[s, :, :r][:, keep]
+                st.V[s, :k] = st.V[s, :r][keep]
+                st.ids[s, :k] = st.ids[s, :r][keep]
+                st.tau[s, :k] = tau[keep]
+                st.r[s] = k
+                if ev_ids is not None:
+                    self._record_evicted(s, gone, nid_row, added_row, ev_ids, ev_cnt)
+        self._set_refreshed(s, kappa)
+
+    def _set_refreshed(self, s, kappa):
+        """Rank-one bookkeeping after exact scores: 2-norm condition number (one SVD), ||R||_F^2."""
+        st = self._st
+        R = st.R[s]
+        if self._d <= SVD_MAX_D and kappa <= KAPPA_DECODE:
+            sv = sla.svdvals(R, check_finite=False)
+            kappa = float(sv[0] / sv[-1]) if sv[-1] > 0 else np.inf
+        st.kappa[s] = kappa
+        st.steps[s] = 0
+        st.fro2_ref[s] = st.fro2_now[s] = float(np.einsum("ij,ij->", R, R))
+
+    def _check_update(self, keys, values, ids):
+        caller = "DecodeEngine.update"
+        S, d = self.sketches, self._d
+        K = as_real_array(keys, name="keys", caller=caller, ndim=(2, 3), check_finite=False)
+        one = K.ndim == 2
+        if one:
+            K = K[:, None, :]
+        if K.shape[0] != S or K.shape[2] != d:
+            raise ValueError(f"{caller}: keys must have shape (sketches, t, d) = ({S}, t, {d}) or (sketches, d); "
+                             f"got {tuple(np.shape(keys))}.")
+        t = K.shape[1]
+        Xst = np.ascontiguousarray(from_float64(K, self._kind))
+        X64 = to_float64(Xst, self._kind)
+        if not np.isfinite(X64).all():
+            raise ValueError(f"{caller}: keys contain NaN or Inf (after rounding to {self._kind}: "
+                             f"{int((~np.isfinite(X64)).sum())} entries). Fix or rescale them; nothing was changed.")
+        nid = self._check_ids(ids, S, t, caller)
+        XV64 = XVst = None
+        if self._has_v:
+            if values is None:
+                raise ValueError(f"{caller}: this engine stores payloads; pass values of shape ({S}, {t}, {self._dv}).")
+            V = as_real_array(values, name="values", caller=caller, ndim=(2, 3), check_finite=False)
+            if V.ndim == 2 and one:
+                V = V[:, None, :]
+            if V.shape != (S, t, self._dv):
+                raise ValueError(f"{caller}: values must have shape ({S}, {t}, {self._dv}); got {tuple(np.shape(values))}.")
+            XVst = np.ascontiguousarray(from_float64(V, self._kind))
+            XV64 = to_float64(XVst, self._kind)
+            if not np.isfinite(XV64).all():
+                raise ValueError(f"{caller}: values contain NaN or Inf (after rounding to {self._kind}).")
+        elif values is not None:
+            raise ValueError(f"{caller}: this engine was built without value_dim; values cannot be stored.")
+        if XVst is None:
+            XVst = np.zeros((S, t, 0), self._st.V.dtype)
+        return X64, kernel_view(Xst), nid, XV64, kernel_view(XVst)
+
+    def _check_ids(self, ids, S, t, caller):
+        st = self._st
+        if ids is None:
+            return st.n[:, None] + np.arange(t, dtype=np.int64)[None, :]
+        arr = np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids)
+        if arr.dtype.kind not in "iu" or arr.dtype == np.uint64 and arr.size and arr.max() >= 2**63:
+            raise TypeError(f"{caller}: ids must be int64-range integers; got dtype {arr.dtype}.")
+        if arr.shape == (t,):
+            arr = np.broadcast_to(arr, (S, t))
+        if arr.shape != (S, t):
+            raise ValueError(f"{caller}: ids must have shape ({t},) or ({S}, {t}); got {arr.shape}.")
+        nid = np.ascontiguousarray(arr, dtype=np.int64)
+        srt = np.sort(nid, axis=1)
+        if t > 1 and (srt[:, 1:] == srt[:, :-1]).any():
+            s = int(np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))[0])
+            raise ValueError(f"{caller}: ids must be distinct within a block; sketch {s} got repeated ids.")
+        inside = (st.n[:, None] > 0) & (nid >= st.id_lo[:, None]) & (nid <= st.id_hi[:, None])
+        for s in np.flatnonzero(inside.any(axis=1)).tolist():  # only sketches whose id range is hit
+            interval = st.id_hi[s] - st.id_lo[s] + 1 == st.n[s]  # then every id in the range was used
+            clash = nid[s][inside[s]] if interval else nid[s][np.isin(nid[s], st.ids[s, : st.r[s]])]
+            if clash.size:
+                raise ValueError(f"{caller}: sketch {s}: id(s) {clash[:5].tolist()} were already used; "
+                                 "ids must be fresh (default: n, n+1, ...).")
+        return nid
+
+    # ------------------------------------------------------- LevSketch bridge
+    def _slot_fields(self, s):
+        st = self._st
+        r = int(st.r[s])
+        order = np.argsort(st.ids[s, :r], kind="stable")
+        fields = {"d": np.int64(self._d), "eps": np.float64(self._eps[s]), "p": np.float64(2.0),
+                  "rtol": np.float64(self._rtol), "n": np.int64(st.n[s]), "scale_exp": np.int64(st.e[s]),
+                  "id_range": np.array([st.id_lo[s], st.id_hi[s]], np.int64), "R": st.R[s],
+                  "ids": st.ids[s, :r][order], "keys": st.keys64(s)[order]}
+        if self._has_v:
+            fields["values"] = st.values64(s)[order]
+        return fields
+
+    def _slot_bytes(self, s) -> bytes:
+        """Sketch s in LevSketch's byte format (the bytes LevSketch.to_bytes writes for the same state)."""
+        return _format.dump("LevSketch", self._slot_fields(s))
+
+    def _to_lev(self, s) -> LevSketch:
+        return LevSketch.from_bytes(self._slot_bytes(s))
+
+    def _lev_state(self, sk, caller):
+        """Checked arrays of a LevSketch in this engine's storage precision; mutates nothing."""
+        if (sk.d, sk.rtol) != (self._d, self._rtol):
+            raise ValueError(f"{caller}: sketch has (d, rtol)={(sk.d, sk.rtol)}, the engine {(self._d, self._rtol)}.")
+        f = _format.load(sk.to_bytes(), "LevSketch", _LEV_SCHEMA, optional={"values": (("r", None), "f8")})
+        _, tau = sk.scores()  # exact after to_bytes, in the same (sorted) id order
+        Kst = from_float64(f["keys"], self._kind)
+        V = f.get("values")
+        if (self._has_v and V is None and sk.n > 0) or (not self._has_v and V is not None) \
+                or (V is not None and V.shape[1] != self._dv):
+            raise ValueError(f"{caller}: the sketch's payload does not match the engine's value_dim={self.value_dim}.")
+        Vst = None if V is None else from_float64(V, self._kind)
+        exact = np.array_equal(to_float64(Kst, self._kind), f["keys"]) and \
+            (V is None or np.array_equal(to_float64(Vst, self._kind), V))
+        if not exact:
+            raise ValueError(f"{caller}: the sketch holds keys or values that {self._kind} cannot store exactly; "
+                             "use dtype='float64'.")
+        return f, tau, Kst, Vst
+
+    def _from_lev(self, s, sk, state=None):
+        f, tau, Kst, Vst = state if state is not None else self._lev_state(sk, "DecodeEngine")
+        st = self._st
+        r = tau.shape[0]
+        st.grow(r)
+        st.KT[s, :, :r] = Kst.T
+        st.ids[s, :r], st.tau[s, :r] = f["ids"], tau
+        if Vst is not None:
+            st.V[s, :r] = Vst
+        st.r[s], st.n[s], st.e[s] = r, int(f["n"]), int(f["scale_exp"])
+        st.id_lo[s], st.id_hi[s] = (int(v) for v in f["id_range"])
+        st.R[s] = f["R"]
+        self._set_refreshed(s, _factor.cond_estimate(st.R[s]))
+
+    @classmethod
+    def from_sketches(cls, sketches, *, dtype="float64") -> DecodeEngine:
+        """An engine holding copies of LevSketches (same d and rtol; payloads on all or none).
+
+        ``dtype`` must store every retained key and payload exactly (float64 always does).
+        """
+        caller = "DecodeEngine.from_sketches"
+        sks = list(sketches)
+        if not sks or not all(isinstance(sk, LevSketch) for sk in sks):
+            raise TypeError(f"{caller}: expected a non-empty sequence of LevSketch.")
+        dvs = {sk.retained()[2].shape[1] for sk in sks if sk.retained()[2] is not None}
+        if len(dvs) > 1:
+            raise ValueError(f"{caller}: the sketches carry payloads of different widths {sorted(dvs)}.")
+        eng = cls(len(sks), sks[0].d, [sk.eps for sk in sks], dtype=dtype, value_dim=dvs.pop() if dvs else None,
+                  rtol=sks[0].rtol)
+        states = [eng._lev_state(sk, caller) for sk in sks]
+        for s, (sk, state) in enumerate(zip(sks, states)):
+            eng._from_lev(s, sk, state)
+        return eng
+
+    def to_sketches(self) -> list:
+        """One independent :class:`~streamlev.LevSketch` per sketch (keys as float64)."""
+        with self._lock:
+            return [self._to_lev(s) for s in range(self.sketches)]
+
+    # ---------------------------------------------------------------- queries
+    def _sketch(self, sketch, caller) -> int:
+        if isinstance(sketch, (bool, np.bool_)) or not isinstance(sketch, numbers.Integral):
+            raise TypeError(f"{caller}: sketch must be an int in [0, {self.sketches}). Got {sketch!r}.")
+        if not 0 <= int(sketch) < self.sketches:
+            raise ValueError(f"{caller}: sketch must be in [0, {self.sketches}). Got {sketch}.")
+        return int(sketch)
+
+    def scores(self, *, sketch: int):
+        """Retained ids of one sketch (sorted int64) and their exact leverage (float64, each >= eps)."""
+        with self._lock:
+            s = self._sketch(sketch, "DecodeEngine.scores")
+            if self._st.steps[s]:
+                self._refresh(s)
+            r = int(self._st.r[s])
+            order = np.argsort(self._st.ids[s, :r], kind="stable")
+            return self._st.ids[s, :r][order].copy(), self._st.tau[s, :r][order].copy()
+
+    def universal_set(self, eps: float | None = None, *, sketch: int) -> np.ndarray:
+        """Sorted int64 ids of sketch ``sketch`` with leverage >= eps (default its own eps, the minimum)."""
+        caller = "DecodeEngine.universal_set"
+        with self._lock:
+            s = self._sketch(sketch, caller)
+            e = self._eps[s] if eps is None else check_eps(eps, caller=caller)
+            if e < self._eps[s]:
+                raise ValueError(f"{caller}: eps={e!r} is below sketch {s}'s eps={self._eps[s]!r}; "
+                                 "keys with smaller leverage were not kept.")
+            ids, tau = self.scores(sketch=s)
+            return ids[tau >= e]
+
+    def retained(self, *, sketch: int):
+        """(ids sorted, keys (r, d), values (r, value_dim) or None) of one sketch, in the storage precision.
+
+        bfloat16 storage is returned as float32 (numpy has no bfloat16); the values are exact.
+        """
+        with self._lock:
+            s = self._sketch(sketch, "DecodeEngine.retained")
+            st = self._st
+            r = int(st.r[s])
+            order = np.argsort(st.ids[s, :r], kind="stable")
+            K = st.KT[s, :, :r].T[order]
+            V = st.V[s, :r][order] if self._has_v else None
+            if self._kind == "bfloat16":
+                K, V = to_float64(K, "bfloat16").astype(np.float32), None if V is None else to_float64(
+                    V, "bfloat16").astype(np.float32)
+            elif st.e[s] != 0 and st.n[s]:
+                K = np.ldexp(K, int(st.e[s]))
+            return st.ids[s, :r][order].copy(), np.ascontiguousarray(K), None if V is None else V.copy()
+
+    def top(self, budget: int, *, sketch: int) -> np.ndarray:
+        """Sorted ids of the ``budget`` retained keys of largest leverage (ties toward smaller ids)."""
+        if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral) or budget < 0:
+            raise ValueError(f"DecodeEngine.top: budget must be a non-negative int; got {budget!r}.")
+        ids, tau = self.scores(sketch=sketch)
+        return np.sort(ids[np.lexsort((ids, -tau))[: int(budget)]])
+
+    def keep_mask(self, length: int) -> np.ndarray:
+        """Boolean (S, length) array: ``mask[s, j]`` is True iff id j is retained by sketch s.
+
+        For a KV cache indexed by position (the default ids), this is the set of
+        cache rows to keep; ids outside [0, length) are ignored.
+        """
+        length = check_dim(length, name="length", caller="DecodeEngine.keep_mask") if length else 0
+        with self._lock:
+            st = self._st
+            mask = np.zeros((self.sketches, length), bool)
+            live = np.arange(st.cap)[None, :] < st.r[:, None]
+            rows = np.broadcast_to(np.arange(self.sketches)[:, None], live.shape)[live]
+            cols = st.ids[live]
+            ok = (cols >= 0) & (cols < length)
+            mask[rows[ok], cols[ok]] = True
+            return mask
+
+    # ------------------------------------------------------- merge and bytes
+    def merge(self, other: DecodeEngine):
+        """Fold another engine (same sketches, d, eps, rtol, dtype, value_dim; disjoint ids) into this one.
+
+        Each sketch becomes exactly the sketch of the union of both key sets;
+        ``other`` is not modified; on error nothing changes.
+        """
+        caller = "DecodeEngine.merge"
+        if not isinstance(other, DecodeEngine):
+            raise TypeError(f"{caller}: can only merge another DecodeEngine, got {type(other).__name__}.")
+        if other is self:
+            raise ValueError(f"{caller}: cannot merge an engine with itself (its ids are not disjoint).")
+        mine = (self.sketches, self._d, self._eps.tolist(), self._rtol, self._kind, self.value_dim)
+        theirs = (other.sketches, other._d, other._eps.tolist(), other._rtol, other._kind, other.value_dim)
+        if mine != theirs:
+            raise ValueError(f"{caller}: incompatible engines: (sketches, d, eps, rtol, dtype, value_dim)={mine} "
+                             f"here and {theirs} in the other.")
+        first, second = (self, other) if id(self) < id(other) else (other, self)
+        with first._lock, second._lock:
+            merged = []
+            for s in range(self.sketches):
+                a = self._to_lev(s)
+                try:
+                    a.merge(other._to_lev(s))
+                except ValueError as exc:
+                    raise ValueError(f"{caller}: sketch {s}: {exc}") from None
+                merged.append((a, self._lev_state(a, caller)))
+            for s, (a, state) in enumerate(merged):
+                self._from_lev(s, a, state)
+        return self
+
+    def to_bytes(self) -> bytes:
+        """Versioned, CRC32-checked bytes: a header plus every sketch in LevSketch's format."""
+        with self._lock:
+            parts = [self._slot_bytes(s) for s in range(self.sketches)]
+        blob = b"".join(parts)
+        blob += b"\0" * (-len(blob) % 8)
+        return _format.dump("DecodeEngine", {
+            "sketches": np.int64(self.sketches), "d": np.int64(self._d), "rtol": np.float64(self._rtol),
+            "eps": self._eps, "dtype": np.int64(list(STORAGE).index(self._kind)),
+            "value_dim": np.int64(self._dv if self._has_v else -1),
+            "lengths": np.array([len(p) for p in parts], np.int64), "blob": np.frombuffer(blob, "<i8")})
+
+    @classmethod
+    def from_bytes(cls, data) -> DecodeEngine:
+        """Rebuild from :meth:`to_bytes` output; raise ValueError on anything else."""
+        caller = "DecodeEngine.from_bytes"
+        f = _format.load(data, "DecodeEngine", {
+            "sketches": ((), "i8"), "d": ((), "i8"), "rtol": ((), "f8"), "eps": (("sketches",), "f8"),
+            "dtype": ((), "i8"), "value_dim": ((), "i8"), "lengths": (("sketches",), "i8"), "blob": (("w",), "i8")})
+        lengths, blob = f["lengths"], f["blob"].astype("<i8").tobytes()
+        total = int(lengths.sum()) if lengths.size else 0
+        if (lengths < 0).any() or len(blob) != total + (-total % 8) or not 0 <= int(f["dtype"]) < len(STORAGE):
+            raise ValueError(f"{caller}: inconsistent header (lengths sum {total}, {len(blob)} payload bytes).")
+        dv = int(f["value_dim"])
+        try:
+            eng = cls(int(f["sketches"]), int(f["d"]), f["eps"], dtype=list(STORAGE)[int(f["dtype"])],
+                      value_dim=None if dv == -1 else dv, rtol=float(f["rtol"]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{caller}: invalid parameters in the header: {exc}") from None
+        pos, states = 0, []
+        for s, k in enumerate(lengths.tolist()):
+            try:
+                sk = LevSketch.from_bytes(blob[pos : pos + k])
+                if sk.eps != eng._eps[s]:
+                    raise ValueError(f"eps {sk.eps} differs from the header's {eng._eps[s]}")
+                states.append((sk, eng._lev_state(sk, caller)))
+            except ValueError as exc:
+                raise ValueError(f"{caller}: sketch {s}: {exc}") from None
+            pos += k
+        for s, (sk, state) in enumerate(states):
+            eng._from_lev(s, sk, state)
+        return eng
+
+
+def _out_of_range(X64) -> bool:
+    """True if some key's largest entry lies outside [2**-251, 2**250) (zero keys excepted)."""
+    amax = np.abs(X64).max(axis=-1)
+    return bool(((amax >= _SAFE_HI) | ((amax > 0) & (amax < _SAFE_LO))).any())
+
+
+def _per_sketch_eps(eps, S, caller):
+    arr = np.asarray(eps.detach().cpu().numpy() if hasattr(eps, "detach") else eps)
+    if arr.ndim == 0:
+        arr = np.full(S, arr)
+    if arr.shape != (S,):
+        raise ValueError(f"{caller}: eps must be a scalar or have shape ({S},) (one per sketch); got {arr.shape}.")
+    return np.array([check_eps(v.item(), caller=caller) for v in arr])
