@@ -239,7 +239,7 @@ class TorchDecodeEngine:
         h = (x * u).sum(1)
         self._Ginv -= (u / (1.0 + h).unsqueeze(1)).unsqueeze(2) * u.unsqueeze(1)
         tau_x = h / (1.0 + h)
-        c = torch.bmm(self._K.to(torch.float64), u.unsqueeze(2)).squeeze(2)
+        c = self._products(self._K, u.unsqueeze(2)).squeeze(2)
         self._tau -= c * c / (1.0 + h).unsqueeze(1)
         self._pend[:, self._np] = x
         self._np += 1
@@ -271,7 +271,7 @@ class TorchDecodeEngine:
         idc = torch.cat([self._ids, nid], dim=1)
         validc = torch.cat([self._valid, torch.ones(S, t, dtype=torch.bool, device=self._dev)], dim=1)
         self._fold_pending(X)
-        tau = self._exact_scores(Kc.to(torch.float64))
+        tau = self._exact_scores(Kc)
         keep = validc & (tau >= self._eps)
         self._store(Kc, Vc, idc, tau, keep)
         added |= keep[:, -t:]
@@ -292,9 +292,23 @@ class TorchDecodeEngine:
         Rl = _positive_r(torch.linalg.qr(torch.cat([self._R, lam.sqrt()[:, None, None] * eye], dim=1), mode="r")[1])
         empty = fro2 == 0
         Rl = torch.where(empty[:, None, None], eye, Rl)  # no keys seen: every score is 0 (set below)
-        Y = torch.linalg.solve_triangular(Rl.transpose(1, 2), Kc.transpose(1, 2), upper=False)
-        tau = torch.clamp((Y * Y).sum(1), max=1.0)
+        Lt = Rl.transpose(1, 2)
+        tau = torch.empty(Kc.shape[:2], dtype=torch.float64, device=self._dev)
+        for a, b in self._chunks(Kc):
+            Y = torch.linalg.solve_triangular(Lt[a:b], Kc[a:b].to(torch.float64).transpose(1, 2), upper=False)
+            tau[a:b] = torch.clamp((Y * Y).sum(1), max=1.0)
         return torch.where(empty[:, None], torch.zeros_like(tau), tau)
+
+    def _chunks(self, K):
+        """Sketch ranges whose keys widened to float64 take at most ~64 MB (bounded temporaries)."""
+        per = max(1, (64 << 20) // max(1, K.shape[1] * K.shape[2] * 8))
+        return [(a, min(a + per, K.shape[0])) for a in range(0, K.shape[0], per)]
+
+    def _products(self, K, u):
+        """K @ u in float64 for stored (narrow) keys K (S, m, d) and u (S, d, 1)."""
+        if len(self._chunks(K)) == 1:
+            return torch.bmm(K.to(torch.float64), u)
+        return torch.cat([torch.bmm(K[a:b].to(torch.float64), u[a:b]) for a, b in self._chunks(K)])
 
     def _store(self, Kc, Vc, idc, tau, keep):
         """Compact the kept candidates to the front of (re-sized) buffers. One host sync: the largest count."""
@@ -323,7 +337,7 @@ class TorchDecodeEngine:
     def refresh(self):
         """Exact scores of every retained key (and the pending keys folded into the factor); prune below eps."""
         self._fold_pending()
-        tau = self._exact_scores(self._K.to(torch.float64))
+        tau = self._exact_scores(self._K)
         keep = self._valid & (tau >= self._eps)
         self._store(self._K, self._V, self._ids, tau, keep)
         self._after_refresh()

@@ -120,25 +120,52 @@ def retained_products(Ks, u, n, c, buf, tmp, half):
 
 @jit
 def back_solve(R, v, u):
-    """u = R^{-1} v for C-ordered upper-triangular R (row dot products, four independent sums)."""
+    """u = R^{-1} v for C-ordered upper-triangular R.
+
+    Rows are solved eight at a time: one sweep over the solved tail of u feeds eight
+    independent sums (one per row), so the loop is bound by throughput, not by the latency
+    of one long chain of additions as a row-by-row dot product is.
+    """
     d = R.shape[0]
-    for i in range(d - 1, -1, -1):
-        Ri = R[i]
+    i1 = d
+    while i1 > 0:
+        i0 = max(0, i1 - 8)
         a0 = 0.0
         a1 = 0.0
         a2 = 0.0
         a3 = 0.0
-        j = i + 1
-        while j + 3 < d:
-            a0 += Ri[j] * u[j]
-            a1 += Ri[j + 1] * u[j + 1]
-            a2 += Ri[j + 2] * u[j + 2]
-            a3 += Ri[j + 3] * u[j + 3]
-            j += 4
-        while j < d:
-            a0 += Ri[j] * u[j]
-            j += 1
-        u[i] = (v[i] - ((a0 + a1) + (a2 + a3))) / Ri[i]
+        a4 = 0.0
+        a5 = 0.0
+        a6 = 0.0
+        a7 = 0.0
+        if i1 - i0 == 8:
+            R0, R1, R2, R3 = R[i0], R[i0 + 1], R[i0 + 2], R[i0 + 3]
+            R4, R5, R6, R7 = R[i0 + 4], R[i0 + 5], R[i0 + 6], R[i0 + 7]
+            for j in range(i1, d):
+                uj = u[j]
+                a0 += R0[j] * uj
+                a1 += R1[j] * uj
+                a2 += R2[j] * uj
+                a3 += R3[j] * uj
+                a4 += R4[j] * uj
+                a5 += R5[j] * uj
+                a6 += R6[j] * uj
+                a7 += R7[j] * uj
+            acc = (a0, a1, a2, a3, a4, a5, a6, a7)
+            for k in range(8):
+                u[i0 + k] = v[i0 + k] - acc[k]
+        else:
+            for i in range(i0, i1):
+                t = 0.0
+                for j in range(i1, d):
+                    t += R[i, j] * u[j]
+                u[i] = v[i] - t
+        for i in range(i1 - 1, i0 - 1, -1):  # the 8 x 8 triangle of the block itself
+            t = u[i]
+            for j in range(i + 1, i1):
+                t -= R[i, j] * u[j]
+            u[i] = t / R[i, i]
+        i1 = i0
 
 
 @jit
