@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Store", "storage_dtype", "to_float64", "from_float64", "STORAGE"]
+from . import _format
+
+__all__ = ["Store", "storage_dtype", "to_float64", "from_float64", "STORAGE", "slot_fields", "levsketch_arrays"]
+
+_LEV_SCHEMA = {"d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
+               "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
+               "keys": (("r", "d"), "f8")}
 
 STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
 
@@ -116,3 +122,37 @@ class Store:
 
     def values64(self, s: int) -> np.ndarray:
         return to_float64(self.V[s, : self.r[s]], self.kind)
+
+
+def slot_fields(st: Store, s: int, d: int, eps: float, rtol: float, has_v: bool) -> dict:
+    """Sketch s as the fields of LevSketch's byte format (canonical: sorted by id), in the same order."""
+    r = int(st.r[s])
+    order = np.argsort(st.ids[s, :r], kind="stable")
+    fields = {"d": np.int64(d), "eps": np.float64(eps), "p": np.float64(2.0), "rtol": np.float64(rtol),
+              "n": np.int64(st.n[s]), "scale_exp": np.int64(st.e[s]),
+              "id_range": np.array([st.id_lo[s], st.id_hi[s]], np.int64), "R": st.R[s],
+              "ids": st.ids[s, :r][order], "keys": st.keys64(s)[order]}
+    if has_v:
+        fields["values"] = st.values64(s)[order]
+    return fields
+
+
+def levsketch_arrays(sk, kind: str, value_dim, caller: str):
+    """(fields, exact scores, keys and payload in storage precision) of a LevSketch; mutates nothing.
+
+    Raises ValueError when the payload does not match ``value_dim`` or ``kind`` cannot hold
+    the sketch's keys or payloads exactly (the factor describes the exact values).
+    """
+    f = _format.load(sk.to_bytes(), "LevSketch", _LEV_SCHEMA, optional={"values": (("r", None), "f8")})
+    _, tau = sk.scores()  # exact after to_bytes, in the same (sorted) id order
+    V = f.get("values")
+    if (value_dim is not None and V is None and sk.n > 0) or (value_dim is None and V is not None) \
+            or (V is not None and V.shape[1] != value_dim):
+        raise ValueError(f"{caller}: the sketch's payload does not match the engine's value_dim={value_dim}.")
+    Kst = from_float64(f["keys"], kind)
+    Vst = None if V is None else from_float64(V, kind)
+    exact = np.array_equal(to_float64(Kst, kind), f["keys"]) and (V is None or np.array_equal(to_float64(Vst, kind), V))
+    if not exact:
+        raise ValueError(f"{caller}: the sketch holds keys or values that {kind} cannot store exactly; "
+                         "use dtype='float64'.")
+    return f, tau, Kst, Vst

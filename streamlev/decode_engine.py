@@ -21,9 +21,9 @@ import scipy.linalg as sla
 
 from . import _factor, _format
 from ._bytes_mixin import ByteRoundTrip
-from ._arrays import as_real_array
-from ._engine_store import STORAGE, Store, from_float64, kernel_view, storage_dtype, to_float64
-from ._kernels.batched_decode import DONE, GENERAL, GROW, REFRESH, decode_block
+from ._engine_checks import check_update, per_sketch_eps
+from ._engine_store import STORAGE, Store, levsketch_arrays, slot_fields, storage_dtype, to_float64
+from ._kernels.batched_decode import DONE, GROW, REFRESH, decode_block
 from ._validation import check_dim, check_eps
 from .reference import DEFAULT_RTOL
 from .sketch import (_NO_DATA_EXP, _SAFE_HI, _SAFE_LO, DECODE_MAX_ROWS, KAPPA_DECODE, MARGIN_REFRESH, REFRESH_STEPS,
@@ -32,9 +32,6 @@ from .sketch import (_NO_DATA_EXP, _SAFE_HI, _SAFE_LO, DECODE_MAX_ROWS, KAPPA_DE
 __all__ = ["DecodeEngine", "BatchChanges"]
 
 _LIMITS = np.array([KAPPA_DECODE, MARGIN_REFRESH, REFRESH_STEPS, _SAFE_LO, _SAFE_HI])
-_LEV_SCHEMA = {"d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
-               "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
-               "keys": (("r", "d"), "f8")}
 
 
 class BatchChanges(NamedTuple):
@@ -95,7 +92,7 @@ class DecodeEngine(ByteRoundTrip):
         caller = "DecodeEngine"
         S = check_dim(sketches, name="sketches", caller=caller)
         self._d = check_dim(d, caller=caller)
-        self._eps = _per_sketch_eps(eps, S, caller)
+        self._eps = per_sketch_eps(eps, S, caller)
         self._rtol = LevSketch(1, 1.0, rtol=rtol).rtol  # validated as LevSketch does
         self._dv = 0 if value_dim is None else check_dim(value_dim, name="value_dim", caller=caller)
         self._has_v = value_dim is not None
@@ -200,7 +197,8 @@ class DecodeEngine(ByteRoundTrip):
         keys go through :meth:`LevSketch.update` for that sketch.
         """
         with self._lock:
-            X64, Xst, nid, XV64, XVst = self._check_update(keys, values, ids)
+            X64, Xst, nid, XV64, XVst = check_update(self._st, self._d, self._kind, self._dv if self._has_v else None,
+                                                     keys, values, ids)
             S, t = nid.shape
             st = self._st
             added = np.zeros((S, t), bool)
@@ -209,7 +207,7 @@ class DecodeEngine(ByteRoundTrip):
             if t:
                 # Only float64 storage can hold keys whose range needs rescaling, where LevSketch may
                 # refuse a key after other sketches changed: keep a copy to undo the whole call then.
-                risky = self._kind == "float64" and (bool((st.e[st.n > 0] != 0).any()) or _out_of_range(X64))
+                risky = self._kind == "float64" and (bool((st.e[st.n > 0] != 0).any()) or out_of_range(X64))
                 snap = st.copy() if risky else None
                 try:
                     if t <= DECODE_MAX_ROWS:
@@ -304,105 +302,18 @@ class DecodeEngine(ByteRoundTrip):
         st.steps[s] = 0
         st.fro2_ref[s] = st.fro2_now[s] = float(np.einsum("ij,ij->", R, R))
 
-    def _check_update(self, keys, values, ids):
-        caller = "DecodeEngine.update"
-        S, d = self.sketches, self._d
-        K = as_real_array(keys, name="keys", caller=caller, ndim=(2, 3), check_finite=False)
-        one = K.ndim == 2
-        if one:
-            K = K[:, None, :]
-        if K.shape[0] != S or K.shape[2] != d:
-            raise ValueError(f"{caller}: keys must have shape (sketches, t, d) = ({S}, t, {d}) or (sketches, d); "
-                             f"got {tuple(np.shape(keys))}.")
-        t = K.shape[1]
-        Xst = np.ascontiguousarray(from_float64(K, self._kind))
-        X64 = to_float64(Xst, self._kind)
-        if not np.isfinite(X64).all():
-            raise ValueError(f"{caller}: keys contain NaN or Inf (after rounding to {self._kind}: "
-                             f"{int((~np.isfinite(X64)).sum())} entries). Fix or rescale them; nothing was changed.")
-        nid = self._check_ids(ids, S, t, caller)
-        XV64 = XVst = None
-        if self._has_v:
-            if values is None:
-                raise ValueError(f"{caller}: this engine stores payloads; pass values of shape ({S}, {t}, {self._dv}).")
-            V = as_real_array(values, name="values", caller=caller, ndim=(2, 3), check_finite=False)
-            if V.ndim == 2 and one:
-                V = V[:, None, :]
-            if V.shape != (S, t, self._dv):
-                raise ValueError(f"{caller}: values must have shape ({S}, {t}, {self._dv}); got {tuple(np.shape(values))}.")
-            XVst = np.ascontiguousarray(from_float64(V, self._kind))
-            XV64 = to_float64(XVst, self._kind)
-            if not np.isfinite(XV64).all():
-                raise ValueError(f"{caller}: values contain NaN or Inf (after rounding to {self._kind}).")
-        elif values is not None:
-            raise ValueError(f"{caller}: this engine was built without value_dim; values cannot be stored.")
-        if XVst is None:
-            XVst = np.zeros((S, t, 0), self._st.V.dtype)
-        return X64, kernel_view(Xst), nid, XV64, kernel_view(XVst)
-
-    def _check_ids(self, ids, S, t, caller):
-        st = self._st
-        if ids is None:
-            return st.n[:, None] + np.arange(t, dtype=np.int64)[None, :]
-        arr = np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids)
-        if arr.dtype.kind not in "iu" or arr.dtype == np.uint64 and arr.size and arr.max() >= 2**63:
-            raise TypeError(f"{caller}: ids must be int64-range integers; got dtype {arr.dtype}.")
-        if arr.shape == (t,):
-            arr = np.broadcast_to(arr, (S, t))
-        if arr.shape != (S, t):
-            raise ValueError(f"{caller}: ids must have shape ({t},) or ({S}, {t}); got {arr.shape}.")
-        nid = np.ascontiguousarray(arr, dtype=np.int64)
-        srt = np.sort(nid, axis=1)
-        if t > 1 and (srt[:, 1:] == srt[:, :-1]).any():
-            s = int(np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(axis=1))[0])
-            raise ValueError(f"{caller}: ids must be distinct within a block; sketch {s} got repeated ids.")
-        inside = (st.n[:, None] > 0) & (nid >= st.id_lo[:, None]) & (nid <= st.id_hi[:, None])
-        for s in np.flatnonzero(inside.any(axis=1)).tolist():  # only sketches whose id range is hit
-            interval = st.id_hi[s] - st.id_lo[s] + 1 == st.n[s]  # then every id in the range was used
-            clash = nid[s][inside[s]] if interval else nid[s][np.isin(nid[s], st.ids[s, : st.r[s]])]
-            if clash.size:
-                raise ValueError(f"{caller}: sketch {s}: id(s) {clash[:5].tolist()} were already used; "
-                                 "ids must be fresh (default: n, n+1, ...).")
-        return nid
-
     # ------------------------------------------------------- LevSketch bridge
-    def _slot_fields(self, s):
-        st = self._st
-        r = int(st.r[s])
-        order = np.argsort(st.ids[s, :r], kind="stable")
-        fields = {"d": np.int64(self._d), "eps": np.float64(self._eps[s]), "p": np.float64(2.0),
-                  "rtol": np.float64(self._rtol), "n": np.int64(st.n[s]), "scale_exp": np.int64(st.e[s]),
-                  "id_range": np.array([st.id_lo[s], st.id_hi[s]], np.int64), "R": st.R[s],
-                  "ids": st.ids[s, :r][order], "keys": st.keys64(s)[order]}
-        if self._has_v:
-            fields["values"] = st.values64(s)[order]
-        return fields
-
     def _slot_bytes(self, s) -> bytes:
         """Sketch s in LevSketch's byte format (the bytes LevSketch.to_bytes writes for the same state)."""
-        return _format.dump("LevSketch", self._slot_fields(s))
+        return _format.dump("LevSketch", slot_fields(self._st, s, self._d, self._eps[s], self._rtol, self._has_v))
 
     def _to_lev(self, s) -> LevSketch:
         return LevSketch.from_bytes(self._slot_bytes(s))
 
     def _lev_state(self, sk, caller):
-        """Checked arrays of a LevSketch in this engine's storage precision; mutates nothing."""
         if (sk.d, sk.rtol) != (self._d, self._rtol):
             raise ValueError(f"{caller}: sketch has (d, rtol)={(sk.d, sk.rtol)}, the engine {(self._d, self._rtol)}.")
-        f = _format.load(sk.to_bytes(), "LevSketch", _LEV_SCHEMA, optional={"values": (("r", None), "f8")})
-        _, tau = sk.scores()  # exact after to_bytes, in the same (sorted) id order
-        Kst = from_float64(f["keys"], self._kind)
-        V = f.get("values")
-        if (self._has_v and V is None and sk.n > 0) or (not self._has_v and V is not None) \
-                or (V is not None and V.shape[1] != self._dv):
-            raise ValueError(f"{caller}: the sketch's payload does not match the engine's value_dim={self.value_dim}.")
-        Vst = None if V is None else from_float64(V, self._kind)
-        exact = np.array_equal(to_float64(Kst, self._kind), f["keys"]) and \
-            (V is None or np.array_equal(to_float64(Vst, self._kind), V))
-        if not exact:
-            raise ValueError(f"{caller}: the sketch holds keys or values that {self._kind} cannot store exactly; "
-                             "use dtype='float64'.")
-        return f, tau, Kst, Vst
+        return levsketch_arrays(sk, self._kind, self.value_dim, caller)
 
     def _from_lev(self, s, sk, state=None):
         f, tau, Kst, Vst = state if state is not None else self._lev_state(sk, "DecodeEngine")
@@ -591,16 +502,7 @@ class DecodeEngine(ByteRoundTrip):
         return eng
 
 
-def _out_of_range(X64) -> bool:
-    """True if some key's largest entry lies outside [2**-251, 2**250) (zero keys excepted)."""
+def out_of_range(X64) -> bool:
+    """True if some key's largest entry lies outside [2**-251, 2**250) (zero keys excepted): may need rescaling."""
     amax = np.abs(X64).max(axis=-1)
     return bool(((amax >= _SAFE_HI) | ((amax > 0) & (amax < _SAFE_LO))).any())
-
-
-def _per_sketch_eps(eps, S, caller):
-    arr = np.asarray(eps.detach().cpu().numpy() if hasattr(eps, "detach") else eps)
-    if arr.ndim == 0:
-        arr = np.full(S, arr)
-    if arr.shape != (S,):
-        raise ValueError(f"{caller}: eps must be a scalar or have shape ({S},) (one per sketch); got {arr.shape}.")
-    return np.array([check_eps(v.item(), caller=caller) for v in arr])

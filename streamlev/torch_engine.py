@@ -311,9 +311,8 @@ class TorchDecodeEngine:
         return torch.cat([torch.bmm(K[a:b].to(torch.float64), u[a:b]) for a, b in self._chunks(K)])
 
     def _store(self, Kc, Vc, idc, tau, keep):
-        """Compact the kept candidates to the front of (re-sized) buffers. One host sync: the largest count."""
-        need = int(keep.sum(1).max()) + self._T + 1
-        cap = max(need, int(math.floor(self._d / self._eps)) + self._T + 1)
+        """Compact the kept candidates to the front of buffers sized to the largest count (one host sync)."""
+        cap = int(keep.sum(1).max()) + self._T + 1  # room for every key admitted before the next refresh
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :cap]
         if order.shape[1] < cap:  # more room than candidates: pad with (invalid) copies of slot 0
             order = torch.cat([order, order.new_zeros(order.shape[0], cap - order.shape[1])], dim=1)
