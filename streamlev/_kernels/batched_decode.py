@@ -13,7 +13,7 @@ Layout (S sketches, key dimension d, capacity ``cap`` retained keys each):
   contiguous axpy sweeps (which LLVM vectorizes without fastmath) rather than
   dot products (reductions, which it must not reorder). float32/float64 are
   stored as such; float16 and bfloat16 are stored as their uint16 bits
-  (numba has no CPU float16) and widened exactly to float64 here.
+  (numba has no CPU float16) and converted exactly to float32 here.
 * ``ids``, ``tau`` (S, cap); payload ``V`` (S, cap, dv) in the storage bits.
 
 A sketch stops (``status``) when its next key needs the general path
@@ -77,42 +77,57 @@ def widen_row(src, out, n, half, tmp):
     widen(src, out, n, half, tmp)
 
 
-def load4(Ks, k, n, buf, tmp, half):  # pragma: no cover - replaced by the overload inside kernels
-    """Rows k..k+3 of stored keys as float values: views for float storage, widened copies for bits."""
+def float_block(Ks, n, half, scratch):  # pragma: no cover - replaced by the overload inside kernels
+    """Columns :n of stored keys (d, cap) as a float array: itself for float storage, else float32 scratch."""
     raise NotImplementedError
 
 
-@overload(load4, jit_options={"cache": True, "nogil": True})
-def _load4_impl(Ks, k, n, buf, tmp, half):
+@overload(float_block, jit_options={"cache": True, "nogil": True})
+def _float_block_impl(Ks, n, half, scratch):
     if isinstance(Ks.dtype, types.Float):
-        def impl(Ks, k, n, buf, tmp, half):
-            return Ks[k], Ks[k + 1], Ks[k + 2], Ks[k + 3]
+        def impl(Ks, n, half, scratch):
+            return Ks
         return impl
 
-    def impl_bits(Ks, k, n, buf, tmp, half):
-        for i in range(4):
-            widen(Ks[k + i], buf[i], n, half, tmp)
-        return buf[0], buf[1], buf[2], buf[3]
+    def impl_bits(Ks, n, half, scratch):
+        # float16 and bfloat16 are exactly float32 values: two vectorizable passes over the bits
+        # (shift into a float32 pattern, then rescale float16 by 2**112), instead of widening per row.
+        ob = scratch.view(np.uint32)
+        for k in range(Ks.shape[0]):
+            src = Ks[k]
+            o = ob[k]
+            if half:
+                for a in range(n):
+                    h = np.uint32(src[a])
+                    o[a] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
+            else:
+                for a in range(n):
+                    o[a] = np.uint32(src[a]) << np.uint32(16)
+        if half:
+            for k in range(Ks.shape[0]):
+                f = scratch[k]
+                for a in range(n):
+                    f[a] *= np.float32(_TWO_112)
+        return scratch
     return impl_bits
 
 
 @jit
-def retained_products(Ks, u, n, c, buf, tmp, half):
-    """c[a] = sum_k Ks[k, a] u[k] for a < n: axpy sweeps over contiguous rows, four rows per sweep."""
+def retained_products(Ks, u, n, c):
+    """c[a] = sum_k Ks[k, a] u[k] for a < n (float Ks): axpy sweeps over contiguous rows, four per sweep."""
     d = Ks.shape[0]
     for a in range(n):
         c[a] = 0.0
     k = 0
     while k + 3 < d:
-        r0, r1, r2, r3 = load4(Ks, k, n, buf, tmp, half)
+        r0, r1, r2, r3 = Ks[k], Ks[k + 1], Ks[k + 2], Ks[k + 3]
         u0, u1, u2, u3 = u[k], u[k + 1], u[k + 2], u[k + 3]
         for a in range(n):
             c[a] += (u0 * r0[a] + u1 * r1[a]) + (u2 * r2[a] + u3 * r3[a])
         k += 4
     while k < d:
-        widen(Ks[k], buf[0], n, half, tmp)
+        row = Ks[k]
         uk = u[k]
-        row = buf[0]
         for a in range(n):
             c[a] += uk * row[a]
         k += 1
@@ -246,7 +261,7 @@ def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, 
     y = np.empty(d)
     col = np.empty(d)
     c = np.empty(cap)
-    buf = np.empty((4, max(cap, d)))
+    f32 = np.empty((d, cap), np.float32)
     tmp = np.empty(max(cap, d), np.uint32)
     colst = np.empty(d, KT.dtype)
     for s in range(S):
@@ -272,7 +287,7 @@ def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, 
             lowest = math.inf
             if rs:
                 back_solve(Rs, v, u)
-                retained_products(Ks, u, rs, c, buf, tmp, half)
+                retained_products(float_block(Ks, rs, half, f32), u, rs, c)
                 lowest = lower_scores(tau[s], c, rs, 1.0 / (rho * rho))
             n[s] += 1
             steps[s] += 1
