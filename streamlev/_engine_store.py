@@ -61,7 +61,7 @@ def kernel_view(a: np.ndarray) -> np.ndarray:
 class Store:
     """Plain arrays of S stacked sketches; see :mod:`streamlev._kernels.batched_decode` for the layout."""
 
-    FIELDS = ("R", "KT", "ids", "tau", "V", "r", "n", "e", "steps", "kappa", "fro2_ref", "fro2_now",
+    FIELDS = ("R", "KT", "ids", "tau", "V", "r", "n", "e", "steps", "kappa", "fro2_ref", "fro2_now", "smax2",
               "id_lo", "id_hi")
 
     def __init__(self, **arrays):
@@ -76,7 +76,7 @@ class Store:
         z = lambda dtype=np.int64: np.zeros(S, dtype)  # noqa: E731
         return cls(R=np.zeros((S, d, d)), KT=np.zeros((S, d, cap), dt), ids=np.zeros((S, cap), np.int64),
                    tau=np.zeros((S, cap)), V=np.zeros((S, cap, dv), dt), r=z(), n=z(), e=np.full(S, e0, np.int64), steps=z(),
-                   kappa=np.full(S, np.inf), fro2_ref=z(np.float64), fro2_now=z(np.float64), id_lo=z(),
+                   kappa=np.full(S, np.inf), fro2_ref=z(np.float64), fro2_now=z(np.float64), smax2=z(np.float64), id_lo=z(),
                    id_hi=np.full(S, -1, np.int64), kind=kind)
 
     @property
@@ -114,7 +114,7 @@ class Store:
     def kernel_args(self):
         """The arrays in the order the decode kernel takes them (float16 as uint16 bits)."""
         return (self.R, kernel_view(self.KT), self.ids, self.tau, kernel_view(self.V), self.r, self.n, self.e,
-                self.steps, self.kappa, self.fro2_ref, self.fro2_now, self.id_lo, self.id_hi)
+                self.steps, self.kappa, self.fro2_ref, self.fro2_now, self.smax2, self.id_lo, self.id_hi)
 
     def keys64(self, s: int) -> np.ndarray:
         """Retained keys of sketch s as float64 rows (r, d), in slot order."""

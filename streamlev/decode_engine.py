@@ -292,15 +292,18 @@ class DecodeEngine(ByteRoundTrip):
         self._set_refreshed(s, kappa)
 
     def _set_refreshed(self, s, kappa):
-        """Rank-one bookkeeping after exact scores: 2-norm condition number (one SVD), ||R||_F^2."""
+        """Rank-one bookkeeping after exact scores: 2-norm condition number and sigma_max^2 (one SVD)."""
         st = self._st
         R = st.R[s]
+        fro2 = float(np.einsum("ij,ij->", R, R))
+        smax2 = fro2 / self._d  # a lower bound on sigma_max^2, when no SVD is taken
         if self._d <= SVD_MAX_D and kappa <= KAPPA_DECODE:
             sv = sla.svdvals(R, check_finite=False)
             kappa = float(sv[0] / sv[-1]) if sv[-1] > 0 else np.inf
-        st.kappa[s] = kappa
+            smax2 = float(sv[0]) ** 2
+        st.kappa[s], st.smax2[s] = kappa, smax2
         st.steps[s] = 0
-        st.fro2_ref[s] = st.fro2_now[s] = float(np.einsum("ij,ij->", R, R))
+        st.fro2_ref[s] = st.fro2_now[s] = fro2
 
     # ------------------------------------------------------- LevSketch bridge
     def _slot_bytes(self, s) -> bytes:

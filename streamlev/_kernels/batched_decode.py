@@ -198,10 +198,11 @@ def forward_score(R, k, y):
 
 
 @jit
-def _kappa2(k, fro2_now, fro2_ref, d):
-    # sigma_min never decreases as rows arrive and sigma_max^2 grows by at most the added squared
-    # norm while sigma_max^2 >= ||R||_F^2 / d (see LevSketch._decode_kappa2).
-    return k * k * (1.0 + d * (fro2_now - fro2_ref) / fro2_ref)
+def _kappa2(k, fro2_now, fro2_ref, smax2):
+    # A bound on kappa(R)^2 now from the last exact refresh: sigma_min never decreases as rows
+    # arrive, and sigma_max^2 grows by at most the added squared norm (Weyl), from smax2 at the
+    # refresh (the exact sigma_max^2 where an SVD was taken, else the lower bound ||R||_F^2 / d).
+    return k * k * (1.0 + (fro2_now - fro2_ref) / smax2)
 
 
 @jit
@@ -229,7 +230,7 @@ def _drop(s, a, KT, ids, tau, V, r, new_ids, added, ev_ids, ev_cnt):
 
 
 @jit
-def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, id_lo, id_hi, eps,
+def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, smax2, id_lo, id_hi, eps,
                  X, Xst, new_ids, XV, half, limits, start, status, added, ev_ids, ev_cnt):
     """Fold keys ``X[s, start[s]:]`` into sketch s for every s, in place, until done or a stop.
 
@@ -238,8 +239,8 @@ def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, 
     R, KT, ids, tau, V : stacked state, see the module docstring; updated in place.
     r, n, e, steps, id_lo, id_hi : (S,) int64; retained count, keys seen, scale exponent (the
         kernel runs only where it is 0), rank-one steps since the last exact refresh, id range.
-    kappa, fro2_ref, fro2_now : (S,) float64; 2-norm condition number of R and ||R||_F^2 at the
-        last exact refresh, ||R||_F^2 now.
+    kappa, fro2_ref, fro2_now, smax2 : (S,) float64; 2-norm condition number of R and ||R||_F^2
+        at the last exact refresh, ||R||_F^2 now, sigma_max(R)^2 (or a lower bound) at the refresh.
     eps : (S,) float64 thresholds.
     X : (S, t, d) float64 keys (exact values of the stored precision); Xst the same in storage bits.
     new_ids : (S, t) int64; XV : (S, t, dv) payload rows in the storage bits (dv may be 0).
@@ -272,9 +273,9 @@ def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, 
         while j < t:
             x = X[s, j]
             nid = new_ids[s, j]
-            ready = e[s] == 0 and n[s] >= d and kappa[s] <= kappa_max and fro2_ref[s] > 0.0
+            ready = e[s] == 0 and n[s] >= d and kappa[s] <= kappa_max and smax2[s] > 0.0
             if ready:  # (short-circuit: numba raises on a float division by zero)
-                ready = _kappa2(kappa[s], fro2_now[s], fro2_ref[s], d) <= k2_max
+                ready = _kappa2(kappa[s], fro2_now[s], fro2_ref[s], smax2[s]) <= k2_max
             amax = abs_max(x)
             if not ready or not (safe_lo <= amax < safe_hi) or (id_lo[s] <= nid <= id_hi[s]):
                 status[s] = GENERAL
@@ -293,7 +294,7 @@ def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, 
             steps[s] += 1
             fro2_now[s] += xx
             st = steps[s]
-            k2 = _kappa2(kappa[s], fro2_now[s], fro2_ref[s], d)
+            k2 = _kappa2(kappa[s], fro2_now[s], fro2_ref[s], smax2[s])
             if not (k2 <= k2_max):  # kappa may have passed the rank-one limit: decide from exact scores
                 margin = 1.0
                 fresh = 1.0
