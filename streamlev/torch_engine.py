@@ -113,6 +113,7 @@ class TorchDecodeEngine:
         self._k2 = torch.full((S,), math.inf, **f8)  # kappa(R)^2 at the last refresh
         self._fro2_ref = torch.zeros(S, **f8)
         self._fro2 = torch.zeros(S, **f8)
+        self._smax2 = torch.zeros(S, **f8)  # sigma_max(R)^2 at the last refresh
         self._n = np.zeros(S, np.int64)  # host: every sketch gets t keys per call, so no sync is needed
         self._id_lo, self._id_hi = np.zeros(S, np.int64), np.full(S, -1, np.int64)
         self._steps = 0
@@ -245,7 +246,7 @@ class TorchDecodeEngine:
         self._np += 1
         self._steps += 1
         self._fro2 += (x * x).sum(1)
-        k2 = self._k2 * (1.0 + d * (self._fro2 - self._fro2_ref) / self._fro2_ref)
+        k2 = self._k2 * (1.0 + (self._fro2 - self._fro2_ref) / self._smax2)  # as DecodeEngine (Weyl)
         bad = ~(k2 <= KAPPA_DECODE**2)
         margin = torch.where(bad, 1.0, torch.clamp(64.0 * self._steps * _U * k2 * d, max=1.0))
         fresh = torch.where(bad, 1.0, torch.minimum(margin, 64.0 * _U * k2 * d))
@@ -326,6 +327,7 @@ class TorchDecodeEngine:
         sv = torch.linalg.svdvals(R)
         kappa = torch.where(sv[:, -1] > 0, sv[:, 0] / sv[:, -1], torch.full_like(sv[:, 0], math.inf))
         self._k2 = kappa * kappa
+        self._smax2 = sv[:, 0] * sv[:, 0]
         self._fro2 = self._fro2_ref = (R * R).sum((1, 2))
         self._steps = 0
         ok = bool((self._n >= self._d).all()) and bool((kappa <= KAPPA_DECODE).all())

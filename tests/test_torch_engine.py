@@ -14,10 +14,10 @@ def _keys(S, n, d, seed):
     return (rng.standard_normal((S, n, d)) * rng.lognormal(0.0, 1.0, (S, n, 1))).astype(np.float32)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_torch_engine_equals_numpy_engine(dtype):
+@pytest.mark.parametrize("dtype,cond", [("float16", 1), ("bfloat16", 1), ("float32", 1), ("float32", 1e3)])
+def test_torch_engine_equals_numpy_engine(dtype, cond):
     S, d, eps, n = 3, 8, 0.15, 300
-    K = _keys(S, n, d, 1)
+    K = _keys(S, n, d, 1) * np.logspace(0, np.log10(cond), d).astype(np.float32)  # kappa ~ cond
     Kt = torch.from_numpy(K).to(getattr(torch, dtype))  # the numpy engine gets the same rounded keys
     a = DecodeEngine(S, d, eps, dtype=dtype)
     b = TorchDecodeEngine(S, d, eps, dtype=dtype, refresh_every=40)
