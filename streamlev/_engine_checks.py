@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import as_real_array
 from ._engine_store import from_float64, kernel_view, to_float64
-from ._validation import check_eps
+from ._validation import as_real_array, check_eps
 
 __all__ = ["check_update", "check_ids", "per_sketch_eps"]
 

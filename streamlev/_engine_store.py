@@ -12,12 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import _format
+from ._state_format import COMMON_SCHEMA, VALUES_SCHEMA
 
 __all__ = ["Store", "storage_dtype", "to_float64", "from_float64", "STORAGE", "slot_fields", "levsketch_arrays"]
-
-_LEV_SCHEMA = {"d": ((), "i8"), "eps": ((), "f8"), "p": ((), "f8"), "rtol": ((), "f8"), "n": ((), "i8"),
-               "scale_exp": ((), "i8"), "id_range": ((2,), "i8"), "R": (("d", "d"), "f8"), "ids": (("r",), "i8"),
-               "keys": (("r", "d"), "f8")}
 
 STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
 
@@ -143,7 +140,7 @@ def levsketch_arrays(sk, kind: str, value_dim, caller: str):
     Raises ValueError when the payload does not match ``value_dim`` or ``kind`` cannot hold
     the sketch's keys or payloads exactly (the factor describes the exact values).
     """
-    f = _format.load(sk.to_bytes(), "LevSketch", _LEV_SCHEMA, optional={"values": (("r", None), "f8")})
+    f = _format.load(sk.to_bytes(), "LevSketch", COMMON_SCHEMA, optional=VALUES_SCHEMA)
     _, tau = sk.scores()  # exact after to_bytes, in the same (sorted) id order
     V = f.get("values")
     if (value_dim is not None and V is None and sk.n > 0) or (value_dim is None and V is not None) \

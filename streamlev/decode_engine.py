@@ -13,25 +13,25 @@ time, so the two give the same sets by construction.
 from __future__ import annotations
 
 import numbers
-import threading
 from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg as sla
 
 from . import _factor, _format
-from ._bytes_mixin import ByteRoundTrip
+from ._constants import (DECODE_MAX_ROWS, DEFAULT_RTOL, KAPPA_DECODE, MARGIN_REFRESH, NO_DATA_EXP, REFRESH_STEPS,
+                         SAFE_HI, SAFE_LO, SVD_MAX_D)
 from ._engine_checks import check_update, per_sketch_eps
 from ._engine_store import STORAGE, Store, levsketch_arrays, slot_fields, storage_dtype, to_float64
 from ._kernels.batched_decode import DONE, GROW, REFRESH, decode_block
-from ._validation import check_dim, check_eps
-from .reference import DEFAULT_RTOL
-from .sketch import (_NO_DATA_EXP, _SAFE_HI, _SAFE_LO, DECODE_MAX_ROWS, KAPPA_DECODE, MARGIN_REFRESH, REFRESH_STEPS,
-                     SVD_MAX_D, LevSketch)
+from ._sketch_base import Sketch, check_budget, size_bound
+from ._topk import top_k
+from ._validation import check_dim, check_eps, check_rtol
+from .sketch import LevSketch
 
 __all__ = ["DecodeEngine", "BatchChanges"]
 
-_LIMITS = np.array([KAPPA_DECODE, MARGIN_REFRESH, REFRESH_STEPS, _SAFE_LO, _SAFE_HI])
+_LIMITS = np.array([KAPPA_DECODE, MARGIN_REFRESH, REFRESH_STEPS, SAFE_LO, SAFE_HI])
 
 
 class BatchChanges(NamedTuple):
@@ -48,13 +48,13 @@ class BatchChanges(NamedTuple):
     evicted_id: np.ndarray
 
 
-class DecodeEngine(ByteRoundTrip):
+class DecodeEngine(Sketch):
     """Exact universal sets (x^2 attention, leverage >= eps) of many key streams, fed token by token.
 
     Parameters
     ----------
-    sketches : int
-        Number of key streams S (e.g. layers x KV heads, flattened).
+    heads : int
+        Number of key streams S (every KV head of every layer, flattened: layers x KV heads).
     d : int
         Key dimension.
     eps : float or array_like of shape (S,)
@@ -75,7 +75,7 @@ class DecodeEngine(ByteRoundTrip):
     Guarantee, per sketch s (the same as :class:`~streamlev.LevSketch`): after
     any sequence of ``update`` and ``merge`` calls over keys K_s (rounded to
     ``dtype``), the retained ids are exactly ``{j : tau_j(K_s) >= eps_s}``, and
-    ``universal_set(e, sketch=s)`` equals the offline set for every
+    ``universal_set(e, head=s)`` equals the offline set for every
     ``e >= eps_s``; ``num_retained[s] <= floor(d / eps_s)``.
 
     Memory: per sketch the d x d float64 factor plus, per retained key, its
@@ -87,23 +87,23 @@ class DecodeEngine(ByteRoundTrip):
     changes. Every public method holds an internal lock.
     """
 
-    def __init__(self, sketches: int, d: int, eps, *, dtype="float32", value_dim: int | None = None,
+    def __init__(self, heads: int, d: int, eps, *, dtype="float32", value_dim: int | None = None,
                  rtol: float = DEFAULT_RTOL):
+        super().__init__()
         caller = "DecodeEngine"
-        S = check_dim(sketches, name="sketches", caller=caller)
+        S = check_dim(heads, name="heads", caller=caller)
         self._d = check_dim(d, caller=caller)
         self._eps = per_sketch_eps(eps, S, caller)
-        self._rtol = LevSketch(1, 1.0, rtol=rtol).rtol  # validated as LevSketch does
+        self._rtol = check_rtol(rtol, caller=caller)
         self._dv = 0 if value_dim is None else check_dim(value_dim, name="value_dim", caller=caller)
         self._has_v = value_dim is not None
         self._kind = storage_dtype(dtype, caller)
-        self._lock = threading.RLock()
-        self._st = Store.empty(S, self._d, self._dv, self._kind, cap=16, e0=_NO_DATA_EXP)
+        self._st = Store.empty(S, self._d, self._dv, self._kind, cap=16, e0=NO_DATA_EXP)
 
     # ------------------------------------------------------------ properties
     @property
-    def sketches(self) -> int:
-        """Number of sketches S."""
+    def heads(self) -> int:
+        """Number of key streams S."""
         return self._st.S
 
     @property
@@ -141,15 +141,31 @@ class DecodeEngine(ByteRoundTrip):
         """Keys held per sketch, shape (S,), int64 (a copy)."""
         return self._st.r.copy()
 
-    @property
-    def max_retained(self) -> np.ndarray:
-        """A-priori bound per sketch, ``floor(d / eps_s)``, shape (S,)."""
-        return np.floor(self._d / self._eps).astype(np.int64)
+    @size_bound
+    def max_retained(cls, d: int, eps) -> np.ndarray:
+        """A-priori bound per stream, ``floor(d / eps_s)``, shape (S,) (``DecodeEngine.max_retained(d, eps)``).
 
-    @property
-    def is_empty(self) -> bool:
-        """True when no sketch has seen a key."""
-        return not bool(self._st.n.any())
+        Parameters
+        ----------
+        d : int
+            Key dimension.
+        eps : array_like of shape (S,)
+            Per-stream thresholds.
+
+        Returns
+        -------
+        ndarray of shape (S,), int64
+        """
+        return np.array([LevSketch.max_retained(d, float(e)) for e in np.atleast_1d(eps)], dtype=np.int64)
+
+    def _size_params(self):
+        return self._d, self._eps
+
+    def _snapshot(self):
+        return self._st.copy()
+
+    def _restore(self, snap):
+        self._st = snap
 
     @property
     def nbytes(self) -> int:
@@ -157,16 +173,9 @@ class DecodeEngine(ByteRoundTrip):
         return self._st.nbytes
 
     def __repr__(self) -> str:
-        return (f"DecodeEngine(sketches={self.sketches}, d={self._d}, dtype={self._kind!r}, "
+        return (f"DecodeEngine(heads={self.heads}, d={self._d}, dtype={self._kind!r}, "
                 f"value_dim={self.value_dim}; n.max()={int(self._st.n.max())}, "
                 f"num_retained.max()={int(self._st.r.max())})")
-
-    def __eq__(self, other):
-        if not isinstance(other, DecodeEngine):
-            return NotImplemented
-        return self.to_bytes() == other.to_bytes()
-
-    __hash__ = None
 
     # ---------------------------------------------------------------- update
     def update(self, keys, values=None, ids=None, *, return_changes: bool = False):
@@ -355,63 +364,95 @@ class DecodeEngine(ByteRoundTrip):
     def to_sketches(self) -> list:
         """One independent :class:`~streamlev.LevSketch` per sketch (keys as float64)."""
         with self._lock:
-            return [self._to_lev(s) for s in range(self.sketches)]
+            return [self._to_lev(s) for s in range(self.heads)]
 
     # ---------------------------------------------------------------- queries
-    def _sketch(self, sketch, caller) -> int:
-        if isinstance(sketch, (bool, np.bool_)) or not isinstance(sketch, numbers.Integral):
-            raise TypeError(f"{caller}: sketch must be an int in [0, {self.sketches}). Got {sketch!r}.")
-        if not 0 <= int(sketch) < self.sketches:
-            raise ValueError(f"{caller}: sketch must be in [0, {self.sketches}). Got {sketch}.")
-        return int(sketch)
+    def _head(self, head, caller) -> int:
+        if isinstance(head, (bool, np.bool_)) or not isinstance(head, numbers.Integral):
+            raise TypeError(f"{caller}: head must be an int in [0, {self.heads}). Got {head!r}.")
+        if not 0 <= int(head) < self.heads:
+            raise ValueError(f"{caller}: head must be in [0, {self.heads}). Got {head}.")
+        return int(head)
 
-    def scores(self, *, sketch: int):
-        """Retained ids of one sketch (sorted int64) and their exact leverage (float64, each >= eps)."""
+    def _per_head(self, head, fn, caller):
         with self._lock:
-            s = self._sketch(sketch, "DecodeEngine.scores")
-            if self._st.steps[s]:
-                self._refresh(s)
-            r = int(self._st.r[s])
-            order = np.argsort(self._st.ids[s, :r], kind="stable")
-            return self._st.ids[s, :r][order].copy(), self._st.tau[s, :r][order].copy()
+            if head is None:
+                return [fn(s) for s in range(self.heads)]
+            return fn(self._head(head, caller))
 
-    def universal_set(self, eps: float | None = None, *, sketch: int) -> np.ndarray:
-        """Sorted int64 ids of sketch ``sketch`` with leverage >= eps (default its own eps, the minimum)."""
+    def _scores(self, s):
+        if self._st.steps[s]:
+            self._refresh(s)  # exact scores (the rank-one ones are within the rounding band)
+        r = int(self._st.r[s])
+        order = np.argsort(self._st.ids[s, :r], kind="stable")
+        return self._st.ids[s, :r][order].copy(), self._st.tau[s, :r][order].copy()
+
+    def scores(self, *, head: int | None = None):
+        """Retained ids (sorted int64) and their exact leverage (float64, each >= eps), of one head or all.
+
+        Returns
+        -------
+        (ids, tau) for ``head``, or a list of them over all heads.
+        """
+        return self._per_head(head, self._scores, "DecodeEngine.scores")
+
+    def universal_set(self, eps=None, *, head: int | None = None):
+        """Sorted int64 ids with leverage >= eps (default each head's eps, its minimum), of one head or all.
+
+        Parameters
+        ----------
+        eps : float, optional
+            Threshold, >= the head's eps (smaller shares were not kept).
+        head : int, optional (keyword)
+            One head; default a list over all heads.
+        """
         caller = "DecodeEngine.universal_set"
-        with self._lock:
-            s = self._sketch(sketch, caller)
-            e = self._eps[s] if eps is None else check_eps(eps, caller=caller)
-            if e < self._eps[s]:
-                raise ValueError(f"{caller}: eps={e!r} is below sketch {s}'s eps={self._eps[s]!r}; "
-                                 "keys with smaller leverage were not kept.")
-            ids, tau = self.scores(sketch=s)
-            return ids[tau >= e]
+        e = None if eps is None else check_eps(eps, caller=caller)
 
-    def retained(self, *, sketch: int):
-        """(ids sorted, keys (r, d), values (r, value_dim) or None) of one sketch, in the storage precision.
+        def one(s):
+            want = self._eps[s] if e is None else e
+            if want < self._eps[s]:
+                raise ValueError(f"{caller}: eps={want!r} is below head {s}'s eps={self._eps[s]!r}; "
+                                 "keys with smaller leverage were not kept.")
+            ids, tau = self._scores(s)
+            return ids[tau >= want]
+
+        return self._per_head(head, one, caller)
+
+    def retained(self, *, head: int | None = None):
+        """(ids sorted, keys (r, d), values (r, value_dim) or None) in the storage precision, of one head or all.
 
         bfloat16 storage is returned as float32 (numpy has no bfloat16); the values are exact.
         """
-        with self._lock:
-            s = self._sketch(sketch, "DecodeEngine.retained")
+        def one(s):
             st = self._st
             r = int(st.r[s])
             order = np.argsort(st.ids[s, :r], kind="stable")
             K = st.KT[s, :, :r].T[order]
             V = st.V[s, :r][order] if self._has_v else None
             if self._kind == "bfloat16":
-                K, V = to_float64(K, "bfloat16").astype(np.float32), None if V is None else to_float64(
-                    V, "bfloat16").astype(np.float32)
+                K = to_float64(K, "bfloat16").astype(np.float32)
+                V = None if V is None else to_float64(V, "bfloat16").astype(np.float32)
             elif st.e[s] != 0 and st.n[s]:
                 K = np.ldexp(K, int(st.e[s]))
             return st.ids[s, :r][order].copy(), np.ascontiguousarray(K), None if V is None else V.copy()
 
-    def top(self, budget: int, *, sketch: int) -> np.ndarray:
-        """Sorted ids of the ``budget`` retained keys of largest leverage (ties toward smaller ids)."""
-        if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Integral) or budget < 0:
-            raise ValueError(f"DecodeEngine.top: budget must be a non-negative int; got {budget!r}.")
-        ids, tau = self.scores(sketch=sketch)
-        return np.sort(ids[np.lexsort((ids, -tau))[: int(budget)]])
+        return self._per_head(head, one, "DecodeEngine.retained")
+
+    def top(self, budget, *, head: int | None = None):
+        """Sorted ids of the ``budget`` retained keys of largest leverage (ties toward smaller ids), per head.
+
+        Returns
+        -------
+        ids : ndarray of int64 (one head) or a list over all heads
+        """
+        b = check_budget(budget, "DecodeEngine.top")
+
+        def pick(s):
+            ids, tau = self._scores(s)
+            return np.sort(ids[top_k(tau, b)])
+
+        return self._per_head(head, pick, "DecodeEngine.top")
 
     def keep_mask(self, length: int) -> np.ndarray:
         """Boolean (S, length) array: ``mask[s, j]`` is True iff id j is retained by sketch s.
@@ -422,9 +463,9 @@ class DecodeEngine(ByteRoundTrip):
         length = check_dim(length, name="length", caller="DecodeEngine.keep_mask") if length else 0
         with self._lock:
             st = self._st
-            mask = np.zeros((self.sketches, length), bool)
+            mask = np.zeros((self.heads, length), bool)
             live = np.arange(st.cap)[None, :] < st.r[:, None]
-            rows = np.broadcast_to(np.arange(self.sketches)[:, None], live.shape)[live]
+            rows = np.broadcast_to(np.arange(self.heads)[:, None], live.shape)[live]
             cols = st.ids[live]
             ok = (cols >= 0) & (cols < length)
             mask[rows[ok], cols[ok]] = True
@@ -442,15 +483,15 @@ class DecodeEngine(ByteRoundTrip):
             raise TypeError(f"{caller}: can only merge another DecodeEngine, got {type(other).__name__}.")
         if other is self:
             raise ValueError(f"{caller}: cannot merge an engine with itself (its ids are not disjoint).")
-        mine = (self.sketches, self._d, self._eps.tolist(), self._rtol, self._kind, self.value_dim)
-        theirs = (other.sketches, other._d, other._eps.tolist(), other._rtol, other._kind, other.value_dim)
+        mine = (self.heads, self._d, self._eps.tolist(), self._rtol, self._kind, self.value_dim)
+        theirs = (other.heads, other._d, other._eps.tolist(), other._rtol, other._kind, other.value_dim)
         if mine != theirs:
-            raise ValueError(f"{caller}: incompatible engines: (sketches, d, eps, rtol, dtype, value_dim)={mine} "
+            raise ValueError(f"{caller}: incompatible engines: (heads, d, eps, rtol, dtype, value_dim)={mine} "
                              f"here and {theirs} in the other.")
         first, second = (self, other) if id(self) < id(other) else (other, self)
         with first._lock, second._lock:
             merged = []
-            for s in range(self.sketches):
+            for s in range(self.heads):
                 a = self._to_lev(s)
                 try:
                     a.merge(other._to_lev(s))
@@ -464,11 +505,11 @@ class DecodeEngine(ByteRoundTrip):
     def to_bytes(self) -> bytes:
         """Versioned, CRC32-checked bytes: a header plus every sketch in LevSketch's format."""
         with self._lock:
-            parts = [self._slot_bytes(s) for s in range(self.sketches)]
+            parts = [self._slot_bytes(s) for s in range(self.heads)]
         blob = b"".join(parts)
         blob += b"\0" * (-len(blob) % 8)
         return _format.dump("DecodeEngine", {
-            "sketches": np.int64(self.sketches), "d": np.int64(self._d), "rtol": np.float64(self._rtol),
+            "heads": np.int64(self.heads), "d": np.int64(self._d), "rtol": np.float64(self._rtol),
             "eps": self._eps, "dtype": np.int64(list(STORAGE).index(self._kind)),
             "value_dim": np.int64(self._dv if self._has_v else -1),
             "lengths": np.array([len(p) for p in parts], np.int64), "blob": np.frombuffer(blob, "<i8")})
@@ -478,15 +519,15 @@ class DecodeEngine(ByteRoundTrip):
         """Rebuild from :meth:`to_bytes` output; raise ValueError on anything else."""
         caller = "DecodeEngine.from_bytes"
         f = _format.load(data, "DecodeEngine", {
-            "sketches": ((), "i8"), "d": ((), "i8"), "rtol": ((), "f8"), "eps": (("sketches",), "f8"),
-            "dtype": ((), "i8"), "value_dim": ((), "i8"), "lengths": (("sketches",), "i8"), "blob": (("w",), "i8")})
+            "heads": ((), "i8"), "d": ((), "i8"), "rtol": ((), "f8"), "eps": (("heads",), "f8"),
+            "dtype": ((), "i8"), "value_dim": ((), "i8"), "lengths": (("heads",), "i8"), "blob": (("w",), "i8")})
         lengths, blob = f["lengths"], f["blob"].astype("<i8").tobytes()
         total = int(lengths.sum()) if lengths.size else 0
         if (lengths < 0).any() or len(blob) != total + (-total % 8) or not 0 <= int(f["dtype"]) < len(STORAGE):
             raise ValueError(f"{caller}: inconsistent header (lengths sum {total}, {len(blob)} payload bytes).")
         dv = int(f["value_dim"])
         try:
-            eng = cls(int(f["sketches"]), int(f["d"]), f["eps"], dtype=list(STORAGE)[int(f["dtype"])],
+            eng = cls(int(f["heads"]), int(f["d"]), f["eps"], dtype=list(STORAGE)[int(f["dtype"])],
                       value_dim=None if dv == -1 else dv, rtol=float(f["rtol"]))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{caller}: invalid parameters in the header: {exc}") from None
@@ -508,4 +549,4 @@ class DecodeEngine(ByteRoundTrip):
 def out_of_range(X64) -> bool:
     """True if some key's largest entry lies outside [2**-251, 2**250) (zero keys excepted): may need rescaling."""
     amax = np.abs(X64).max(axis=-1)
-    return bool(((amax >= _SAFE_HI) | ((amax > 0) & (amax < _SAFE_LO))).any())
+    return bool(((amax >= SAFE_HI) | ((amax > 0) & (amax < SAFE_LO))).any())

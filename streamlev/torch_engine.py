@@ -27,9 +27,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ._validation import check_dim, check_eps
-from .reference import DEFAULT_RTOL
-from .sketch import KAPPA_DECODE
+from ._constants import DEFAULT_RTOL, KAPPA_DECODE
+from ._validation import check_dim, check_eps, check_rtol
 
 __all__ = ["TorchDecodeEngine", "TorchChanges"]
 
@@ -53,7 +52,7 @@ class TorchDecodeEngine:
 
     Parameters
     ----------
-    sketches : int
+    heads : int
         Number of key streams S (layers x KV heads, flattened).
     d : int
         Key dimension.
@@ -81,10 +80,10 @@ class TorchDecodeEngine:
     per call) and at refreshes.
     """
 
-    def __init__(self, sketches: int, d: int, eps: float, *, dtype=torch.float16, value_dim: int | None = None,
+    def __init__(self, heads: int, d: int, eps: float, *, dtype=torch.float16, value_dim: int | None = None,
                  device=None, rtol: float = DEFAULT_RTOL, refresh_every: int | None = None):
         caller = "TorchDecodeEngine"
-        S = check_dim(sketches, name="sketches", caller=caller)
+        S = check_dim(heads, name="heads", caller=caller)
         self._d = d = check_dim(d, caller=caller)
         self._eps = check_eps(eps, caller=caller)
         name = str(dtype).replace("torch.", "")
@@ -92,7 +91,7 @@ class TorchDecodeEngine:
             raise ValueError(f"{caller}: dtype must be one of {sorted(_DTYPES)}; got {dtype!r}. (float64 keys "
                              "may need rescaling: use streamlev.DecodeEngine.)")
         self._dtype = _DTYPES[name]
-        self._rtol = float(rtol)
+        self._rtol = check_rtol(rtol, caller=caller)
         self._dv = 0 if value_dim is None else check_dim(value_dim, name="value_dim", caller=caller)
         self._has_v = value_dim is not None
         self._T = max(32, d) if refresh_every is None else check_dim(refresh_every, name="refresh_every",
@@ -121,7 +120,8 @@ class TorchDecodeEngine:
 
     # ------------------------------------------------------------ properties
     @property
-    def sketches(self) -> int:
+    def heads(self) -> int:
+        """Number of key streams S."""
         return self._R.shape[0]
 
     @property
@@ -194,7 +194,7 @@ class TorchDecodeEngine:
         return torch.gather(live, 1, pos) == q
 
     def _check(self, keys, values, ids, check_finite, caller):
-        S, d = self.sketches, self._d
+        S, d = self.heads, self._d
         if not isinstance(keys, torch.Tensor):
             raise TypeError(f"{caller}: keys must be a torch.Tensor; got {type(keys).__name__}.")
         if not keys.is_floating_point() or keys.device != self._dev:
@@ -254,7 +254,7 @@ class TorchDecodeEngine:
         self._valid &= ~(self._tau < eps - margin.unsqueeze(1))
         admit = tau_x >= eps - fresh
         slot = torch.argmin(self._valid.to(torch.int8), dim=1)  # first free slot (capacity is kept ample)
-        rows = torch.arange(self.sketches, device=self._dev)
+        rows = torch.arange(self.heads, device=self._dev)
         a1 = admit.unsqueeze(1)
         self._K[rows, slot] = torch.where(a1, x.to(self._dtype), self._K[rows, slot])
         if xv is not None:
@@ -289,7 +289,7 @@ class TorchDecodeEngine:
         d = self._d
         fro2 = (self._R * self._R).sum((1, 2))
         lam = (self._rtol**2) * fro2
-        eye = torch.eye(d, dtype=torch.float64, device=self._dev).expand(self.sketches, d, d)
+        eye = torch.eye(d, dtype=torch.float64, device=self._dev).expand(self.heads, d, d)
         Rl = _positive_r(torch.linalg.qr(torch.cat([self._R, lam.sqrt()[:, None, None] * eye], dim=1), mode="r")[1])
         empty = fro2 == 0
         Rl = torch.where(empty[:, None, None], eye, Rl)  # no keys seen: every score is 0 (set below)
@@ -349,26 +349,26 @@ class TorchDecodeEngine:
     # ---------------------------------------------------------------- queries
     def keep_mask(self, length: int) -> torch.Tensor:
         """Device bool tensor (S, length): id j retained by sketch s (a superset between refreshes)."""
-        mask = torch.zeros(self.sketches, length + 1, dtype=torch.bool, device=self._dev)
+        mask = torch.zeros(self.heads, length + 1, dtype=torch.bool, device=self._dev)
         col = torch.where(self._valid & (self._ids >= 0) & (self._ids < length), self._ids,
                           torch.full_like(self._ids, length))
         mask.scatter_(1, col, True)
         return mask[:, :length]
 
-    def scores(self, *, sketch: int):
-        """Sorted retained ids of one sketch and their exact leverage, as numpy (refreshes first)."""
+    def scores(self, *, head: int):
+        """Sorted retained ids of one head and their exact leverage, as numpy (refreshes first)."""
         self.refresh()
-        v = self._valid[sketch]
-        ids, tau = self._ids[sketch][v].cpu().numpy(), self._tau[sketch][v].cpu().numpy()
+        v = self._valid[head]
+        ids, tau = self._ids[head][v].cpu().numpy(), self._tau[head][v].cpu().numpy()
         order = np.argsort(ids, kind="stable")
         return ids[order], tau[order]
 
-    def universal_set(self, eps: float | None = None, *, sketch: int) -> np.ndarray:
-        """Sorted ids with leverage >= eps (default the engine's eps) of one sketch, as numpy."""
+    def universal_set(self, eps: float | None = None, *, head: int) -> np.ndarray:
+        """Sorted ids with leverage >= eps (default the engine's eps) of one head, as numpy."""
         e = self._eps if eps is None else check_eps(eps, caller="TorchDecodeEngine.universal_set")
         if e < self._eps:
             raise ValueError(f"TorchDecodeEngine.universal_set: eps={e!r} is below the engine's eps={self._eps!r}.")
-        ids, tau = self.scores(sketch=sketch)
+        ids, tau = self.scores(head=head)
         return ids[tau >= e]
 
     def num_retained(self) -> torch.Tensor:

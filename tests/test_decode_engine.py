@@ -32,10 +32,10 @@ class _Slot:
         return sl.LevSketch.max_retained(d, eps)
 
     def scores(self):
-        return self.eng.scores(sketch=self.s)
+        return self.eng.scores(head=self.s)
 
     def universal_set(self, e=None):
-        return self.eng.universal_set(e, sketch=self.s)
+        return self.eng.universal_set(e, head=self.s)
 
 
 def _stored(K, dtype):
@@ -61,10 +61,10 @@ def test_decode_sets_equal_reference_and_levsketch(dtype):
             sks[s].update(Kst[s, pos : pos + m])
         pos += m
     for s in range(S):
-        np.testing.assert_array_equal(eng.universal_set(sketch=s), sks[s].universal_set())
-        np.testing.assert_array_equal(eng.universal_set(sketch=s), ref.universal_set(Kst[s, :pos], eps))
+        np.testing.assert_array_equal(eng.universal_set(head=s), sks[s].universal_set())
+        np.testing.assert_array_equal(eng.universal_set(head=s), ref.universal_set(Kst[s, :pos], eps))
         assert_matches_reference(_Slot(eng, s), Kst[s, :pos], eps_list=[eps, 0.3])
-    assert np.all(eng.num_retained <= eng.max_retained)
+    assert np.all(eng.num_retained <= eng.max_retained())
 
 
 @given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=3), n=st.integers(1, 70),
@@ -100,7 +100,7 @@ def test_changes_are_the_set_differences():
         np.testing.assert_array_equal(np.c_[ch.added_sketch, ch.added_id], want_add)
         np.testing.assert_array_equal(np.c_[ch.evicted_sketch, ch.evicted_id], want_ev)
     for s in range(S):
-        np.testing.assert_array_equal(np.flatnonzero(eng.keep_mask(300)[s]), eng.universal_set(sketch=s))
+        np.testing.assert_array_equal(np.flatnonzero(eng.keep_mask(300)[s]), eng.universal_set(head=s))
 
 
 def test_payload_ids_and_retained_in_storage_precision():
@@ -114,7 +114,7 @@ def test_payload_ids_and_retained_in_storage_precision():
     for i in range(10, 60):
         eng.update(K[:, i], values=V[:, i], ids=ids[i : i + 1])
     for s in range(S):
-        got, keys, vals = eng.retained(sketch=s)
+        got, keys, vals = eng.retained(head=s)
         assert keys.dtype == np.float16 and vals.dtype == np.float16
         rows = got - 1000
         np.testing.assert_array_equal(keys, K[s, rows].astype(np.float16))
@@ -197,13 +197,13 @@ def test_bytes_pickle_copy_merge_and_levsketch_conversion():
                   copy.copy(a), DecodeEngine.from_sketches(a.to_sketches(), dtype="float32")):
         assert clone == a and clone is not a
         for s in range(S):
-            np.testing.assert_array_equal(clone.universal_set(sketch=s), a.universal_set(sketch=s))
+            np.testing.assert_array_equal(clone.universal_set(head=s), a.universal_set(head=s))
     b = DecodeEngine(S, d, eps, dtype="float32", value_dim=2)
     b.update(K[:, 100:], values=V[:, 100:], ids=np.arange(100, 200))
     a.merge(b)
     Kst = _stored(K, "float32")
     for s in range(S):
-        np.testing.assert_array_equal(a.universal_set(sketch=s), ref.universal_set(Kst[s], eps))
+        np.testing.assert_array_equal(a.universal_set(head=s), ref.universal_set(Kst[s], eps))
     with pytest.raises(ValueError, match="sketch 0"):
         a.merge(b)  # the same ids again
     with pytest.raises(ValueError, match="incompatible"):
@@ -231,6 +231,6 @@ def _long_stream(S, d, eps, n):
     for i in range(4 * d, n):
         eng.update(K[:, i])
     for s in range(S):
-        np.testing.assert_array_equal(eng.universal_set(sketch=s), sl.universal_set(K[s].astype(np.float64), eps))
-        _, tau = eng.scores(sketch=s)
+        np.testing.assert_array_equal(eng.universal_set(head=s), sl.universal_set(K[s].astype(np.float64), eps))
+        _, tau = eng.scores(head=s)
         assert np.all(tau >= eps)

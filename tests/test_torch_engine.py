@@ -29,8 +29,8 @@ def test_torch_engine_equals_numpy_engine(dtype, cond):
         assert (b.keep_mask(n).numpy() >= a.keep_mask(n)).all()  # no false negatives between refreshes
     b.update(Kt[:, :0])
     for s in range(S):
-        ia, ta = a.scores(sketch=s)
-        ib, tb = b.scores(sketch=s)
+        ia, ta = a.scores(head=s)
+        ib, tb = b.scores(head=s)
         np.testing.assert_array_equal(ia, ib)
         np.testing.assert_allclose(tb, ta, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(b.keep_mask(n).numpy(), a.keep_mask(n))
