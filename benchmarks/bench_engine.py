@@ -125,7 +125,7 @@ def run_shape(name, eps, tokens, slow_tokens, torch_device, torch_only):
     r_mean = float((r0.mean() + eng.num_retained.mean()) / 2)
     for s in range(S):
         U = eng.universal_set(head=s)
-        assert np.array_equal(U, singles[s].universal_set()) and np.array_equal(U, mh.universal_set(s)), s
+        assert np.array_equal(U, singles[s].universal_set()) and np.array_equal(U, mh.universal_set(head=s)), s
         if torch_device is not None:
             assert np.array_equal(U, teng.universal_set(head=s)), ("torch", s)
     out["floor_flops"] = S * (4 * d * d + 2 * r_mean * d)
