@@ -1,6 +1,7 @@
 """Per-token cost of keeping exact sketches for every KV head of a model, against the flop floor.
 
-Run:  python benchmarks/bench_engine.py [--shapes smollm2,gemma3,32x32] [--eps 0.1] [--tokens 200]
+Run:  python benchmarks/bench_engine.py [--shapes smollm2,gemma3,32x32] [--eps 0.1] [--tokens 300]
+      python benchmarks/bench_engine.py --memory         # bytes per layer, one 32-head layer
       python benchmarks/bench_engine.py --torch-only      # the torch engine alone (e.g. on a CUDA machine)
 
 For each model shape (sketches = layers x KV heads, key dimension d) the same float16-valued
@@ -16,7 +17,8 @@ CPU time (robust to other load on the machine; equal to wall time when it is idl
 over consecutive tokens; the mean per token includes the amortized exact refreshes. The flop floor is ``sum_s 4 d^2 + 2 r_s d`` per token (r_s:
 keys retained by sketch s) at this machine's single-thread dgemv rate measured in the same run:
 one (r, d) gemv per sketch, and (strict) one gemv over all sketches' retained keys stacked. The CPU methods must end with the same retained sets (checked).
-Memory: bytes per sketch of the engine against the fp16 KV cache (keys and values) of the keys seen.
+Memory: bytes per sketch of the engine against the fp16 KV cache (keys and values) of the keys seen;
+``--memory`` measures one layer of 32 heads (d = 128, eps = 0.05, 2,348 tokens with fp16 values).
 """
 
 from __future__ import annotations
@@ -142,6 +144,26 @@ def run_shape(name, eps, tokens, slow_tokens, torch_device, torch_only):
     return out
 
 
+def memory(heads=32, d=128, eps=0.05, prefill=PREFILL, tokens=300):
+    """One layer of the issue's example: bytes of MultiHeadSketch and DecodeEngine (fp16, values) vs the fp16 KV cache."""
+    K = keys(heads, prefill + tokens, d).astype(np.float16)
+    V = np.random.default_rng(2).standard_normal((heads, prefill + tokens, d)).astype(np.float16)
+    mh = sl.MultiHeadSketch(heads, d, eps)
+    eng = DecodeEngine(heads, d, eps, dtype="float16", value_dim=d)
+    mh.update(K[:, :prefill], values=V[:, :prefill])
+    eng.update(K[:, :prefill], values=V[:, :prefill])
+    for i in range(prefill, prefill + tokens):
+        mh.update(K[:, i : i + 1], values=V[:, i : i + 1])
+        eng.update(K[:, i], values=V[:, i])
+    assert all(np.array_equal(eng.universal_set(head=h), mh.universal_set(head=h)) for h in range(heads))
+    r = float(eng.num_retained.mean())
+    print(f"one layer: {heads} heads, d={d}, eps={eps}, {prefill + tokens} tokens with fp16 values; mean retained {r:.0f}")
+    print(f"  MultiHeadSketch {mh.nbytes / 1e6:.1f} MB; DecodeEngine(fp16) {eng.nbytes / 1e6:.1f} MB "
+          f"(in use {heads * (8 * d * d + r * (4 * d + 16)) / 1e6:.1f} MB); fp16 KV cache "
+          f"{heads * (prefill + tokens) * d * 4 / 1e6:.1f} MB; target (fp16 retained keys+values + factor) "
+          f"{heads * (8 * d * d + r * 4 * d) / 1e6:.1f} MB")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="smollm2,gemma3,32x32")
@@ -151,7 +173,12 @@ def main(argv=None):
                     help="time the per-sketch loop and MultiHead on fewer tokens (default: all; fewer misses their refreshes)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-only", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="bytes per layer of the issue's 32-head example only")
     args = ap.parse_args(argv)
+    if args.memory:
+        print(environment())
+        memory()
+        return
     device = None
     if not args.no_torch:
         try:
