@@ -114,6 +114,7 @@ class TorchDecodeEngine:
         self._fro2 = torch.zeros(S, **f8)
         self._smax2 = torch.zeros(S, **f8)  # sigma_max(R)^2 at the last refresh
         self._n = np.zeros(S, np.int64)  # host: every sketch gets t keys per call, so no sync is needed
+        self._n_dev = torch.zeros(S, dtype=torch.int64, device=dev)  # the same on the device: default ids
         self._id_lo, self._id_hi = np.zeros(S, np.int64), np.full(S, -1, np.int64)
         self._steps = 0
         self._ready = False
@@ -151,7 +152,8 @@ class TorchDecodeEngine:
         keys : torch.Tensor of shape (S, t, d) or (S, d), on the engine's device
         values : torch.Tensor of shape (S, t, value_dim) or (S, value_dim), optional
         ids : array_like of int of shape (t,) or (S, t), host side, optional
-            Fresh ids (above or below every id used so far); default ``n[s], ..., n[s] + t - 1``.
+            Fresh ids (above or below every id used so far), copied to the device (one host-to-device
+            transfer per call); default ``n[s], ..., n[s] + t - 1``, built on the device.
         check_finite : bool, default True
             Reject NaN/Inf keys (costs one host sync per call; pass False in a
             decode loop whose keys are known finite).
@@ -161,10 +163,14 @@ class TorchDecodeEngine:
         caller = "TorchDecodeEngine.update"
         X, XV, nid = self._check(keys, values, ids, check_finite, caller)
         S, t = nid.shape
-        ids_dev = torch.as_tensor(nid, device=self._dev)
+        if ids is None:  # built on the device: a host-to-device copy would wait for the stream each token
+            ids_dev = self._n_dev.unsqueeze(1) + torch.arange(t, dtype=torch.int64, device=self._dev)
+        else:
+            ids_dev = torch.as_tensor(nid, device=self._dev)
         vb, ib = (self._valid.clone(), self._ids.clone()) if return_changes else (None, None)
         added = torch.zeros(S, t, dtype=torch.bool, device=self._dev)
         self._n += t
+        self._n_dev += t
         moved = True  # retained keys changed slots (exact step or refresh)
         if t == 1 and self._ready:
             self._rank_one(X[:, 0], None if XV is None else XV[:, 0], ids_dev[:, 0], added[:, 0])
