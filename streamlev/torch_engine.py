@@ -361,21 +361,30 @@ class TorchDecodeEngine:
         mask.scatter_(1, col, True)
         return mask[:, :length]
 
-    def scores(self, *, head: int):
-        """Sorted retained ids of one head and their exact leverage, as numpy (refreshes first)."""
+    def scores(self, *, head: int | None = None):
+        """Sorted retained ids and their exact leverage as numpy, of one head or (None) a list over all (refreshes first)."""
         self.refresh()
-        v = self._valid[head]
-        ids, tau = self._ids[head][v].cpu().numpy(), self._tau[head][v].cpu().numpy()
-        order = np.argsort(ids, kind="stable")
-        return ids[order], tau[order]
+        valid, ids, tau = self._valid.cpu().numpy(), self._ids.cpu().numpy(), self._tau.cpu().numpy()
 
-    def universal_set(self, eps: float | None = None, *, head: int) -> np.ndarray:
-        """Sorted ids with leverage >= eps (default the engine's eps) of one head, as numpy."""
+        def one(s):
+            i, t = ids[s][valid[s]], tau[s][valid[s]]
+            order = np.argsort(i, kind="stable")
+            return i[order], t[order]
+
+        return [one(s) for s in range(self.heads)] if head is None else one(self._head(head))
+
+    def universal_set(self, eps: float | None = None, *, head: int | None = None):
+        """Sorted ids with leverage >= eps (default the engine's eps) as numpy, of one head or a list over all."""
         e = self._eps if eps is None else check_eps(eps, caller="TorchDecodeEngine.universal_set")
         if e < self._eps:
             raise ValueError(f"TorchDecodeEngine.universal_set: eps={e!r} is below the engine's eps={self._eps!r}.")
-        ids, tau = self.scores(head=head)
-        return ids[tau >= e]
+        got = self.scores(head=head)
+        return [i[t >= e] for i, t in got] if head is None else got[0][got[1] >= e]
+
+    def _head(self, head) -> int:
+        if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or not 0 <= int(head) < self.heads:
+            raise ValueError(f"TorchDecodeEngine: head must be an int in [0, {self.heads}); got {head!r}.")
+        return int(head)
 
     def num_retained(self) -> torch.Tensor:
         """Keys held per sketch, (S,) int64 device tensor."""

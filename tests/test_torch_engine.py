@@ -34,6 +34,8 @@ def test_torch_engine_equals_numpy_engine(dtype, cond):
         np.testing.assert_array_equal(ia, ib)
         np.testing.assert_allclose(tb, ta, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(b.keep_mask(n).numpy(), a.keep_mask(n))
+    for got, want in zip(b.universal_set(0.3), a.universal_set(0.3), strict=True):  # all heads at once
+        np.testing.assert_array_equal(got, want)
 
 
 def test_torch_changes_and_payloads():
