@@ -8,6 +8,7 @@ See the README and ``docs/`` for the guarantee and its limits.
 from __future__ import annotations
 
 from .attention import RestrictionCost, heavy_attention, lev_attention, restriction_cost, select_keys
+from .decode_engine import BatchChanges, DecodeEngine
 from .embedding import LpEmbedding
 from .leverage import leverage_scores, universal_set
 from .lewis import lewis_weights, sensitivity_upper_bounds
@@ -21,5 +22,5 @@ from .sketch import Changes, LevSketch
 __version__ = "0.1.0"
 
 __all__ = ["leverage_scores", "universal_set", "lewis_weights", "sensitivities", "sensitivity_upper_bounds",
-           "LevSketch", "LpSketch", "LpEmbedding", "MultiHeadSketch", "ShiftInvariantSketch", "QuerySketch", "Changes", "heavy_attention", "lev_attention",
+           "LevSketch", "DecodeEngine", "BatchChanges", "LpSketch", "LpEmbedding", "MultiHeadSketch", "ShiftInvariantSketch", "QuerySketch", "Changes", "heavy_attention", "lev_attention",
            "restriction_cost", "select_keys", "RestrictionCost", "__version__"]

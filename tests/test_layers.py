@@ -20,13 +20,14 @@ LAYERS = {
     # scaled factor, retained-row storage, id bookkeeping, io
     "core": ["streamlev._constants", "streamlev._validation", "streamlev._format", "streamlev._factor",
              "streamlev._kernels.*", "streamlev._scaled_factor", "streamlev._retained", "streamlev._ids",
-             "streamlev._scaling", "streamlev._topk", "streamlev._state_format", "streamlev.io"],
+             "streamlev._scaling", "streamlev._topk", "streamlev._state_format", "streamlev.io",
+             "streamlev._engine_store", "streamlev._engine_checks"],
     # offline math on a whole key matrix
     "offline": ["streamlev.leverage", "streamlev.lewis", "streamlev.sensitivity"],
     # stateful, mergeable sketches and their shared base
     "sketches": ["streamlev._sketch_base", "streamlev._decode", "streamlev.sketch", "streamlev.lp",
                  "streamlev.embedding", "streamlev.multihead", "streamlev.query_sketch", "streamlev._heavy",
-                 "streamlev._shift_invariant"],
+                 "streamlev._shift_invariant", "streamlev.decode_engine"],
     # what users build on the sketches (reference.py, the slow exact oracle, sits here so that no
     # lower layer can use it; ORACLE_USERS below says who may)
     "applications": ["streamlev.attention", "streamlev._attention_cost", "streamlev.selectors",
@@ -37,7 +38,7 @@ LAYERS = {
     # everything that talks to the outside world or to optional frameworks
     "integrations": ["streamlev.cli", "streamlev._cli_common", "streamlev._cli_select", "streamlev._cli_demo",
                      "streamlev.dask", "streamlev.torch", "streamlev._torch_attention",
-                     "streamlev.__main__", "streamlev.hf.*"],
+                     "streamlev.__main__", "streamlev.hf.*", "streamlev.torch_engine"],
 }
 
 # The only modules that may import the slow exact oracle: the test helpers shipped for users'
