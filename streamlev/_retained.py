@@ -1,7 +1,9 @@
 """Storage of the rows a sketch retains: scaled keys, ids, one score per row and an optional payload.
 
 Arrays have spare capacity (amortized O(1) appends on the decode path); only the
-first ``r`` rows are live. Rows are unordered; :meth:`RetainedRows.sorted` gives
+first ``r`` rows are live. Capacity never grows past ``limit`` (the sketch's size
+bound) unless one call needs more rows at once, and :meth:`fit` gives such a
+transient excess back, so ``nbytes`` stays within the bound's storage after a call. Rows are unordered; :meth:`RetainedRows.sorted` gives
 them by id (the canonical order of the byte format).
 """
 
@@ -15,7 +17,8 @@ __all__ = ["RetainedRows"]
 class RetainedRows:
     """Keys (r, d), ids (r,), scores (r,) and optional values (r, dv) of the retained rows."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, limit: int | None = None):
+        self.limit = limit  # the sketch's size bound (rows), or None for no cap
         self.K = np.zeros((0, d))
         self.ids = np.zeros(0, dtype=np.int64)
         self.score = np.zeros(0)
@@ -77,18 +80,29 @@ class RetainedRows:
         r = self.r
         need = r + k
         if need > self.K.shape[0]:
-            cap = max(need, 2 * self.K.shape[0], 16)
-            self.K = _grow(self.K, cap, r)
-            self.ids = _grow(self.ids, cap, r)
-            self.score = _grow(self.score, cap, r)
-            if self.V is not None:
-                self.V = _grow(self.V, cap, r)
+            cap = max(2 * self.K.shape[0], 16)
+            if self.limit is not None:
+                cap = min(cap, self.limit)
+            self._resize(max(need, cap))
         self.K[r:need] = X
         self.ids[r:need] = ids
         self.score[r:need] = score
         if self.V is not None:
             self.V[r:need] = V
         self.r = need
+
+    def fit(self) -> None:
+        """Give back capacity above ``max(r, limit)`` (left by a call that needed more rows at once)."""
+        if self.limit is not None and self.K.shape[0] > max(self.r, self.limit):
+            self._resize(max(self.r, self.limit))
+
+    def _resize(self, cap: int) -> None:
+        r = self.r
+        self.K = _grow(self.K, cap, r)
+        self.ids = _grow(self.ids, cap, r)
+        self.score = _grow(self.score, cap, r)
+        if self.V is not None:
+            self.V = _grow(self.V, cap, r)
 
     def compact(self, keep: np.ndarray) -> np.ndarray:
         """Drop the live rows where ``keep`` is False; returns their ids. The order of the rest may change."""

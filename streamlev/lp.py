@@ -108,7 +108,7 @@ class LpSketch(heavy.HeavyEntries, KeySketch):
         self._n = 0
         self._idr = IdRange()
         self._f = ScaledFactor(self._d, keep_unscaled=False)  # used for p <= 2 only
-        self._rows = RetainedRows(self._d)  # candidates; score = certified sensitivity upper bound
+        self._rows = RetainedRows(self._d, self.max_retained())  # candidates; score = certified sensitivity upper bound
 
     # ------------------------------------------------------------ properties
     normalizer = property(lambda self: self._emb, doc="The LpEmbedding of all keys, or None (normalizer=False).")
@@ -197,6 +197,7 @@ class LpSketch(heavy.HeavyEntries, KeySketch):
             self._idr.check_fresh(ids_arr, self._n, caller)
             before = self._rows.live_ids.copy()
             self._update_state(K, ids_arr, V)
+            self._rows.fit()
             return changes_between(before, self._rows.live_ids, ids_arr) if return_changes else self
 
     @transactional
@@ -318,6 +319,7 @@ class LpSketch(heavy.HeavyEntries, KeySketch):
             check_disjoint(self._idr, self._n, self._rows.live_ids, other._idr, other._n, o_ids, caller)
             before = self._rows.live_ids.copy()
             self._merge_state(other)
+            self._rows.fit()
             return changes_between(before, self._rows.live_ids, o_ids) if return_changes else self
 
     @transactional

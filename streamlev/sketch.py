@@ -120,7 +120,7 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
         self._n = 0
         self._idr = IdRange()  # smallest and largest id seen (to catch reused id ranges)
         self._f = ScaledFactor(self._d)  # R of all keys seen and the scale 2**-e of stored arrays
-        self._rows = RetainedRows(self._d)  # keys with leverage >= eps; score = exact or upper-bound leverage
+        self._rows = RetainedRows(self._d, self.max_retained())  # keys with leverage >= eps; score = exact or upper-bound leverage
         self._pending = 0  # rows folded in since the retained scores were last recomputed exactly
         self._dec = DecodeState()  # rank-one bookkeeping
         self._v = None  # scratch of the rank-one path
@@ -223,6 +223,7 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
             before = self._rows.live_ids.copy() if return_changes else None
             if not (m <= C.DECODE_MAX_ROWS and self._decode_small_block(K, ids_arr, V)):
                 self._fold_block(K, ids_arr, V)
+            self._rows.fit()
             lo, hi = (int(ids_arr[0]),) * 2 if m == 1 else (int(ids_arr.min()), int(ids_arr.max()))
             self._idr.extend(lo, hi, m)
             return changes_between(before, self._rows.live_ids, ids_arr) if return_changes else self
@@ -353,6 +354,7 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
             check_disjoint(self._idr, self._n, self._rows.live_ids, other._idr, other._n, o_ids, caller)
             before = self._rows.live_ids.copy() if return_changes else None
             self._merge_state(other)
+            self._rows.fit()
             return changes_between(before, self._rows.live_ids, o_ids) if return_changes else self
 
     @transactional

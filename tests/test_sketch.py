@@ -253,3 +253,22 @@ def test_concurrent_updates_do_not_corrupt():
     for t in ts:
         t.join()
     assert_matches_reference(sk, K)
+
+
+
+@pytest.mark.parametrize("cls,kw", [(sl.LevSketch, {}), (sl.LpSketch, {"p": 1.0})])
+def test_storage_never_exceeds_the_size_bound_after_a_call(cls, kw):
+    # Growth by doubling used to leave room for more rows than the bound (4096 against 3200 in issue #19's
+    # demo). Here: 48 retained rows, then 24 more in one block -> doubling would allocate 96 > bound 80.
+    d, eps = 8, 0.1
+    E = np.eye(d)
+    sk = cls(d, eps, **kw)
+    bound = cls.max_retained(d, eps, **kw)
+    assert bound == 80
+    rng = np.random.default_rng(3)
+    for block in (np.repeat(E, 6, axis=0), np.repeat(E, 3, axis=0), rng.standard_normal((1, d)),
+                  rng.standard_normal((300, d)) * rng.lognormal(0, 2, (300, 1)), rng.standard_normal((1, d))):
+        sk.update(block)
+        assert sk.num_retained <= bound
+        assert sk._rows.K.shape[0] <= bound, (sk._rows.K.shape[0], bound)
+    assert sk.copy() == sk
