@@ -1,0 +1,36 @@
+"""Hugging Face transformers integration: KV-cache compression inside a real generation loop (extra ``hf``).
+
+    with streamlev.hf.compress(model, budget=256, selector="default"):
+        out = model.generate(input_ids, max_new_tokens=64)
+
+keeps every layer's KV cache within ``budget`` keys per key/value head, at
+prefill and while decoding (:mod:`streamlev.hf.cache`). Selectors: the
+query-statistics default (expected attention under a Gaussian model of the
+pre-RoPE queries), key-only KeyDiff with sinks and a recent window, and the
+guarantee mode ``selector="leverage"`` (the exact |x|^2 universal set).
+``mode="append_only"`` decides keep or skip once per arriving token and never
+rewrites the cache. Needs ``pip install 'streamlev[hf]'`` (torch, transformers).
+"""
+
+from __future__ import annotations
+
+__all__ = ["compress", "make_cache", "StreamlevCache", "CompressedLayer", "ExactLeverageSet", "selectors",
+           "SUPPORTED_MODEL_TYPES"]
+
+try:
+    import torch as _torch  # noqa: F401
+    import transformers as _transformers  # noqa: F401
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _torch = None
+
+if _torch is not None:
+    from . import selectors
+    from ._model import SUPPORTED_MODEL_TYPES
+    from .cache import CompressedLayer, StreamlevCache
+    from .compress import compress, make_cache
+    from .guarantee import ExactLeverageSet
+else:  # pragma: no cover
+    def __getattr__(name):
+        if name in __all__:
+            raise ImportError(f"streamlev.hf.{name} needs torch and transformers: pip install 'streamlev[hf]'.")
+        raise AttributeError(f"module 'streamlev.hf' has no attribute {name!r}")

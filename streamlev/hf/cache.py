@@ -1,0 +1,401 @@
+"""A transformers ``Cache`` that keeps each layer's keys within a budget, at prefill and while decoding.
+
+Positions: the cached keys carry RoPE already (applied by the model before
+``update``), so dropping keys never changes the rotation of the others. The
+cache reports the number of tokens *seen* as its sequence length, so that
+``generate`` assigns the right positions to new tokens, and reports mask sizes
+``(kept + new, seen - kept)`` so that every kept key is visible to every new
+query (the kept keys of a full-attention layer are all in a query's past).
+
+Per layer, three regimes (``mode="evict"``):
+
+* while everything fits (kept + new <= budget): exactly ``DynamicLayer``
+  (concatenate), so with a budget >= the context the model's outputs are
+  bit-identical to the full cache;
+* one arriving token on a full cache: its key goes into one spare slot and is
+  attended; at the next step the lowest-scoring unprotected key among the
+  ``budget + 1`` slots is overwritten (no copy of the cache, O(1) torch ops);
+* several arriving tokens (prefill, a question appended to a compressed
+  context): all are attended, then the best ``budget`` keys are kept.
+
+``mode="append_only"`` decides keep or skip once for each arriving token and
+never rewrites a kept entry (paged caches); see :class:`CompressedLayer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .guarantee import ExactLeverageSet
+from .selectors import Selector
+
+__all__ = ["StreamlevCache", "CompressedLayer"]
+
+_NEG, _POS = float("-inf"), float("inf")
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's compressed cache: keys/values (B, G, n, d) with their original positions (B, G, n).
+
+    Parameters
+    ----------
+    info : streamlev.hf._model.LayerInfo
+    budget : int
+        Keys kept per (batch, key/value head) between steps; a sliding-window
+        layer keeps at most ``min(budget, window - 1)``, all inside its window.
+    selector : Selector or None
+        Scoring rule; None selects the guarantee mode (``eps`` required).
+    mode : {"evict", "append_only"}
+    eps : float, optional
+        Guarantee mode threshold.
+    stats_interval : int
+        Decode steps between folds of the buffered queries into the statistics.
+
+    Notes
+    -----
+    Guarantees (tested): at most ``budget`` kept keys per head between steps
+    (plus the one key of the token being decoded, in a spare slot); the first
+    ``sinks`` positions are kept while they are inside the layer's window;
+    a sliding-window layer never holds a key its next query cannot see;
+    ``append_only`` never changes an entry once written (decisions are per
+    token, shared by the key/value heads of the layer, batch size 1); guarantee
+    mode keeps every key of the exact universal set ``{j : tau_j(K_h) >= eps}``
+    of each head h (K_h all keys seen by the head), and exactly that set for
+    the heads with the largest set (dense tensors need equal counts per head:
+    the others are padded with their next-highest-leverage keys).
+    """
+
+    is_compileable = False
+
+    def __init__(self, info, budget: int, selector: Selector | None, *, mode: str = "evict",
+                 eps: float | None = None, stats_interval: int = 16, queries: list | None = None):
+        super().__init__()
+        self.info, self.selector, self.mode, self.eps = info, selector, mode, eps
+        self.window = info.sliding_window
+        self.is_sliding = self.window is not None
+        self.budget = int(budget)
+        self.cap = min(self.budget, self.window - 1) if self.is_sliding else self.budget
+        self.passthrough = self.is_sliding and self.budget >= self.window - 1 and selector is not None \
+            and mode == "evict"
+        self.cumulative_length = 0
+        self.pos = self.score = None
+        self.pending = False
+        self.steps = 0
+        self.stats_interval = int(stats_interval)
+        self.queries = queries if queries is not None else []
+        self.state = selector.new_state(info) if selector is not None else None
+        self.lev = None
+        self.threshold = None  # append-only admission threshold (softmax selectors)
+        self.overflow = 0      # append-only: tokens that passed the rule but found the cache full
+
+    # ------------------------------------------------------------------ transformers API
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        B, G = key_states.shape[:2]
+        self.pos = torch.zeros(B, G, 0, dtype=torch.long, device=self.device)
+        if self.selector is None:
+            self.lev = ExactLeverageSet(B * G, key_states.shape[-1], self.eps, device=self.device)
+        if self.mode == "append_only" and B != 1:
+            raise ValueError(f"streamlev.hf: mode='append_only' decides per token and supports batch size 1; "
+                             f"got batch size {B}.")
+        self.is_initialized = True
+
+    @property
+    def n(self) -> int:
+        """Kept keys per head after the pending decision (<= budget)."""
+        if not self.is_initialized:
+            return 0
+        return min(self.keys.shape[2], self.cap)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_cache_shape(self) -> int:
+        return self.window if self.passthrough else -1
+
+    def get_mask_sizes(self, cache_position):
+        q = cache_position.shape[0]
+        if self.passthrough:  # exactly DynamicSlidingWindowLayer
+            full = self.cumulative_length >= self.window
+            off = max(self.cumulative_length - self.window + 1, 0)
+            return (self.window - 1 + q if full else self.cumulative_length + q), off
+        n = self.n
+        return n + q, self.cumulative_length - n
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, G, m, _ = key_states.shape
+        t0 = self.cumulative_length
+        self.cumulative_length += m
+        new_pos = torch.arange(t0, t0 + m, device=self.device).expand(B, G, m)
+        if self.selector is not None:
+            self.selector.observe_keys(self.state, key_states)
+        if self.passthrough:
+            k, v = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+            p = torch.cat([self.pos, new_pos], dim=-1)
+            self.keys, self.values, self.pos = (x[:, :, -self.window + 1:] for x in (k, v, p))
+            return k, v
+        if self.selector is None:
+            return self._update_guarantee(key_states, value_states, new_pos)
+        if self.mode == "append_only":
+            return self._update_append(key_states, value_states, new_pos)
+        self._fold(t0)
+        n = min(self.keys.shape[2], self.cap)
+        if n + m <= self.cap:  # everything fits: exactly DynamicLayer
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.pos = torch.cat([self.pos, new_pos], dim=-1)
+            self.score = None
+            return self.keys, self.values
+        self.steps += 1
+        if m == 1:
+            return self._step(key_states, value_states, new_pos, t0)
+        return self._select(key_states, value_states, new_pos, t0)
+
+    # ------------------------------------------------------------------ evict mode
+    def _stats(self, force=False):
+        if self.selector.uses_queries and self.queries and (force or len(self.queries) >= self.stats_interval):
+            self.selector.observe_queries(self.state, self.queries)
+            self.queries.clear()
+
+    def _protected(self, pos, t_query):
+        """Effective scores: +inf for sinks and recent keys, -inf for keys outside the window of query t_query."""
+        sinks, recent = self.selector.split(self.budget)
+        eff = self.score
+        keep = pos < sinks
+        if recent:
+            keep = keep | (pos > t_query - 1 - recent)
+        eff = torch.where(keep, _POS, eff)
+        if self.is_sliding:
+            eff = torch.where(pos < t_query - self.window + 1, _NEG, eff)
+        return eff
+
+    def _fold(self, t_query):
+        """Decide the pending key: overwrite the worst of the budget + 1 slots with the last one."""
+        if not self.pending:
+            return
+        eff = self._protected(self.pos, t_query)
+        victim = eff.argmin(dim=-1, keepdim=True)  # (B, G, 1); == cap means the pending key itself
+        for buf in (self.keys, self.values):
+            src = buf[:, :, self.cap:self.cap + 1].clone()
+            buf.scatter_(2, victim.unsqueeze(-1).expand(-1, -1, 1, buf.shape[-1]), src)
+        for buf in (self.pos, self.score):
+            buf.scatter_(2, victim, buf[:, :, self.cap:self.cap + 1].clone())
+        self.pending = False
+
+    def _step(self, key_states, value_states, new_pos, t0):
+        self._stats()
+        if self.keys.shape[2] == self.cap + 1 and self.score is not None:  # spare slot ready: O(1) ops
+            s = self.selector.score(self.state, key_states, new_pos, t0 + 1, normalize=False)
+            self.keys[:, :, self.cap:] = key_states
+            self.values[:, :, self.cap:] = value_states
+            self.pos[:, :, self.cap:] = new_pos
+            self.score[:, :, self.cap:] = s
+        else:  # entering the budget: build the budget + 1 slots and score them all
+            self._stats(force=True)
+            self.keys = torch.cat([self.keys[:, :, :self.cap], key_states], dim=-2)
+            self.values = torch.cat([self.values[:, :, :self.cap], value_states], dim=-2)
+            self.pos = torch.cat([self.pos[:, :, :self.cap], new_pos], dim=-1)
+            self.score = self.selector.score(self.state, self.keys, self.pos, t0 + 1, normalize=True)
+        self.pending = True
+        return self.keys, self.values
+
+    def _select(self, key_states, value_states, new_pos, t0):
+        self._stats(force=True)
+        n = min(self.keys.shape[2], self.cap)
+        k = torch.cat([self.keys[:, :, :n], key_states], dim=-2)
+        v = torch.cat([self.values[:, :, :n], value_states], dim=-2)
+        p = torch.cat([self.pos[:, :, :n], new_pos], dim=-1)
+        t_next = t0 + key_states.shape[2]
+        self.score = self.selector.score(self.state, k, p, t_next, normalize=True)
+        eff = self._protected(p, t_next)
+        keep = min(self.cap, int((eff > _NEG).sum(-1).min()))
+        idx = eff.topk(keep, dim=-1).indices.sort(dim=-1).values
+        self.keys = k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
+        self.values = v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
+        self.pos, self.score = p.gather(2, idx), self.score.gather(2, idx)
+        return k, v
+
+    # ------------------------------------------------------------------ append-only mode
+    def _update_append(self, key_states, value_states, new_pos):
+        """Keep or skip each arriving token once; kept entries are never rewritten.
+
+        Until the budget is first exceeded every token is kept. The first block
+        that does not fit (usually the prompt) keeps its sinks, its recent split
+        and the best of the rest so that ``budget - budget // 4`` entries are used,
+        leaving a quarter for later tokens; the lowest score kept by score becomes
+        the admission threshold. Later tokens are kept iff their score (the
+        largest over the layer's key/value heads) reaches it and room is left.
+        """
+        k = torch.cat([self.keys, key_states], dim=-2)
+        v = torch.cat([self.values, value_states], dim=-2)
+        n, m = self.keys.shape[2], key_states.shape[2]
+        if self.threshold is None and n + m <= self.cap:
+            return self._append(k, v, key_states, value_states, new_pos, torch.ones(m, dtype=torch.bool, device=self.device))
+        self._stats(force=True)
+        t_next = self.cumulative_length
+        s = self.selector.score(self.state, key_states, new_pos, t_next, normalize=self.threshold is None)
+        s = s.amax(dim=1)[0]  # token score: best over key/value heads, (m,)
+        pos = new_pos[0, 0]
+        if self.threshold is None:  # first block that overflows: a one-shot selection inside it
+            target = max(0, self.cap - self.cap // 4 - n)
+            sinks, recent = self.selector.split(self.budget)
+            forced = (pos < sinks) | (pos > t_next - 1 - recent)
+            rest = max(0, target - int(forced.sum()))
+            cand = torch.where(forced, _NEG, s)
+            top = cand.topk(min(rest, m), dim=-1).indices
+            admit = forced.clone()
+            admit[top] = True
+            admit &= torch.cumsum(admit.long(), 0) <= target
+            self.threshold = float(s[top].min()) if top.numel() else _POS
+        else:
+            admit = s >= self.threshold
+            room = self.cap - n
+            over = torch.cumsum(admit.long(), 0) > room
+            self.overflow += int((admit & over).sum())
+            admit &= ~over
+        return self._append(k, v, key_states, value_states, new_pos, admit)
+
+    def _append(self, k, v, key_states, value_states, new_pos, admit):
+        idx = admit.nonzero().flatten()
+        if idx.numel():
+            self.keys = torch.cat([self.keys, key_states[:, :, idx]], dim=-2)
+            self.values = torch.cat([self.values, value_states[:, :, idx]], dim=-2)
+            self.pos = torch.cat([self.pos, new_pos[:, :, idx]], dim=-1)
+        if self.is_sliding:  # entries the next query cannot see are freed (not rewritten): a window's pages
+            live = self.pos[0, 0] >= self.cumulative_length - self.window + 1
+            if not bool(live.all()):
+                self.keys, self.values, self.pos = self.keys[:, :, live], self.values[:, :, live], self.pos[:, :, live]
+        return k, v
+
+    # ------------------------------------------------------------------ guarantee mode
+    def _update_guarantee(self, key_states, value_states, new_pos):
+        B, G, m, d = key_states.shape
+        k = torch.cat([self.keys, key_states], dim=-2)
+        v = torch.cat([self.values, value_states], dim=-2)
+        flat = key_states.reshape(B * G, m, d)
+        if self.mode == "append_only":
+            tau = self.lev.prefix_leverage(flat).reshape(B, G, m)
+            admit = (tau >= self.eps).any(dim=1)[0]
+            room = self.cap - self.keys.shape[2]
+            over = torch.cumsum(admit.long(), 0) > room
+            self.overflow += int((admit & over).sum())
+            return self._append(k, v, key_states, value_states, new_pos, admit & ~over)
+        self.lev.observe(flat)
+        p = torch.cat([self.pos, new_pos], dim=-1)
+        tau = self.lev.leverage(k.reshape(B * G, -1, d)).reshape(B, G, -1)
+        keep = int((tau >= self.eps).sum(-1).max())
+        if keep > self.cap:
+            raise RuntimeError(f"streamlev.hf: universal set of {keep} keys exceeds the budget {self.cap} "
+                               f"(eps={self.eps} must be >= head_dim / budget).")
+        idx = tau.topk(keep, dim=-1).indices.sort(dim=-1).values
+        self.score = tau.gather(2, idx).float()
+        self.keys = k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+        self.values = v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
+        self.pos = p.gather(2, idx)
+        return k, v
+
+    # ------------------------------------------------------------------ inspection
+    def kept_positions(self) -> torch.Tensor:
+        """Original positions (B, G, n) of the keys kept between steps (pending decision applied), sorted."""
+        if not self.is_initialized:
+            return torch.zeros(0, 0, 0, dtype=torch.long)
+        pos = self.pos
+        if self.pending:
+            eff = self._protected(self.pos, self.cumulative_length)
+            victim = eff.argmin(dim=-1, keepdim=True)
+            keep = torch.ones_like(pos, dtype=torch.bool).scatter_(2, victim, False)
+            pos = pos[keep].view(pos.shape[0], pos.shape[1], -1)
+        else:
+            pos = pos[:, :, :self.cap] if self.mode == "evict" and self.selector is not None else pos
+        return pos.sort(dim=-1).values
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: kept keys, values, positions, scores and the selector / sketch state."""
+        total = 0
+        for t in (self.keys, self.values, self.pos, self.score):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        if self.lev is not None:
+            total += self.lev.nbytes
+        for val in (self.state or {}).values():
+            if isinstance(val, torch.Tensor):
+                total += val.numel() * val.element_size()
+        total += sum(q.numel() * q.element_size() for q in self.queries)
+        return total
+
+    def _unsupported(self, what):
+        raise NotImplementedError(f"streamlev.hf.StreamlevCache does not support {what} (it would need the "
+                                  "positions and scores to follow); use a DynamicCache for beam search / cropping.")
+
+    def crop(self, max_length):
+        self._unsupported("crop")
+
+    def reorder_cache(self, beam_idx):
+        self._unsupported("beam search (reorder_cache)")
+
+    def batch_repeat_interleave(self, repeats):
+        self._unsupported("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices):
+        self._unsupported("batch_select_indices")
+
+
+class StreamlevCache(Cache):
+    """A ``Cache`` whose layers keep at most ``budget`` keys each (see :class:`CompressedLayer`).
+
+    Build it with :func:`streamlev.hf.compress` (which also feeds it the
+    queries), or directly and pass it as ``past_key_values``; selectors that use
+    query statistics then need :meth:`attach`.
+    """
+
+    def __init__(self, infos, budget, selector, *, mode="evict", eps=None, stats_interval=16):
+        self.query_buffers = [[] for _ in infos]
+        layers = [CompressedLayer(info, budget, selector, mode=mode, eps=eps, stats_interval=stats_interval,
+                                  queries=self.query_buffers[i]) for i, info in enumerate(infos)]
+        super().__init__(layers=layers)
+        self.budget, self.selector, self.mode, self.eps = budget, selector, mode, eps
+        self._hooks = []
+
+    def attach(self, model):
+        """Register forward hooks that buffer each layer's pre-RoPE queries for the selector; returns self."""
+        from ._model import query_modules
+
+        self.detach()
+        uses = self.selector is not None and self.selector.uses_queries
+        if not uses:
+            return self
+        for i, (mod, is_norm) in enumerate(query_modules(model)):
+            H, d = self.layers[i].info.num_heads, self.layers[i].info.head_dim
+
+            def hook(module, args, out, buf=self.query_buffers[i], is_norm=is_norm, H=H, d=d):
+                q = out.detach()
+                q = q if is_norm else q.view(q.shape[0], q.shape[1], H, d).transpose(1, 2)
+                buf.append(q)
+            self._hooks.append(mod.register_forward_hook(hook))
+        return self
+
+    def detach(self):
+        """Remove the query hooks."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """Original positions (B, G, n) kept by one layer."""
+        return self.layers[layer_idx].kept_positions()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all layers (kept tensors and selector / sketch state)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def overflow(self) -> int:
+        """Append-only mode: tokens that passed the admission rule but found their layer full."""
+        return sum(layer.overflow for layer in self.layers)

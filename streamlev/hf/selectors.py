@@ -1,0 +1,225 @@
+"""Torch scoring rules for compressed KV caches: which cached keys to keep under a budget.
+
+A selector turns the keys of one layer, shape (batch, kv_heads, n, head_dim)
+and *already rotated* by RoPE (what the cache stores), into one score per key
+(higher = keep). The cache keeps the first ``sinks`` positions and the
+``recent`` most recent positions of each head unconditionally
+(:meth:`Selector.split`) and the rest by score. Every formula is stated in the
+class docstring so that it can be checked against the numpy reference in
+:mod:`streamlev.selectors`.
+
+These are heuristics for softmax attention: none of them guarantees any share
+of the attention mass (softmax has no query-agnostic universal set; see
+``docs/softmax_selectors.md``). The guarantee mode of the cache
+(``selector="leverage"``) is not a selector: it keeps the exact |x|^2 universal
+set (:mod:`streamlev.hf.guarantee`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..selectors import RECENT_FRACTION, SINKS
+
+__all__ = ["Selector", "KeyNorm", "KeyDiff", "Recent", "ExpectedAttention", "make_selector", "SELECTORS"]
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Selector:
+    """Base class: a per-layer state, running statistics and a score per key.
+
+    Parameters
+    ----------
+    sinks : int, default 4
+        First positions always kept (attention sinks), at most ``budget // 4``.
+    recent_fraction : float, default 0
+        Share of the budget given to the most recent positions.
+    """
+
+    name = "base"
+    uses_queries = False
+
+    def __init__(self, *, sinks: int = SINKS, recent_fraction: float = 0.0):
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"{type(self).__name__}: sinks must be an int >= 0, got {sinks!r}.")
+        if not 0.0 <= float(recent_fraction) < 1.0:
+            raise ValueError(f"{type(self).__name__}: recent_fraction must be in [0, 1), got {recent_fraction!r}.")
+        self.sinks = sinks
+        self.recent_fraction = float(recent_fraction)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(sinks={self.sinks}, recent_fraction={self.recent_fraction})"
+
+    def split(self, budget: int) -> tuple[int, int]:
+        """(sinks, recent) kept unconditionally in a budget (the rule of :func:`streamlev.selectors.budget_split`)."""
+        sinks = min(self.sinks, budget // 4)
+        return sinks, min(int(self.recent_fraction * budget), budget - sinks)
+
+    def new_state(self, info) -> dict:
+        return {"info": info}
+
+    def observe_keys(self, state: dict, keys: torch.Tensor) -> None:
+        """Fold newly arrived keys (B, G, m, d) into running key statistics (all keys seen, kept or not)."""
+
+    def observe_queries(self, state: dict, queries: list) -> None:
+        """Fold pre-RoPE queries (list of (B, H, m, d)) into running query statistics."""
+
+    def score(self, state: dict, keys: torch.Tensor, positions: torch.Tensor, t_next: int, *,
+              normalize: bool) -> torch.Tensor:
+        """Scores (B, G, n) of keys (B, G, n, d) at positions (B, G, n); ``t_next`` is the next position.
+
+        ``normalize=True`` (a whole candidate set) may recompute set-level
+        normalisers; False (one arriving key) reuses the stored ones.
+        """
+        raise NotImplementedError
+
+
+class KeyNorm(Selector):
+    """``-||k||``: keep the keys of smallest norm (the rule of kvpress ``KnormPress``)."""
+
+    name = "knorm"
+
+    def score(self, state, keys, positions, t_next, *, normalize):
+        return -torch.linalg.vector_norm(keys.float(), dim=-1)
+
+
+class KeyDiff(Selector):
+    """KeyDiff with a streaming anchor: ``-cos(k_j, a)``, ``a = sum_l k_l/||k_l||`` over *every* key seen so far.
+
+    The anchor is the running sum of the normalised keys of the head (kept and
+    evicted alike), so a key's score does not depend on which keys the budget
+    kept; offline over one block it equals :func:`streamlev.selectors.keydiff_scores`
+    (whose anchor is the mean, a positive multiple of the same vector).
+    Default split: 4 sinks and a 25% recent window (the documented key-only default).
+    """
+
+    name = "keydiff"
+
+    def __init__(self, *, sinks: int = SINKS, recent_fraction: float = RECENT_FRACTION):
+        super().__init__(sinks=sinks, recent_fraction=recent_fraction)
+
+    def observe_keys(self, state, keys):
+        k = keys.float()
+        u = (k / torch.linalg.vector_norm(k, dim=-1, keepdim=True).clamp_min(1e-12)).sum(dim=2)
+        state["anchor"] = u if state.get("anchor") is None else state["anchor"] + u
+
+    def score(self, state, keys, positions, t_next, *, normalize):
+        k = keys.float()
+        a = state["anchor"]
+        a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(1e-12)
+        return -(k @ a.unsqueeze(-1)).squeeze(-1) / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12)
+
+
+class Recent(Selector):
+    """StreamingLLM: the sinks and the most recent keys (score = position)."""
+
+    name = "streaming"
+
+    def score(self, state, keys, positions, t_next, *, normalize):
+        return positions.float()
+
+
+class ExpectedAttention(Selector):
+    """Expected softmax weight under a Gaussian model of the future pre-RoPE queries, pooled over the GQA group.
+
+    Per query head h, with ``mu_h``, ``Sigma_h`` the mean and covariance of the
+    pre-RoPE queries seen so far (count, sum and second moment, as
+    :class:`streamlev.QuerySketch`), ``s`` the layer's logit scale times the
+    RoPE attention scaling, and ``R_t`` the rotation of position t:
+
+        e_h(k) = log mean_{t in T} exp( s <R_t mu_h, k> + s^2/2 (R_t^T k)^T Sigma_h (R_t^T k) )
+
+    with ``T = t_next + {0, h/P, 2h/P, ..., (P-1) h/P}`` (``P = positions``
+    future positions evenly spaced over ``horizon``), the exact log-mean of the
+    per-position Gaussian moment generating functions -- the score of
+    :func:`streamlev.selectors.expected_logit_scores` with
+    ``rotations=rope_rotations(d, T - pos_k, theta)`` applied to the pre-RoPE key.
+    The cached key ``k`` already carries its own rotation, so ``R_t^T k`` is it
+    rotated back by ``t``. GQA: the query heads of one key/value head are
+    pooled by the log-mean of their per-head softmax-normalised scores,
+    ``log mean_{h in group} exp(e_h(k) - logsumexp_j e_h(k_j))``; the normaliser
+    is recomputed on every whole-set scoring and reused for single arriving keys.
+    Default split: the first 4 keys, no recent window (the documented query default).
+    """
+
+    name = "expected_attention"
+    uses_queries = True
+
+    def __init__(self, *, sinks: int = SINKS, recent_fraction: float = 0.0, positions: int = 16,
+                 horizon: int = 512, covariance: bool = True):
+        super().__init__(sinks=sinks, recent_fraction=recent_fraction)
+        if positions < 1 or horizon < positions:
+            raise ValueError(f"ExpectedAttention: need 1 <= positions <= horizon, got {positions}, {horizon}.")
+        self.positions, self.horizon, self.covariance = int(positions), int(horizon), bool(covariance)
+
+    def __repr__(self):
+        return (f"ExpectedAttention(sinks={self.sinks}, recent_fraction={self.recent_fraction}, "
+                f"positions={self.positions}, horizon={self.horizon}, covariance={self.covariance})")
+
+    def new_state(self, info):
+        return {"info": info, "n": 0, "sum": None, "sq": None, "mu": None, "cov": None, "z": None}
+
+    def observe_queries(self, state, queries):
+        if not queries:
+            return
+        q = torch.cat([x.to(torch.float64) for x in queries], dim=2)  # (B, H, m, d)
+        s, sq = q.sum(dim=2), q.transpose(-1, -2) @ q
+        if state["sum"] is None:
+            state["sum"], state["sq"] = s, sq
+        else:
+            state["sum"], state["sq"] = state["sum"] + s, state["sq"] + sq
+        state["n"] += q.shape[2]
+        mu = state["sum"] / state["n"]
+        cov = state["sq"] / state["n"] - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+        state["mu"], state["cov"] = mu.float(), ((cov + cov.transpose(-1, -2)) / 2).float()
+
+    def _rotations(self, info, t_next, device):
+        step = self.horizon // self.positions
+        t = t_next + step * torch.arange(self.positions, dtype=torch.float64)
+        ang = t[:, None] * info.inv_freq[None, :]
+        ang = torch.cat([ang, ang], dim=-1)
+        return ang.cos().float().to(device), ang.sin().float().to(device)  # (P, d)
+
+    def score(self, state, keys, positions, t_next, *, normalize):
+        info = state["info"]
+        if state["mu"] is None:
+            raise RuntimeError("ExpectedAttention: no query has been observed for this layer; the cache must be "
+                               "attached to the model (streamlev.hf.compress or StreamlevCache.attach).")
+        B, G, n, d = keys.shape
+        H = info.num_heads
+        r = H // G
+        cos, sin = self._rotations(info, t_next, keys.device)
+        k = keys.float().unsqueeze(2)  # (B, G, 1, n, d)
+        kr = k * cos[:, None, :] - _rotate_half(k) * sin[:, None, :]  # (B, G, P, n, d): R_t^T k
+        s = info.scaling * info.rope_scale
+        mu = state["mu"].view(B, G, r, d)
+        lin = torch.einsum("bgpnd,bgrd->bgrpn", kr, mu) * s
+        if self.covariance:
+            cov = state["cov"].view(B, G, r, d, d)
+            quad = torch.einsum("bgpnd,bgrde,bgpne->bgrpn", kr, cov, kr)
+            lin = lin + 0.5 * s * s * quad
+        e = torch.logsumexp(lin, dim=3) - math.log(self.positions)  # (B, G, r, n)
+        if normalize or state["z"] is None:
+            state["z"] = torch.logsumexp(e, dim=-1, keepdim=True)
+        return torch.logsumexp(e - state["z"], dim=2) - math.log(r)
+
+
+SELECTORS = {"expected_attention": ExpectedAttention, "keydiff": KeyDiff, "knorm": KeyNorm, "streaming": Recent}
+
+
+def make_selector(selector) -> Selector:
+    """A :class:`Selector` from a name (``"default"`` = ``"expected_attention"``) or an instance."""
+    if isinstance(selector, Selector):
+        return selector
+    if isinstance(selector, str):
+        key = "expected_attention" if selector == "default" else selector
+        if key in SELECTORS:
+            return SELECTORS[key]()
+    raise ValueError(f"streamlev.hf: unknown selector {selector!r}; use one of 'default', "
+                     f"{', '.join(repr(k) for k in SELECTORS)}, 'leverage' (guarantee mode) or a Selector instance.")
