@@ -12,9 +12,10 @@ Per layer, three regimes (``mode="evict"``):
 * while everything fits (kept + new <= budget): exactly ``DynamicLayer``
   (concatenate), so with a budget >= the context the model's outputs are
   bit-identical to the full cache;
-* one arriving token on a full cache: its key goes into one spare slot and is
-  attended; at the next step the lowest-scoring unprotected key among the
-  ``budget + 1`` slots is overwritten (no copy of the cache, O(1) torch ops);
+* one arriving token on a full cache: it is attended, then the keys that
+  arrived since the last eviction are scored (one batch) and the cache is cut
+  to ``budget + 1 - k`` keys, so the next ``k - 1`` tokens cost exactly a
+  DynamicLayer step (``k = evict_every``, at most budget/8);
 * several arriving tokens (prefill, a question appended to a compressed
   context): all are attended, then the best ``budget`` keys are kept.
 
@@ -50,12 +51,16 @@ class CompressedLayer(CacheLayerMixin):
     eps : float, optional
         Guarantee mode threshold.
     stats_interval : int
-        Decode steps between folds of the buffered queries into the statistics.
+        Buffered queries (one per layer call) before they are folded into the statistics.
+    evict_every : int
+        While decoding on a full cache, evict in batches: every ``k = min(evict_every,
+        cap // 8)`` tokens, score the ``k`` keys that arrived and keep ``cap + 1 - k``
+        keys, so the cache stays within ``cap`` (it averages ``cap - k/2``) and the
+        other steps cost what a DynamicLayer step costs.
 
     Notes
     -----
-    Guarantees (tested): at most ``budget`` kept keys per head between steps
-    (plus the one key of the token being decoded, in a spare slot); the first
+    Guarantees (tested): at most ``budget`` kept keys per head between steps; the first
     ``sinks`` positions are kept while they are inside the layer's window;
     a sliding-window layer never holds a key its next query cannot see;
     ``append_only`` never changes an entry once written (decisions are per
@@ -69,7 +74,8 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, info, budget: int, selector: Selector | None, *, mode: str = "evict",
-                 eps: float | None = None, stats_interval: int = 16, queries: list | None = None):
+                 eps: float | None = None, stats_interval: int = 32, evict_every: int = 16,
+                 queries: list | None = None):
         super().__init__()
         self.info, self.selector, self.mode, self.eps = info, selector, mode, eps
         self.window = info.sliding_window
@@ -80,9 +86,8 @@ class CompressedLayer(CacheLayerMixin):
             and mode == "evict"
         self.cumulative_length = 0
         self.pos = self.score = None
-        self.pending = False
-        self.steps = 0
         self.stats_interval = int(stats_interval)
+        self.evict_every = max(1, min(int(evict_every), self.cap // 8))
         self.queries = queries if queries is not None else []
         self.state = selector.new_state(info) if selector is not None else None
         self.lev = None
@@ -105,10 +110,8 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def n(self) -> int:
-        """Kept keys per head after the pending decision (<= budget)."""
-        if not self.is_initialized:
-            return 0
-        return min(self.keys.shape[2], self.cap)
+        """Kept keys per head (<= budget)."""
+        return self.keys.shape[2] if self.is_initialized else 0
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -143,18 +146,15 @@ class CompressedLayer(CacheLayerMixin):
             return self._update_guarantee(key_states, value_states, new_pos)
         if self.mode == "append_only":
             return self._update_append(key_states, value_states, new_pos)
-        self._fold(t0)
-        n = min(self.keys.shape[2], self.cap)
-        if n + m <= self.cap:  # everything fits: exactly DynamicLayer
+        n = self.keys.shape[2]
+        if n + m <= self.cap:  # everything fits: exactly DynamicLayer (plus positions and placeholder scores)
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.pos = torch.cat([self.pos, new_pos], dim=-1)
-            self.score = None
+            if self.score is not None:
+                self.score = torch.cat([self.score, torch.full(new_pos.shape, _POS, device=self.device)], dim=-1)
             return self.keys, self.values
-        self.steps += 1
-        if m == 1:
-            return self._step(key_states, value_states, new_pos, t0)
-        return self._select(key_states, value_states, new_pos, t0)
+        return self._evict(key_states, value_states, new_pos, t0)
 
     # ------------------------------------------------------------------ evict mode
     def _stats(self, force=False):
@@ -162,62 +162,51 @@ class CompressedLayer(CacheLayerMixin):
             self.selector.observe_queries(self.state, self.queries)
             self.queries.clear()
 
-    def _protected(self, pos, t_query):
-        """Effective scores: +inf for sinks and recent keys, -inf for keys outside the window of query t_query."""
+    def _protected(self, pos, score, t_query, horizon=1):
+        """Effective scores: +inf for sinks and recent keys, -inf for keys that leave the window within ``horizon``."""
         sinks, recent = self.selector.split(self.budget)
-        eff = self.score
         keep = pos < sinks
         if recent:
             keep = keep | (pos > t_query - 1 - recent)
-        eff = torch.where(keep, _POS, eff)
+        eff = torch.where(keep, _POS, score)
         if self.is_sliding:
-            eff = torch.where(pos < t_query - self.window + 1, _NEG, eff)
+            eff = torch.where(pos < t_query + horizon - 1 - self.window + 1, _NEG, eff)
         return eff
 
-    def _fold(self, t_query):
-        """Decide the pending key: overwrite the worst of the budget + 1 slots with the last one."""
-        if not self.pending:
-            return
-        eff = self._protected(self.pos, t_query)
-        victim = eff.argmin(dim=-1, keepdim=True)  # (B, G, 1); == cap means the pending key itself
-        for buf in (self.keys, self.values):
-            src = buf[:, :, self.cap:self.cap + 1].clone()
-            buf.scatter_(2, victim.unsqueeze(-1).expand(-1, -1, 1, buf.shape[-1]), src)
-        for buf in (self.pos, self.score):
-            buf.scatter_(2, victim, buf[:, :, self.cap:self.cap + 1].clone())
-        self.pending = False
+    def _evict(self, key_states, value_states, new_pos, t0):
+        """The block does not fit: attend to everything, then keep the best keys.
 
-    def _step(self, key_states, value_states, new_pos, t0):
-        self._stats()
-        if self.keys.shape[2] == self.cap + 1 and self.score is not None:  # spare slot ready: O(1) ops
-            s = self.selector.score(self.state, key_states, new_pos, t0 + 1, normalize=False)
-            self.keys[:, :, self.cap:] = key_states
-            self.values[:, :, self.cap:] = value_states
-            self.pos[:, :, self.cap:] = new_pos
-            self.score[:, :, self.cap:] = s
-        else:  # entering the budget: build the budget + 1 slots and score them all
+        A multi-token block rescores every candidate and keeps ``cap``. One decoded
+        token on a full cache scores only the keys that arrived since the last
+        eviction (their scores were +inf placeholders) and keeps ``cap + 1 - k``
+        (``k = evict_every``), so the next ``k - 1`` tokens are appended as in
+        DynamicLayer and the cache never holds more than ``cap`` keys between steps.
+        """
+        m = key_states.shape[2]
+        k = torch.cat([self.keys, key_states], dim=-2)
+        v = torch.cat([self.values, value_states], dim=-2)
+        p = torch.cat([self.pos, new_pos], dim=-1)
+        t_next = t0 + m
+        if m > 1 or self.score is None:
             self._stats(force=True)
-            self.keys = torch.cat([self.keys[:, :, :self.cap], key_states], dim=-2)
-            self.values = torch.cat([self.values[:, :, :self.cap], value_states], dim=-2)
-            self.pos = torch.cat([self.pos[:, :, :self.cap], new_pos], dim=-1)
-            self.score = self.selector.score(self.state, self.keys, self.pos, t0 + 1, normalize=True)
-        self.pending = True
-        return self.keys, self.values
-
-    def _select(self, key_states, value_states, new_pos, t0):
-        self._stats(force=True)
-        n = min(self.keys.shape[2], self.cap)
-        k = torch.cat([self.keys[:, :, :n], key_states], dim=-2)
-        v = torch.cat([self.values[:, :, :n], value_states], dim=-2)
-        p = torch.cat([self.pos[:, :, :n], new_pos], dim=-1)
-        t_next = t0 + key_states.shape[2]
-        self.score = self.selector.score(self.state, k, p, t_next, normalize=True)
-        eff = self._protected(p, t_next)
-        keep = min(self.cap, int((eff > _NEG).sum(-1).min()))
+            score = self.selector.score(self.state, k, p, t_next, normalize=True)
+            target, horizon = self.cap, 1
+        else:
+            self._stats()
+            score = torch.cat([self.score, torch.full(new_pos.shape, _POS, device=self.device)], dim=-1)
+            new = torch.isinf(score) & (score > 0)
+            B, G = score.shape[:2]
+            u = int(new[0, 0].sum())
+            kn = k[new.unsqueeze(-1).expand_as(k)].view(B, G, u, -1)
+            score.masked_scatter_(new, self.selector.score(self.state, kn, p[new].view(B, G, u), t_next,
+                                                           normalize=False).to(score.dtype))
+            target, horizon = self.cap + 1 - self.evict_every, self.evict_every
+        eff = self._protected(p, score, t_next, horizon)
+        keep = max(0, min(target, int((eff > _NEG).sum(-1).min())))
         idx = eff.topk(keep, dim=-1).indices.sort(dim=-1).values
         self.keys = k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
         self.values = v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
-        self.pos, self.score = p.gather(2, idx), self.score.gather(2, idx)
+        self.pos, self.score = p.gather(2, idx), score.gather(2, idx)
         return k, v
 
     # ------------------------------------------------------------------ append-only mode
@@ -301,18 +290,10 @@ class CompressedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ inspection
     def kept_positions(self) -> torch.Tensor:
-        """Original positions (B, G, n) of the keys kept between steps (pending decision applied), sorted."""
+        """Original positions (B, G, n) of the keys kept between steps, sorted."""
         if not self.is_initialized:
             return torch.zeros(0, 0, 0, dtype=torch.long)
-        pos = self.pos
-        if self.pending:
-            eff = self._protected(self.pos, self.cumulative_length)
-            victim = eff.argmin(dim=-1, keepdim=True)
-            keep = torch.ones_like(pos, dtype=torch.bool).scatter_(2, victim, False)
-            pos = pos[keep].view(pos.shape[0], pos.shape[1], -1)
-        else:
-            pos = pos[:, :, :self.cap] if self.mode == "evict" and self.selector is not None else pos
-        return pos.sort(dim=-1).values
+        return self.pos.sort(dim=-1).values
 
     @property
     def nbytes(self) -> int:
@@ -354,10 +335,11 @@ class StreamlevCache(Cache):
     query statistics then need :meth:`attach`.
     """
 
-    def __init__(self, infos, budget, selector, *, mode="evict", eps=None, stats_interval=16):
+    def __init__(self, infos, budget, selector, *, mode="evict", eps=None, stats_interval=32, evict_every=16):
         self.query_buffers = [[] for _ in infos]
         layers = [CompressedLayer(info, budget, selector, mode=mode, eps=eps, stats_interval=stats_interval,
-                                  queries=self.query_buffers[i]) for i, info in enumerate(infos)]
+                                  evict_every=evict_every, queries=self.query_buffers[i])
+                  for i, info in enumerate(infos)]
         super().__init__(layers=layers)
         self.budget, self.selector, self.mode, self.eps = budget, selector, mode, eps
         self._hooks = []

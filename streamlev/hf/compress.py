@@ -52,7 +52,7 @@ def _check_args(selector, mode, eps):
 
 
 def make_cache(model, budget: int, selector="default", *, mode: str = "evict", eps: float | None = None,
-               stats_interval: int = 16) -> StreamlevCache:
+               stats_interval: int = 32, evict_every: int = 16) -> StreamlevCache:
     """A :class:`StreamlevCache` for ``model`` with an int budget (validated before any weight is used).
 
     ``selector="leverage"`` is the guarantee mode: each head keeps the exact
@@ -78,7 +78,8 @@ def make_cache(model, budget: int, selector="default", *, mode: str = "evict", e
         if eps * budget < d:
             raise ValueError(f"streamlev.hf: eps={eps} lets the universal set reach d/eps = {d / eps:.0f} > budget "
                              f"{budget} keys; use eps >= head_dim / budget = {d / budget}.")
-    return StreamlevCache(infos, budget, sel, mode=mode, eps=eps, stats_interval=stats_interval)
+    return StreamlevCache(infos, budget, sel, mode=mode, eps=eps, stats_interval=stats_interval,
+                          evict_every=evict_every)
 
 
 def _prompt_length(args, kwargs):
@@ -93,7 +94,7 @@ def _prompt_length(args, kwargs):
 
 @contextmanager
 def compress(model, budget, selector="default", *, mode: str = "evict", eps: float | None = None,
-             stats_interval: int = 16):
+             stats_interval: int = 32, evict_every: int = 16):
     """Compress the KV cache of ``model`` inside the block: ``model.generate`` and ``model(...)`` use a budget.
 
     Parameters
@@ -131,7 +132,8 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
 
     def new_cache(prompt_len, context):
         b = resolve_budget(budget, prompt_len) if isinstance(budget, float) else resolve_budget(budget, context)
-        cache = make_cache(model, b, selector, mode=mode, eps=eps, stats_interval=stats_interval).attach(model)
+        cache = make_cache(model, b, selector, mode=mode, eps=eps, stats_interval=stats_interval,
+                           evict_every=evict_every).attach(model)
         holder.cache = cache
         return cache
 

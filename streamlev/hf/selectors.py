@@ -144,7 +144,11 @@ class ExpectedAttention(Selector):
     rotated back by ``t``. GQA: the query heads of one key/value head are
     pooled by the log-mean of their per-head softmax-normalised scores,
     ``log mean_{h in group} exp(e_h(k) - logsumexp_j e_h(k_j))``; the normaliser
-    is recomputed on every whole-set scoring and reused for single arriving keys.
+    is recomputed on every whole-set scoring and reused for arriving keys.
+    ``cov_rank=c`` replaces ``Sigma_h`` by its best rank-c approximation (the c
+    leading eigenpairs), which cuts the cost per key and head from ``P d^2`` to
+    ``P d c`` (the covariance term is what makes this score expensive while
+    decoding); ``cov_rank=None`` is the exact formula above.
     Default split: the first 4 keys, no recent window (the documented query default).
     """
 
@@ -152,15 +156,19 @@ class ExpectedAttention(Selector):
     uses_queries = True
 
     def __init__(self, *, sinks: int = SINKS, recent_fraction: float = 0.0, positions: int = 16,
-                 horizon: int = 512, covariance: bool = True):
+                 horizon: int = 512, covariance: bool = True, cov_rank: int | None = 8):
         super().__init__(sinks=sinks, recent_fraction=recent_fraction)
         if positions < 1 or horizon < positions:
             raise ValueError(f"ExpectedAttention: need 1 <= positions <= horizon, got {positions}, {horizon}.")
+        if cov_rank is not None and (isinstance(cov_rank, bool) or int(cov_rank) < 1):
+            raise ValueError(f"ExpectedAttention: cov_rank must be None (exact) or an int >= 1, got {cov_rank!r}.")
         self.positions, self.horizon, self.covariance = int(positions), int(horizon), bool(covariance)
+        self.cov_rank = None if cov_rank is None else int(cov_rank)
 
     def __repr__(self):
         return (f"ExpectedAttention(sinks={self.sinks}, recent_fraction={self.recent_fraction}, "
-                f"positions={self.positions}, horizon={self.horizon}, covariance={self.covariance})")
+                f"positions={self.positions}, horizon={self.horizon}, covariance={self.covariance}, "
+                f"cov_rank={self.cov_rank})")
 
     def new_state(self, info):
         return {"info": info, "n": 0, "sum": None, "sq": None, "mu": None, "cov": None, "z": None}
@@ -173,11 +181,25 @@ class ExpectedAttention(Selector):
         if state["sum"] is None:
             state["sum"], state["sq"] = s, sq
         else:
-            state["sum"], state["sq"] = state["sum"] + s, state["sq"] + sq
+            state["sum"] += s
+            state["sq"] += sq
         state["n"] += q.shape[2]
-        mu = state["sum"] / state["n"]
-        cov = state["sq"] / state["n"] - mu.unsqueeze(-1) * mu.unsqueeze(-2)
-        state["mu"], state["cov"] = mu.float(), ((cov + cov.transpose(-1, -2)) / 2).float()
+        state["mu"] = None  # mean and covariance are recomputed when next needed
+
+    def _moments(self, state):
+        if state["mu"] is None:
+            if not state["n"]:
+                raise RuntimeError("ExpectedAttention: no query has been observed for this layer; the cache must be "
+                                   "attached to the model (streamlev.hf.compress or StreamlevCache.attach).")
+            mu = state["sum"] / state["n"]
+            cov = state["sq"] / state["n"] - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+            cov = (cov + cov.transpose(-1, -2)) / 2
+            if self.cov_rank is not None and self.cov_rank < cov.shape[-1]:
+                w, V = torch.linalg.eigh(cov)  # ascending
+                w, V = w[..., -self.cov_rank:].clamp_min(0.0), V[..., -self.cov_rank:]
+                cov = V * w.sqrt().unsqueeze(-2)  # (B, H, d, r) factor W with W W^T = the rank-r part
+            state["mu"], state["cov"] = mu.float(), cov.float()
+        return state["mu"], state["cov"]
 
     def _rotations(self, info, t_next, device):
         step = self.horizon // self.positions
@@ -188,9 +210,7 @@ class ExpectedAttention(Selector):
 
     def score(self, state, keys, positions, t_next, *, normalize):
         info = state["info"]
-        if state["mu"] is None:
-            raise RuntimeError("ExpectedAttention: no query has been observed for this layer; the cache must be "
-                               "attached to the model (streamlev.hf.compress or StreamlevCache.attach).")
+        mu, cov = self._moments(state)
         B, G, n, d = keys.shape
         H = info.num_heads
         r = H // G
@@ -198,11 +218,14 @@ class ExpectedAttention(Selector):
         k = keys.float().unsqueeze(2)  # (B, G, 1, n, d)
         kr = k * cos[:, None, :] - _rotate_half(k) * sin[:, None, :]  # (B, G, P, n, d): R_t^T k
         s = info.scaling * info.rope_scale
-        mu = state["mu"].view(B, G, r, d)
+        mu = mu.view(B, G, r, d)
         lin = torch.einsum("bgpnd,bgrd->bgrpn", kr, mu) * s
         if self.covariance:
-            cov = state["cov"].view(B, G, r, d, d)
-            quad = torch.einsum("bgpnd,bgrde,bgpne->bgrpn", kr, cov, kr)
+            if cov.shape[-1] == cov.shape[-2]:  # exact covariance
+                quad = torch.einsum("bgpnd,bgrde,bgpne->bgrpn", kr, cov.view(B, G, r, d, d), kr)
+            else:  # rank-c factor W: k^T R W W^T R^T k = ||W^T R^T k||^2
+                proj = torch.einsum("bgpnd,bgrdc->bgrpnc", kr, cov.view(B, G, r, d, -1))
+                quad = (proj * proj).sum(-1)
             lin = lin + 0.5 * s * s * quad
         e = torch.logsumexp(lin, dim=3) - math.log(self.positions)  # (B, G, r, n)
         if normalize or state["z"] is None:

