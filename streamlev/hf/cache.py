@@ -82,8 +82,9 @@ class CompressedLayer(CacheLayerMixin):
         self.is_sliding = self.window is not None
         self.budget = int(budget)
         self.cap = min(self.budget, self.window - 1) if self.is_sliding else self.budget
-        self.passthrough = self.is_sliding and self.budget >= self.window - 1 and selector is not None \
-            and mode == "evict"
+        # a window no larger than the budget needs no selection: exactly DynamicSlidingWindowLayer
+        # (which only frees entries that left the window, so it is append-only too)
+        self.passthrough = self.is_sliding and self.budget >= self.window - 1 and selector is not None
         self.cumulative_length = 0
         self.pos = self.score = None
         self.stats_interval = int(stats_interval)

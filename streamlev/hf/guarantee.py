@@ -16,10 +16,11 @@ The interface is deliberately narrow (construct with ``(sketches, d, eps)``,
 ``observe`` / ``leverage`` / ``prefix_leverage``) so that the batched engine of
 :mod:`streamlev.torch_engine` can replace the Cholesky computation here.
 
-Accuracy: scores come from a float64 Cholesky factor of the Gram matrix, so
-their relative error is about ``u * cond(K)^2`` (the SVD reference has
-``u * cond(K)``); keys within that distance of eps may be classified
-differently from :func:`streamlev.universal_set` on ill-conditioned keys.
+Accuracy: the state is the triangular factor R of the keys (``R^T R = K^T K``),
+updated by Householder QR, and scores are triangular solves with the factor of
+``[R; sqrt(lam) I]``: backward stable, relative error about ``u * cond(K)`` as
+for the SVD reference; keys within that distance of eps may be classified
+differently from :func:`streamlev.universal_set`.
 """
 
 from __future__ import annotations
@@ -62,64 +63,93 @@ class ExactLeverageSet:
         if not 0.0 < float(eps) <= 1.0:
             raise ValueError(f"ExactLeverageSet: eps must be in (0, 1], got {eps!r}.")
         self.sketches, self.d, self.eps, self.rtol = int(sketches), int(d), float(eps), float(rtol)
-        self.gram = torch.zeros(self.sketches, self.d, self.d, dtype=torch.float64, device=device)
+        # R with R^T R = K^T K (the keys' Gram matrix), kept by QR updates: backward stable, no Gram squaring
+        self.R = torch.zeros(self.sketches, self.d, self.d, dtype=torch.float64, device=device)
+        # leverage is scale-invariant; keys are stored scaled by 1/max|k| of the first non-zero block of each
+        # stream so that huge or tiny keys neither overflow nor underflow the ridge (as the reference does)
+        self.scale = torch.zeros(self.sketches, dtype=torch.float64, device=device)
         self.n = 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes of state (the S Gram matrices)."""
-        return self.gram.numel() * self.gram.element_size()
+        """Bytes of state (the S triangular factors and scales)."""
+        return (self.R.numel() + self.scale.numel()) * self.R.element_size()
 
     def _check(self, keys):
         if keys.ndim != 3 or keys.shape[0] != self.sketches or keys.shape[2] != self.d:
             raise ValueError(f"ExactLeverageSet: keys must have shape ({self.sketches}, t, {self.d}); "
                              f"got {tuple(keys.shape)}.")
-        return keys.to(torch.float64)
+        K = keys.to(torch.float64)
+        if K.shape[1]:
+            top = K.abs().amax((1, 2))
+            self.scale = torch.where((self.scale == 0) & (top > 0), 1.0 / top, self.scale)
+        return K * self.scale[:, None, None]
+
+    @staticmethod
+    def _qr_r(M):
+        return torch.linalg.qr(M, mode="r")[1]
 
     def observe(self, keys: torch.Tensor) -> None:
-        """Fold keys (S, t, d) into the Gram matrices."""
-        K = self._check(keys)
-        self.gram += K.transpose(1, 2) @ K
-        self.n += K.shape[1]
+        """Fold keys (S, t, d) into the factors."""
+        self._fold(self._check(keys))
 
-    def _factor(self, gram):
-        lam = (self.rtol ** 2) * torch.diagonal(gram, dim1=1, dim2=2).sum(-1)
-        eye = torch.eye(self.d, dtype=torch.float64, device=gram.device)
+    def _fold(self, K):
+        if K.shape[1]:
+            self.R = self._qr_r(torch.cat([self.R, K], dim=1))
+            self.n += K.shape[1]
+
+    def _ridge_factor(self, R):
+        """Upper-triangular Rl with Rl^T Rl = R^T R + lam I, lam = (rtol ||K||_F)^2 (QR of [R; sqrt(lam) I])."""
+        lam = (self.rtol ** 2) * (R * R).sum((1, 2))
         lam = torch.where(lam > 0, lam, torch.finfo(torch.float64).tiny)
-        return torch.linalg.cholesky(gram + lam[:, None, None] * eye)
+        eye = torch.eye(self.d, dtype=torch.float64, device=R.device)
+        return self._qr_r(torch.cat([R, lam.sqrt()[:, None, None] * eye], dim=1))
 
     def leverage(self, keys: torch.Tensor) -> torch.Tensor:
         """Leverage (S, n) float64 of keys (S, n, d) w.r.t. all keys observed so far."""
         X = self._check(keys)
         if X.shape[1] == 0:
             return X.new_zeros(self.sketches, 0)
-        Y = torch.linalg.solve_triangular(self._factor(self.gram), X.transpose(1, 2), upper=False)
+        Y = torch.linalg.solve_triangular(self._ridge_factor(self.R).transpose(1, 2), X.transpose(1, 2), upper=False)
         return (Y * Y).sum(1)
 
     def prefix_leverage(self, keys: torch.Tensor, *, chunk: int = 16) -> torch.Tensor:
         """Leverage (S, t) of each new key w.r.t. the keys observed before it and itself; folds the keys in.
 
-        In chunks of ``chunk`` keys: with ``C C^T = G + lam I`` (G the Gram of the
-        keys before the chunk, lam from the Gram including the chunk) and
-        ``y_i = C^{-1} k_i``, the Cholesky factor L of ``I + Y^T Y`` (rows in order)
-        has ``L_jj^2 = 1 + y_j^T (I + sum_{i<j} y_i y_i^T)^{-1} y_j``, so the prefix
-        leverage is ``1 - 1/L_jj^2`` (Sherman-Morrison), exact in exact arithmetic.
+        Key by key, the leverage of the last row of ``M = [R; sqrt(lam) I; k]``
+        (``R^T R`` the Gram of the earlier keys, lam from the Gram including k)
+        is the squared norm of the last row of M's orthonormal factor -- stable
+        even when the earlier keys are rank-deficient. Once every factor is well
+        conditioned, chunks are whitened instead: with ``Rl^T Rl = R^T R + lam I``
+        and ``y_i = Rl^{-T} k_i``, the Cholesky factor L of ``I + Y^T Y`` (rows in
+        order) has ``L_jj^2 = 1 + y_j^T (I + sum_{i<j} y_i y_i^T)^{-1} y_j``, so the
+        prefix leverage is ``1 - 1/L_jj^2`` (Sherman-Morrison).
         """
         K = self._check(keys)
-        out = []
-        eye_c = None
-        for a in range(0, K.shape[1], chunk):
-            Kc = K[:, a:a + chunk]
-            gram_after = self.gram + Kc.transpose(1, 2) @ Kc
-            lam = (self.rtol ** 2) * torch.diagonal(gram_after, dim1=1, dim2=2).sum(-1)
+        out, j, t = [], 0, K.shape[1]
+        eye = torch.eye(self.d, dtype=torch.float64, device=K.device)
+        while j < t:
+            diag = torch.diagonal(self.R, dim1=1, dim2=2).abs()
+            conditioned = bool((diag.min(-1).values > 1e-6 * diag.max(-1).values.clamp_min(1e-300)).all())
+            if not conditioned:  # one key, by the orthonormal factor
+                x = K[:, j:j + 1]
+                R_all = torch.cat([self.R, x], dim=1)
+                lam = (self.rtol ** 2) * (R_all * R_all).sum((1, 2))
+                lam = torch.where(lam > 0, lam, torch.finfo(torch.float64).tiny)
+                Q = torch.linalg.qr(torch.cat([self.R, lam.sqrt()[:, None, None] * eye, x], dim=1))[0]
+                out.append((Q[:, -1] ** 2).sum(-1, keepdim=True))
+                self.R = self._qr_r(R_all)
+                self.n += 1
+                j += 1
+                continue
+            Kc = K[:, j:j + chunk]
+            lam = (self.rtol ** 2) * ((self.R * self.R).sum((1, 2)) + (Kc * Kc).sum((1, 2)))  # Gram after the chunk
             lam = torch.where(lam > 0, lam, torch.finfo(torch.float64).tiny)
-            C = torch.linalg.cholesky(self.gram + lam[:, None, None] * torch.eye(self.d, dtype=torch.float64,
-                                                                                 device=K.device))
-            Y = torch.linalg.solve_triangular(C, Kc.transpose(1, 2), upper=False)  # (S, d, c)
-            if eye_c is None or eye_c.shape[0] != Kc.shape[1]:
-                eye_c = torch.eye(Kc.shape[1], dtype=torch.float64, device=K.device)
-            L = torch.linalg.cholesky(eye_c + Y.transpose(1, 2) @ Y)
+            Rl = self._qr_r(torch.cat([self.R, lam.sqrt()[:, None, None] * eye], dim=1))
+            Y = torch.linalg.solve_triangular(Rl.transpose(1, 2), Kc.transpose(1, 2), upper=False)  # (S, d, c)
+            L = torch.linalg.cholesky(torch.eye(Kc.shape[1], dtype=torch.float64, device=K.device)
+                                      + Y.transpose(1, 2) @ Y)
             out.append(1.0 - 1.0 / torch.diagonal(L, dim1=1, dim2=2) ** 2)
-            self.gram = gram_after
-            self.n += Kc.shape[1]
+            self._fold(Kc)
+            j += Kc.shape[1]
         return torch.cat(out, dim=1) if out else K.new_zeros(self.sketches, 0)

@@ -1,0 +1,358 @@
+"""streamlev.hf: compressed KV caches inside transformers decoders (tiny random models, no downloads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import streamlev as sl
+from streamlev.selectors import expected_logit_scores, keydiff_scores, rope_rotations
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+slh = pytest.importorskip("streamlev.hf")
+
+VOCAB = 97
+
+
+def _llama(layers=2):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _gemma(window=8):
+    cfg = transformers.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                        sliding_window=window, max_position_embeddings=512,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                        pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama()
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return _gemma()
+
+
+def _ids(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (1, n), generator=g)
+
+
+def _gen(model, ids, steps=8):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                          do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+def _decode(model, cache, ids, steps):
+    """Prefill ids, then feed tokens one at a time; yields (cache, next_position) after each call."""
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        yield out.logits[0, -1]
+        for t in range(steps):
+            out = model(_ids(1, 100 + t), past_key_values=cache, use_cache=True)
+            yield out.logits[0, -1]
+
+
+# ------------------------------------------------------------------ full budget == no compression
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+@pytest.mark.parametrize("selector,mode", [("default", "evict"), ("keydiff", "evict"), ("default", "append_only")])
+def test_budget_covering_the_context_gives_bit_identical_outputs(which, selector, mode, llama, gemma):
+    model = llama if which == "llama" else gemma
+    ids = _ids(30)
+    with torch.no_grad():
+        ref = _gen(model, ids)
+        with slh.compress(model, budget=38, selector=selector, mode=mode) as h:
+            out = _gen(model, ids)
+    assert isinstance(h.cache, slh.StreamlevCache)
+    assert torch.equal(ref.sequences, out.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits))
+
+
+# ------------------------------------------------------------------ budgets, sinks, windows
+@pytest.mark.parametrize("selector", ["default", "keydiff", "knorm", "streaming"])
+def test_cache_stays_within_budget_and_keeps_sinks(selector, llama):
+    budget = 16
+    cache = slh.make_cache(llama, budget, selector).attach(llama)
+    try:
+        for step, _ in enumerate(_decode(llama, cache, _ids(40), 30)):
+            seen = cache.get_seq_length()
+            for layer in cache.layers:
+                pos = layer.kept_positions()
+                assert pos.shape[-1] <= budget and layer.keys.shape[2] == pos.shape[-1]
+                assert int(pos.max()) < seen
+                assert all(len(set(row.tolist())) == row.numel() for row in pos.reshape(-1, pos.shape[-1]))
+                assert torch.equal(pos[..., :4], torch.arange(4).expand_as(pos[..., :4]))  # sinks
+    finally:
+        cache.detach()
+    assert step == 30
+
+
+@pytest.mark.parametrize("budget", [3, 5, 20])
+@pytest.mark.parametrize("mode", ["evict", "append_only"])
+def test_sliding_window_layers_never_hold_keys_outside_the_window(budget, mode, gemma):
+    cache = slh.make_cache(gemma, budget, "default", mode=mode).attach(gemma)
+    W = 8
+    try:
+        for _ in _decode(gemma, cache, _ids(25), 20):
+            nxt = cache.get_seq_length()  # position of the next query
+            for layer in cache.layers:
+                pos = layer.kept_positions()
+                if layer.is_sliding:
+                    assert pos.numel() == 0 or int(pos.min()) >= nxt - W + 1
+                    assert pos.shape[-1] <= min(budget, W - 1)
+                else:
+                    assert pos.shape[-1] <= budget
+    finally:
+        cache.detach()
+
+
+def test_new_tokens_get_their_true_positions(llama):
+    """The next token's logits equal a DynamicCache holding the same kept keys, fed with explicit positions."""
+    cache = slh.make_cache(llama, 12, "keydiff").attach(llama)
+    with torch.no_grad():
+        llama(_ids(40), past_key_values=cache, use_cache=True)
+        for t in range(6):
+            tok = _ids(1, 200 + t)
+            ref = transformers.DynamicCache()
+            for i, layer in enumerate(cache.layers):
+                ref.update(layer.keys.clone(), layer.values.clone(), i)
+            pos = torch.tensor([cache.get_seq_length()])
+            want = llama(tok, past_key_values=ref, position_ids=pos[None], cache_position=pos).logits
+            got = llama(tok, past_key_values=cache, use_cache=True).logits
+            assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    cache.detach()
+
+
+# ------------------------------------------------------------------ append-only
+@pytest.mark.parametrize("which,selector", [("llama", "default"), ("llama", "keydiff"), ("llama", "leverage"),
+                                            ("gemma", "default")])
+def test_append_only_never_rewrites_an_entry(which, selector, llama, gemma):
+    model = llama if which == "llama" else gemma
+    budget = 24
+    cache = slh.make_cache(model, budget, selector, mode="append_only").attach(model)
+    prev = None
+    try:
+        for _ in _decode(model, cache, _ids(40), 25):
+            now = [(l.keys.clone(), l.values.clone(), l.pos.clone()) for l in cache.layers]
+            for layer, (k, v, p) in zip(cache.layers, now):
+                assert k.shape[2] <= budget
+            if prev is not None:
+                for layer, (k0, v0, p0), (k1, v1, p1) in zip(cache.layers, prev, now):
+                    if layer.is_sliding:  # entries that left the window are freed, the others stay as they were
+                        live = torch.isin(p0[0, 0], p1[0, 0])
+                        k0, v0, p0 = k0[:, :, live], v0[:, :, live], p0[:, :, live]
+                        n = p0.shape[-1]
+                        assert torch.equal(p1[..., :n], p0)
+                    n = p0.shape[-1]
+                    assert torch.equal(k1[:, :, :n], k0) and torch.equal(v1[:, :, :n], v0)
+                    assert torch.equal(p1[..., :n], p0)
+            prev = now
+    finally:
+        cache.detach()
+
+
+def test_append_only_needs_batch_size_one(llama):
+    cache = slh.make_cache(llama, 8, "default", mode="append_only").attach(llama)
+    with pytest.raises(ValueError, match="batch size 1"):
+        llama(torch.cat([_ids(12), _ids(12, 1)]), past_key_values=cache)
+    cache.detach()
+
+
+# ------------------------------------------------------------------ guarantee mode
+def _recording(cache):
+    """Record the keys each layer of ``cache`` receives (what the cache saw, compressed upstream layers included)."""
+    seen = [[] for _ in cache.layers]
+    for i, layer in enumerate(cache.layers):
+        def update(k, v, kw=None, orig=layer.update, i=i):
+            seen[i].append(k[0].double().clone())
+            return orig(k, v, kw)
+        layer.update = update
+    return lambda: [torch.cat(s, dim=1).numpy() for s in seen]
+
+
+def test_guarantee_mode_keeps_exactly_the_offline_universal_set(llama):
+    budget, steps = 64, 12
+    ids = _ids(50)
+    cache = slh.make_cache(llama, budget, "leverage")
+    keys = _recording(cache)
+    list(_decode(llama, cache, ids, steps))
+    full = keys()
+    eps = 16 / budget
+    for layer, K in zip(cache.layers, full):
+        kept = layer.kept_positions()[0]
+        tau = layer.lev.leverage(layer.keys.reshape(-1, layer.keys.shape[2], 16)).reshape(kept.shape[0], -1)
+        order = layer.pos[0].argsort(dim=-1)
+        tau = tau.gather(1, order)
+        for g in range(K.shape[0]):
+            U = sl.universal_set(K[g], eps)
+            assert set(U.tolist()) <= set(kept[g].tolist())  # no false negatives
+            assert set(kept[g][tau[g] >= eps].tolist()) == set(U.tolist())  # exactly U among the kept
+            ref = sl.leverage_scores(K[g])[kept[g].numpy()]
+            np.testing.assert_allclose(tau[g].numpy(), ref, rtol=1e-7, atol=1e-10)
+        assert kept.shape[-1] <= budget
+
+
+def test_guarantee_append_only_admits_exactly_the_keys_above_eps_for_their_prefix(llama):
+    budget, steps = 60, 10
+    ids = _ids(30)
+    cache = slh.make_cache(llama, budget, "leverage", mode="append_only")
+    keys = _recording(cache)
+    list(_decode(llama, cache, ids, steps))
+    full = keys()
+    eps = 16 / budget
+    for layer, K in zip(cache.layers, full):
+        prefix = np.array([[sl.leverage_scores(K[g][: j + 1])[-1] for j in range(K.shape[1])]
+                           for g in range(K.shape[0])])
+        want = np.flatnonzero((prefix >= eps).any(axis=0))
+        got = layer.kept_positions()[0, 0].numpy()
+        assert layer.overflow == 0 and np.array_equal(got, want)
+        U = set().union(*(sl.universal_set(K[g], eps).tolist() for g in range(K.shape[0])))
+        assert U <= set(got.tolist())  # the final universal set is inside the append-only cache
+
+
+@pytest.mark.parametrize("kind", ["random", "ill_conditioned", "duplicates", "zero_rows", "tiny_scale"])
+def test_exact_leverage_set_matches_the_float64_reference(kind):
+    rng = np.random.default_rng(3)
+    K = rng.standard_normal((3, 50, 6))
+    if kind == "ill_conditioned":
+        K = K * np.logspace(0, -4, 6)
+    elif kind == "duplicates":
+        K[:, 25:] = K[:, :25]
+    elif kind == "zero_rows":
+        K[:, ::7] = 0.0
+    elif kind == "tiny_scale":
+        K = K * 1e-150
+    lev = slh.ExactLeverageSet(3, 6, 0.1)
+    pre = lev.prefix_leverage(torch.from_numpy(K[:, :20]), chunk=7).numpy()
+    lev.observe(torch.from_numpy(K[:, 20:]))
+    tau = lev.leverage(torch.from_numpy(K)).numpy()
+    for s in range(3):
+        np.testing.assert_allclose(tau[s], sl.leverage_scores(K[s]), rtol=1e-6, atol=1e-9)
+        want = [sl.leverage_scores(K[s][: j + 1])[-1] for j in range(20)]
+        np.testing.assert_allclose(pre[s], want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ torch selectors vs the numpy reference
+def test_keydiff_matches_the_numpy_rule():
+    K = np.random.default_rng(0).standard_normal((1, 1, 40, 8))
+    sel = slh.selectors.KeyDiff()
+    st = sel.new_state(None)
+    kt = torch.from_numpy(K)
+    sel.observe_keys(st, kt)
+    got = sel.score(st, kt, None, 40, normalize=True)[0, 0].double().numpy()
+    np.testing.assert_allclose(got, keydiff_scores(K[0, 0]), rtol=1e-5, atol=1e-6)
+
+
+def test_expected_attention_matches_expected_logit_scores_with_rope_rotations(llama):
+    from streamlev.hf._model import inspect_model
+    from streamlev.query_sketch import QuerySketch
+
+    info = inspect_model(llama)[0]
+    import dataclasses
+
+    info = dataclasses.replace(info, num_heads=1, num_kv_heads=1)
+    rng = np.random.default_rng(1)
+    K = rng.standard_normal((30, 16))
+    Q = rng.standard_normal((50, 16)) + 0.5
+    sel = slh.selectors.ExpectedAttention(cov_rank=None)
+    st = sel.new_state(info)
+    sel.observe_queries(st, [torch.from_numpy(Q)[None, None]])
+    got = sel.score(st, torch.from_numpy(K)[None, None], None, 30, normalize=True)[0, 0].double().numpy()
+    theta = 1.0 / float(info.inv_freq[1]) ** (16 / 2)  # inv_freq[i] = theta ** (-2i/d)
+    R = rope_rotations(16, 30 + 32 * np.arange(16), theta)
+    ref = expected_logit_scores(K, QuerySketch(16).update(Q), scale=info.scaling, rotations=R)
+    ref = ref - np.log(np.exp(ref - ref.max()).sum()) - ref.max()  # softmax-normalised, as the GQA pooling does
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ bad input, caught before any weight is used
+class _Counter:
+    def __init__(self, model):
+        self.calls = 0
+        self.h = model.get_input_embeddings().register_forward_hook(self)
+
+    def __call__(self, *a):
+        self.calls += 1
+
+
+def test_unsupported_architecture_is_rejected_before_any_forward():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with pytest.raises(ValueError, match="model type 'gpt2'.*not supported"):
+        with slh.compress(model, budget=8):
+            pass
+    with pytest.raises(ValueError, match="not supported"):
+        slh.make_cache(model, 8)
+
+
+@pytest.mark.parametrize("budget,exc,match", [(0, ValueError, ">= 1"), (-3, ValueError, ">= 1"),
+                                              (1.5, ValueError, r"\(0, 1\]"), (0.0, ValueError, r"\(0, 1\]"),
+                                              (True, TypeError, "budget must be"), ("8", TypeError, "budget must be")])
+def test_bad_budgets_raise_clear_errors(budget, exc, match, llama):
+    with pytest.raises(exc, match=match):
+        with slh.compress(llama, budget=budget):
+            pass
+
+
+def test_budget_larger_than_the_context_fails_before_the_model_runs(llama):
+    counter = _Counter(llama)
+    try:
+        with slh.compress(llama, budget=100):
+            with pytest.raises(ValueError, match="larger than the context"):
+                llama.generate(_ids(20), max_new_tokens=5, do_sample=False)
+            with pytest.raises(ValueError, match="larger than the context"):
+                llama(_ids(20))
+        assert counter.calls == 0
+    finally:
+        counter.h.remove()
+
+
+def test_wrong_cache_kind_and_padding_fail_before_the_model_runs(llama):
+    counter = _Counter(llama)
+    try:
+        with slh.compress(llama, budget=8):
+            with pytest.raises(TypeError, match="must be a StreamlevCache"):
+                llama(_ids(20), past_key_values=transformers.DynamicCache())
+            mask = torch.ones(1, 20, dtype=torch.long)
+            mask[0, :3] = 0
+            with pytest.raises(ValueError, match="padded"):
+                llama.generate(_ids(20), attention_mask=mask, max_new_tokens=2)
+        assert counter.calls == 0
+    finally:
+        counter.h.remove()
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(selector="nope"), "unknown selector"),
+                                          (dict(mode="lru"), "mode must be"),
+                                          (dict(selector="keydiff", eps=0.1), "eps applies"),
+                                          (dict(selector="leverage", budget=8), "budget >= head_dim"),
+                                          (dict(selector="leverage", eps=0.01), "eps >= head_dim")])
+def test_bad_options_raise_clear_errors(kwargs, match, llama):
+    kwargs = dict(dict(budget=32), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        slh.make_cache(llama, **kwargs)
+
+
+def test_guarantee_mode_rejects_sliding_window_models(gemma):
+    with pytest.raises(ValueError, match="sliding window"):
+        slh.make_cache(gemma, 32, "leverage")
+
+
+def test_compress_restores_the_model_and_memory_is_below_the_full_cache(llama):
+    gen, fwd = llama.generate, llama.forward
+    with torch.no_grad(), slh.compress(llama, budget=0.25) as h:
+        llama(_ids(64))
+    assert llama.generate == gen and llama.forward == fwd
+    assert all(layer.budget == 16 for layer in h.cache.layers)
+    full = 2 * 2 * 64 * 16 * 4 * len(h.cache.layers)  # K and V, 2 kv heads, 64 tokens, d=16, float32
+    assert 0 < h.cache.nbytes < full
