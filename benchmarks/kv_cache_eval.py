@@ -19,9 +19,10 @@ Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (expected attention o
 statistics), ``sl_keydiff`` (key-only default), ``sl_append`` (default rule, append-only admission),
 ``sl_leverage`` (guarantee mode, full-attention models only); kvpress 0.5.5 presses run as their own
 code through their hooks: ``kv_<press>`` = ``PrefillDecodingPress(prefilling_press=P(compression_ratio=
-1 - B/N), decoding_press=DecodingPress(base_press=P(), compression_interval=8, target_size=B))``, so
-kvpress compresses at prefill and every 8 decoded tokens back to B (its cache holds up to B + 8 keys
-between compressions, streamlev's at most B). SnapKV has no decoding form at that interval (its window
+1 - B/N), decoding_press=DecodingPress(base_press=P(), compression_interval=k, target_size=B - k))`` with
+``k = min(16, B // 8)``, the period of streamlev's batched evictions: kvpress compresses the prompt to B,
+then every k decoded tokens back to B - k. After its first period (when it holds up to B + k - 1 keys)
+both caches cycle between B - k + 1 and B keys. SnapKV has no decoding form at that interval (its window
 of 64 queries needs more buffered tokens), so ``kv_snapkv`` compresses at prefill only and then grows.
 
 Overhead: the decode step of the streamlev default cache at budget B is timed against a DynamicCache
@@ -123,8 +124,9 @@ class Session:
                    "expected_attention": kp.ExpectedAttentionPress, "snapkv": kp.SnapKVPress,
                    "tova": kp.TOVAPress}[method[3:]]
             ratio = 1.0 - budget / n_ctx
-            dec = None if method == "kv_snapkv" else kp.DecodingPress(base_press=cls(), compression_interval=8,
-                                                                      target_size=budget)
+            k = max(1, min(16, budget // 8))  # the same eviction period as streamlev's cache (evict_every)
+            dec = None if method == "kv_snapkv" else kp.DecodingPress(base_press=cls(), compression_interval=k,
+                                                                      target_size=budget - k)
             press = kp.PrefillDecodingPress(prefilling_press=cls(compression_ratio=ratio), decoding_press=dec)
             self.cache = DynamicCache(config=model.config)
             self.ctx = press(model)

@@ -156,7 +156,8 @@ class ExpectedAttention(Selector):
     uses_queries = True
 
     def __init__(self, *, sinks: int = SINKS, recent_fraction: float = 0.0, positions: int = 16,
-                 horizon: int = 512, covariance: bool = True, cov_rank: int | None = 8):
+                 horizon: int = 512, covariance: bool = True, cov_rank: int | None = 8,
+                 decode_queries: bool = False):
         super().__init__(sinks=sinks, recent_fraction=recent_fraction)
         if positions < 1 or horizon < positions:
             raise ValueError(f"ExpectedAttention: need 1 <= positions <= horizon, got {positions}, {horizon}.")
@@ -164,17 +165,18 @@ class ExpectedAttention(Selector):
             raise ValueError(f"ExpectedAttention: cov_rank must be None (exact) or an int >= 1, got {cov_rank!r}.")
         self.positions, self.horizon, self.covariance = int(positions), int(horizon), bool(covariance)
         self.cov_rank = None if cov_rank is None else int(cov_rank)
+        self.decode_queries = bool(decode_queries) or self.cov_rank is None
 
     def __repr__(self):
         return (f"ExpectedAttention(sinks={self.sinks}, recent_fraction={self.recent_fraction}, "
                 f"positions={self.positions}, horizon={self.horizon}, covariance={self.covariance}, "
-                f"cov_rank={self.cov_rank})")
+                f"cov_rank={self.cov_rank}, decode_queries={self.decode_queries})")
 
     def new_state(self, info):
         return {"info": info, "n": 0, "sum": None, "sq": None, "mu": None, "cov": None, "z": None}
 
     def observe_queries(self, state, queries):
-        if not queries:
+        if not queries or state.get("frozen"):
             return
         q = torch.cat([x.to(torch.float64) for x in queries], dim=2)  # (B, H, m, d)
         s, sq = q.sum(dim=2), q.transpose(-1, -2) @ q
@@ -200,6 +202,13 @@ class ExpectedAttention(Selector):
                 cov = V * w.sqrt().unsqueeze(-2)  # (B, H, d, r) factor W with W W^T = the rank-r part
             state["mu"], state["cov"] = mu.float(), cov.float()
         return state["mu"], state["cov"]
+
+    def _freeze(self, state):
+        """Keep only the mean and the rank-c factor: O(H d c) memory instead of the O(H d^2) second moments."""
+        if not self.decode_queries and not state.get("frozen"):
+            self._moments(state)
+            state["sum"] = state["sq"] = None
+            state["frozen"] = True
 
     def _rotations(self, info, t_next, device):
         step = self.horizon // self.positions
@@ -230,6 +239,7 @@ class ExpectedAttention(Selector):
         e = torch.logsumexp(lin, dim=3) - math.log(self.positions)  # (B, G, r, n)
         if normalize or state["z"] is None:
             state["z"] = torch.logsumexp(e, dim=-1, keepdim=True)
+            self._freeze(state)
         return torch.logsumexp(e - state["z"], dim=2) - math.log(r)
 
 
