@@ -356,3 +356,16 @@ def test_compress_restores_the_model_and_memory_is_below_the_full_cache(llama):
     assert all(layer.budget == 16 for layer in h.cache.layers)
     full = 2 * 2 * 64 * 16 * 4 * len(h.cache.layers)  # K and V, 2 kv heads, 64 tokens, d=16, float32
     assert 0 < h.cache.nbytes < full
+
+
+def test_query_statistics_shrink_to_mean_and_factor_after_the_prompt(gemma):
+    """Gemma-size heads: the d x d second moments are dropped once the prompt is compressed."""
+    cache = slh.make_cache(gemma, 6, "default").attach(gemma)
+    try:
+        list(_decode(gemma, cache, _ids(40), 3))
+        for layer in cache.layers:
+            if not layer.passthrough:
+                st = layer.state
+                assert st["frozen"] and st["sq"] is None and st["cov"].shape[-1] == 8
+    finally:
+        cache.detach()
