@@ -25,6 +25,13 @@ then every k decoded tokens back to B - k. After its first period (when it holds
 both caches cycle between B - k + 1 and B keys. SnapKV has no decoding form at that interval (its window
 of 64 queries needs more buffered tokens), so ``kv_snapkv`` compresses at prefill only and then grows.
 
+kvpress 0.5.5 fails on ``Gemma3ForCausalLM`` (it compresses the sliding-window layers' caches, which
+breaks their attention masks; ExpectedAttention also looks up a per-layer-type rotary embedding that is
+not set). ``kv_<press>_full`` runs it the way kvpress treats ``Gemma3ForConditionalGeneration``:
+``PerLayerCompressionPress`` compresses the full-attention layers only, at prefill (its decoding form
+fails on the sliding layers too); streamlev's matching configuration is ``sl_<rule>_win``
+(``sliding="window"``: sliding layers keep their window, full-attention layers the budget).
+
 Overhead: the decode step of the streamlev default cache at budget B is timed against a DynamicCache
 that holds exactly B keys per layer (same attention size), alternating step by step in one run;
 medians. Memory: bytes held by the cache (keys, values, positions, scores, query statistics, sketches)
@@ -113,21 +120,28 @@ class Session:
         if method == "full":
             self.cache = DynamicCache(config=model.config)
         elif method.startswith("sl_"):
+            base = method[:-4] if method.endswith("_win") else method
             sel = {"sl_default": "default", "sl_keydiff": "keydiff", "sl_append": "default",
-                   "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None)}[method]
-            mode = "append_only" if method == "sl_append" else "evict"
-            self.cache = slh.make_cache(model, budget, sel, mode=mode).attach(model)
+                   "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None)}[base]
+            mode = "append_only" if base == "sl_append" else "evict"
+            sliding = "window" if method.endswith("_win") else "compress"
+            self.cache = slh.make_cache(model, budget, sel, mode=mode, sliding=sliding).attach(model)
         else:
             import kvpress as kp
 
+            full_only = method.endswith("_full")
             cls = {"streaming_llm": kp.StreamingLLMPress, "knorm": kp.KnormPress, "keydiff": kp.KeyDiffPress,
                    "expected_attention": kp.ExpectedAttentionPress, "snapkv": kp.SnapKVPress,
-                   "tova": kp.TOVAPress}[method[3:]]
+                   "tova": kp.TOVAPress}[method[3:-5] if full_only else method[3:]]
             ratio = 1.0 - budget / n_ctx
             k = max(1, min(16, budget // 8))  # the same eviction period as streamlev's cache (evict_every)
             dec = None if method == "kv_snapkv" else kp.DecodingPress(base_press=cls(), compression_interval=k,
                                                                       target_size=budget - k)
             press = kp.PrefillDecodingPress(prefilling_press=cls(compression_ratio=ratio), decoding_press=dec)
+            if full_only:  # kvpress cannot compress Gemma 3's sliding layers: full-attention layers only, at prefill
+                types = model.config.layer_types
+                press = kp.PerLayerCompressionPress(press=cls(compression_ratio=ratio), compression_ratios=[
+                    ratio if t == "full_attention" else 0.0 for t in types])
             self.cache = DynamicCache(config=model.config)
             self.ctx = press(model)
             self.ctx.__enter__()

@@ -369,3 +369,20 @@ def test_query_statistics_shrink_to_mean_and_factor_after_the_prompt(gemma):
                 assert st["frozen"] and st["sq"] is None and st["cov"].shape[-1] == 8
     finally:
         cache.detach()
+
+
+def test_sliding_window_option_keeps_windows_and_compresses_full_layers(gemma):
+    cache = slh.make_cache(gemma, 4, "default", sliding="window").attach(gemma)
+    try:
+        for _ in _decode(gemma, cache, _ids(30), 5):
+            nxt = cache.get_seq_length()
+            for layer in cache.layers:
+                pos = layer.kept_positions()[0, 0]
+                if layer.is_sliding:  # exactly transformers' window: the last window - 1 positions
+                    assert torch.equal(pos, torch.arange(nxt - 7, nxt))
+                else:
+                    assert pos.numel() <= 4
+    finally:
+        cache.detach()
+    with pytest.raises(ValueError, match="sliding must be"):
+        slh.make_cache(gemma, 4, sliding="drop")

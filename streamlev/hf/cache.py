@@ -50,6 +50,9 @@ class CompressedLayer(CacheLayerMixin):
     mode : {"evict", "append_only"}
     eps : float, optional
         Guarantee mode threshold.
+    sliding : {"compress", "window"}
+        ``"window"`` leaves sliding-window layers as transformers keeps them (their
+        window, not the budget, bounds them) and compresses full-attention layers only.
     stats_interval : int
         Buffered queries (one per layer call) before they are folded into the statistics.
     evict_every : int
@@ -75,7 +78,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def __init__(self, info, budget: int, selector: Selector | None, *, mode: str = "evict",
                  eps: float | None = None, stats_interval: int = 32, evict_every: int = 16,
-                 queries: list | None = None):
+                 queries: list | None = None, sliding: str = "compress"):
         super().__init__()
         self.info, self.selector, self.mode, self.eps = info, selector, mode, eps
         self.window = info.sliding_window
@@ -84,7 +87,8 @@ class CompressedLayer(CacheLayerMixin):
         self.cap = min(self.budget, self.window - 1) if self.is_sliding else self.budget
         # a window no larger than the budget needs no selection: exactly DynamicSlidingWindowLayer
         # (which only frees entries that left the window, so it is append-only too)
-        self.passthrough = self.is_sliding and self.budget >= self.window - 1 and selector is not None
+        self.passthrough = self.is_sliding and selector is not None and (self.budget >= self.window - 1
+                                                                          or sliding == "window")
         self.cumulative_length = 0
         self.pos = self.score = None
         self.stats_interval = int(stats_interval)
@@ -336,10 +340,11 @@ class StreamlevCache(Cache):
     query statistics then need :meth:`attach`.
     """
 
-    def __init__(self, infos, budget, selector, *, mode="evict", eps=None, stats_interval=32, evict_every=16):
+    def __init__(self, infos, budget, selector, *, mode="evict", eps=None, stats_interval=32, evict_every=16,
+                 sliding="compress"):
         self.query_buffers = [[] for _ in infos]
         layers = [CompressedLayer(info, budget, selector, mode=mode, eps=eps, stats_interval=stats_interval,
-                                  evict_every=evict_every, queries=self.query_buffers[i])
+                                  evict_every=evict_every, queries=self.query_buffers[i], sliding=sliding)
                   for i, info in enumerate(infos)]
         super().__init__(layers=layers)
         self.budget, self.selector, self.mode, self.eps = budget, selector, mode, eps

@@ -52,7 +52,7 @@ def _check_args(selector, mode, eps):
 
 
 def make_cache(model, budget: int, selector="default", *, mode: str = "evict", eps: float | None = None,
-               stats_interval: int = 32, evict_every: int = 16) -> StreamlevCache:
+               stats_interval: int = 32, evict_every: int = 16, sliding: str = "compress") -> StreamlevCache:
     """A :class:`StreamlevCache` for ``model`` with an int budget (validated before any weight is used).
 
     ``selector="leverage"`` is the guarantee mode: each head keeps the exact
@@ -61,6 +61,8 @@ def make_cache(model, budget: int, selector="default", *, mode: str = "evict", e
     """
     infos = inspect_model(model)
     sel = _check_args(selector, mode, eps)
+    if sliding not in ("compress", "window"):
+        raise ValueError(f"streamlev.hf: sliding must be 'compress' or 'window', got {sliding!r}.")
     budget = resolve_budget(budget)
     if not isinstance(budget, int):
         raise TypeError("streamlev.hf.make_cache: needs an int budget (a fraction is resolved by compress() from "
@@ -79,7 +81,7 @@ def make_cache(model, budget: int, selector="default", *, mode: str = "evict", e
             raise ValueError(f"streamlev.hf: eps={eps} lets the universal set reach d/eps = {d / eps:.0f} > budget "
                              f"{budget} keys; use eps >= head_dim / budget = {d / budget}.")
     return StreamlevCache(infos, budget, sel, mode=mode, eps=eps, stats_interval=stats_interval,
-                          evict_every=evict_every)
+                          evict_every=evict_every, sliding=sliding)
 
 
 def _prompt_length(args, kwargs):
@@ -94,7 +96,7 @@ def _prompt_length(args, kwargs):
 
 @contextmanager
 def compress(model, budget, selector="default", *, mode: str = "evict", eps: float | None = None,
-             stats_interval: int = 32, evict_every: int = 16):
+             stats_interval: int = 32, evict_every: int = 16, sliding: str = "compress"):
     """Compress the KV cache of ``model`` inside the block: ``model.generate`` and ``model(...)`` use a budget.
 
     Parameters
@@ -111,6 +113,9 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
     mode : {"evict", "append_only"}
     eps : float, optional
         Guarantee mode threshold (default ``head_dim / budget``).
+    sliding : {"compress", "window"}, default "compress"
+        Whether sliding-window layers are compressed to the budget too, or kept as
+        their window (transformers' own bound).
 
     Yields
     ------
@@ -133,7 +138,7 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
     def new_cache(prompt_len, context):
         b = resolve_budget(budget, prompt_len) if isinstance(budget, float) else resolve_budget(budget, context)
         cache = make_cache(model, b, selector, mode=mode, eps=eps, stats_interval=stats_interval,
-                           evict_every=evict_every).attach(model)
+                           evict_every=evict_every, sliding=sliding).attach(model)
         holder.cache = cache
         return cache
 
