@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     budgets = [float(x) for x in a.budgets.split(",")]
     methods = [m for m in a.methods.split(",") if m]
     if a.model == "gemma3":  # guarantee mode needs full-attention layers only
-        methods = [m for m in methods if m != "sl_leverage"]
+        methods = [m for m in methods if not m.startswith("sl_leverage")]
     skip = set(a.skip.split(","))
     result = dict(model=a.model, context=a.context, continuation=a.continuation, budgets=budgets, methods=methods,
                   torch=torch.__version__, threads=a.threads, ppl=[], passkey=[], overhead=[])
@@ -307,14 +307,13 @@ def main(argv=None) -> int:
             log(f"[{a.model}] perplexity / KL on pydoc_data.topics[{name!r}]")
             for r in run_ppl(model, ids, a.context, budgets, methods, log):
                 result["ppl"].append(dict(r, doc=name))
+        Path(a.json).write_text(json.dumps(result, indent=1))  # partial results survive an interrupted run
     if "overhead" not in skip:
         name, ids = texts(tok, a.context + a.overhead_steps, PPL_TOPICS)[0]
         for frac in budgets:
             result["overhead"].append(run_overhead(model, ids, a.context, frac, a.overhead_steps, log))
+        Path(a.json).write_text(json.dumps(result, indent=1))
     if "passkey" not in skip:
-        filler = []
-        for _, ids in texts(tok, 1, PASSKEY_FILLER):
-            pass
         import pydoc_data.topics as t
 
         filler = [tok.bos_token_id] + tok(" ".join(t.topics[n] for n in PASSKEY_FILLER),
