@@ -187,17 +187,20 @@ def run_ppl(model, ids, n_ctx, budgets, methods, log):
         B = max(1, int(frac * n_ctx))
         for meth in methods:
             t0 = time.time()
-            try:
+            s = None
+            try:  # a failing peer must not leave its hooks on the model: close in finally
                 s = Session(model, meth, B, n_ctx)
                 lps = [torch.log_softmax(s.feed(ids[:n_ctx]), -1)]
                 for tok in ids[n_ctx:-1]:
                     lps.append(torch.log_softmax(s.feed([tok]), -1))
                 nb = s.nbytes()
-                s.close()
             except Exception as e:  # a peer that cannot run this model is reported, not hidden
                 log(f"  {meth} B={B}: FAILED {type(e).__name__}: {str(e)[:200]}")
                 rows.append(dict(method=meth, budget=B, frac=frac, error=f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
+            finally:
+                if s is not None:
+                    s.close()
             kl = statistics.fmean(float((r.exp() * (r - l)).sum()) for r, l in zip(ref, lps))
             top1 = statistics.fmean(float(r.argmax() == l.argmax()) for r, l in zip(ref, lps))
             nll = -sum(float(l[t]) for l, t in zip(lps, targets)) / len(targets)
@@ -219,6 +222,7 @@ def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0
         for frac in [1.0] + list(budgets):
             B = max(1, int(frac * len(ctx)))
             for meth in (["full"] if frac == 1.0 else methods):
+                s = None
                 try:
                     s = Session(model, meth, B, len(ctx))
                     s.feed(ctx)
@@ -228,11 +232,13 @@ def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0
                         nxt = int(logits.argmax())
                         out.append(nxt)
                         logits = s.feed([nxt])
-                    s.close()
                 except Exception as e:
                     log(f"  passkey {meth} B={B}: FAILED {type(e).__name__}: {str(e)[:200]}")
                     rows.append(dict(method=meth, budget=B, frac=frac, depth=depth, error=str(e)[:200]))
                     continue
+                finally:
+                    if s is not None:
+                        s.close()
                 text = tok.decode(out)
                 rows.append(dict(method=meth, budget=B, frac=frac, depth=depth, hit=key in text.replace(" ", ""),
                                  answer=text))

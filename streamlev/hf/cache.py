@@ -143,6 +143,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.selector is not None:
             self.selector.observe_keys(self.state, key_states)
         if self.passthrough:
+            self.queries.clear()  # a window needs no selection: its queries are not kept
             k, v = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
             p = torch.cat([self.pos, new_pos], dim=-1)
             self.keys, self.values, self.pos = (x[:, :, -self.window + 1:] for x in (k, v, p))
