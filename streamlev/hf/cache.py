@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ._model import query_modules
 from .guarantee import ExactLeverageSet
 from .selectors import Selector
 
@@ -353,8 +354,6 @@ class StreamlevCache(Cache):
 
     def attach(self, model):
         """Register forward hooks that buffer each layer's pre-RoPE queries for the selector; returns self."""
-        from ._model import query_modules
-
         self.detach()
         uses = self.selector is not None and self.selector.uses_queries
         if not uses:

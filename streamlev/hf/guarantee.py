@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import DEFAULT_RTOL
+from .._constants import DEFAULT_RTOL
 
 __all__ = ["ExactLeverageSet"]
 

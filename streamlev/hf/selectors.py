@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ..selectors import RECENT_FRACTION, SINKS
+from .._constants import RECENT_FRACTION, SINKS
 
 __all__ = ["Selector", "KeyNorm", "KeyDiff", "Recent", "ExpectedAttention", "make_selector", "SELECTORS"]
 
