@@ -266,7 +266,7 @@ def test_expected_attention_matches_expected_logit_scores_with_rope_rotations(ll
     Q = rng.standard_normal((50, 16)) + 0.5
     sel = slh.selectors.ExpectedAttention(cov_rank=None)
     st = sel.new_state(info)
-    sel.observe_queries(st, [torch.from_numpy(Q)[None, None]])
+    sel.observe_queries(st, [torch.from_numpy(Q)[None, None]], 50)
     got = sel.score(st, torch.from_numpy(K)[None, None], None, 30, normalize=True)[0, 0].double().numpy()
     theta = 1.0 / float(info.inv_freq[1]) ** (16 / 2)  # inv_freq[i] = theta ** (-2i/d)
     R = rope_rotations(16, 30 + 32 * np.arange(16), theta)
@@ -386,3 +386,44 @@ def test_sliding_window_option_keeps_windows_and_compresses_full_layers(gemma):
         cache.detach()
     with pytest.raises(ValueError, match="sliding must be"):
         slh.make_cache(gemma, 4, sliding="drop")
+
+
+def test_observed_attention_matches_a_direct_computation(llama):
+    """The #16 query default: decayed mean over buffered queries (moved to position n) of their softmax over keys."""
+    from streamlev.hf._model import inspect_model
+
+    info = inspect_model(llama)[0]  # 4 query heads over 2 key/value heads, d = 16
+    rng = np.random.default_rng(2)
+    Q = rng.standard_normal((1, 4, 20, 16))  # pre-RoPE queries at positions 30..49
+    K = rng.standard_normal((1, 2, 12, 16))
+    sel = slh.selectors.ObservedAttention(buffer=15, half_life=4.0)
+    st = sel.new_state(info)
+    sel.observe_queries(st, [torch.from_numpy(Q[:, :, :8]), torch.from_numpy(Q[:, :, 8:])], 50)
+    got = sel.score(st, torch.from_numpy(K), None, 50, normalize=True)[0].double().numpy()
+    theta = 1.0 / float(info.inv_freq[1]) ** (16 / 2)
+    R = rope_rotations(16, [50], theta)[0]
+    pos = np.arange(35, 50)  # the newest 15
+    w = 2.0 ** (-(49 - pos) / 4.0)
+    want = np.zeros((2, 12))
+    for g in range(2):
+        for h in (2 * g, 2 * g + 1):
+            for i, p in enumerate(pos):
+                lg = info.scaling * K[0, g] @ (R @ Q[0, h, p - 30])
+                e = np.exp(lg - lg.max())
+                want[g] += w[i] * e / e.sum()
+        want[g] /= 2 * w.sum()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("selector", ["observed", "keys"])
+def test_issue16_defaults_run_within_budget(selector, llama, gemma):
+    for model in (llama, gemma):
+        cache = slh.make_cache(model, 10, selector).attach(model)
+        try:
+            for _ in _decode(model, cache, _ids(30), 12):
+                assert all(layer.n <= 10 for layer in cache.layers)
+        finally:
+            cache.detach()
+        sinks = [layer.kept_positions()[0, 0, :2].tolist() for layer in cache.layers if not layer.is_sliding]
+        if selector == "keys":
+            assert all(s == [0, 1] for s in sinks)  # min(4, 10 // 4) sinks

@@ -154,6 +154,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.mode == "append_only":
             return self._update_append(key_states, value_states, new_pos)
         n = self.keys.shape[2]
+        if self.selector.uses_queries and len(self.queries) > self.stats_interval:
+            self._stats()  # bound the query buffer while nothing is evicted
         if n + m <= self.cap:  # everything fits: exactly DynamicLayer (plus positions and placeholder scores)
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
@@ -166,7 +168,7 @@ class CompressedLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ evict mode
     def _stats(self, force=False):
         if self.selector.uses_queries and self.queries and (force or len(self.queries) >= self.stats_interval):
-            self.selector.observe_queries(self.state, self.queries)
+            self.selector.observe_queries(self.state, self.queries, self.cumulative_length)
             self.queries.clear()
 
     def _protected(self, pos, score, t_query, horizon=1):
@@ -194,7 +196,7 @@ class CompressedLayer(CacheLayerMixin):
         v = torch.cat([self.values, value_states], dim=-2)
         p = torch.cat([self.pos, new_pos], dim=-1)
         t_next = t0 + m
-        if m > 1 or self.score is None:
+        if m > 1 or self.score is None or self.selector.rescore:
             self._stats(force=True)
             score = self.selector.score(self.state, k, p, t_next, normalize=True)
             target, horizon = self.cap, 1
@@ -234,7 +236,8 @@ class CompressedLayer(CacheLayerMixin):
             return self._append(k, v, key_states, value_states, new_pos, torch.ones(m, dtype=torch.bool, device=self.device))
         self._stats(force=True)
         t_next = self.cumulative_length
-        s = self.selector.score(self.state, key_states, new_pos, t_next, normalize=self.threshold is None)
+        s = self.selector.score(self.state, k, torch.cat([self.pos, new_pos], dim=-1), t_next,
+                                normalize=self.threshold is None)[:, :, n:]  # scored among the held keys
         s = s.amax(dim=1)[0]  # token score: best over key/value heads, (m,)
         pos = new_pos[0, 0]
         if self.threshold is None:  # first block that overflows: a one-shot selection inside it

@@ -23,7 +23,8 @@ import torch
 
 from .._constants import RECENT_FRACTION, SINKS
 
-__all__ = ["Selector", "KeyNorm", "KeyDiff", "Recent", "ExpectedAttention", "make_selector", "SELECTORS"]
+__all__ = ["Selector", "KeyNorm", "KeyDiff", "Recent", "ExpectedAttention", "ObservedAttention", "make_selector",
+           "SELECTORS"]
 
 
 def _rotate_half(x):
@@ -44,6 +45,7 @@ class Selector:
 
     name = "base"
     uses_queries = False
+    rescore = False  # True: scores depend on the candidate set and the latest queries; rescore all at every eviction
 
     def __init__(self, *, sinks: int = SINKS, recent_fraction: float = 0.0):
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
@@ -67,8 +69,8 @@ class Selector:
     def observe_keys(self, state: dict, keys: torch.Tensor) -> None:
         """Fold newly arrived keys (B, G, m, d) into running key statistics (all keys seen, kept or not)."""
 
-    def observe_queries(self, state: dict, queries: list) -> None:
-        """Fold pre-RoPE queries (list of (B, H, m, d)) into running query statistics."""
+    def observe_queries(self, state: dict, queries: list, end: int) -> None:
+        """Fold pre-RoPE queries (list of (B, H, m, d), in order; the last is at position ``end - 1``) in."""
 
     def score(self, state: dict, keys: torch.Tensor, positions: torch.Tensor, t_next: int, *,
               normalize: bool) -> torch.Tensor:
@@ -81,7 +83,12 @@ class Selector:
 
 
 class KeyNorm(Selector):
-    """``-||k||``: keep the keys of smallest norm (the rule of kvpress ``KnormPress``)."""
+    """``-||k||``: keep the keys of smallest norm (the rule of kvpress ``KnormPress``).
+
+    ``KeyNorm(recent_fraction=0.5)`` (``selector="keys"``) is the causal key-only
+    default of issue #16: ``min(4, B // 4)`` sinks, ``floor(0.5 B)`` recent keys,
+    the rest by smallest norm.
+    """
 
     name = "knorm"
 
@@ -175,7 +182,7 @@ class ExpectedAttention(Selector):
     def new_state(self, info):
         return {"info": info, "n": 0, "sum": None, "sq": None, "mu": None, "cov": None, "z": None}
 
-    def observe_queries(self, state, queries):
+    def observe_queries(self, state, queries, end):
         if not queries or state.get("frozen"):
             return
         q = torch.cat([x.to(torch.float64) for x in queries], dim=2)  # (B, H, m, d)
@@ -243,7 +250,76 @@ class ExpectedAttention(Selector):
         return torch.logsumexp(e - state["z"], dim=2) - math.log(r)
 
 
-SELECTORS = {"expected_attention": ExpectedAttention, "keydiff": KeyDiff, "knorm": KeyNorm, "streaming": Recent}
+class ObservedAttention(Selector):
+    """Observed attention of the newest queries, moved to the next position (the query default of issue #16).
+
+    State: the newest ``buffer`` (512) pre-RoPE queries of every query head with
+    their positions ``p_i``. With ``n`` the position of the next query, ``R_n``
+    its RoPE rotation (times the RoPE attention scaling), ``s`` the layer's logit
+    scale and ``C`` the candidate keys (held and arriving, all visible from
+    position n), for key j of key/value head g with query heads ``h`` in its group:
+
+        q'_{h,i} = R_n q_{h,i}       (the post-RoPE query i moved from p_i to n: R_{n-p_i} R_{p_i} = R_n)
+        w_i      = 2 ** (-(p_max - p_i) / half_life)        (p_max the newest buffered position)
+        P_{h,i,j} = softmax_{j in C}( s <q'_{h,i}, k_j> )
+        score_j  = sum_{h in group, i} w_i P_{h,i,j} / (g sum_i w_i)
+
+    No sinks and no recent window (the score ranks them). Scores depend on the
+    candidate set and on the newest queries, so the cache rescores every held key
+    at each eviction (``rescore = True``): while decoding that is every
+    ``evict_every`` tokens, not every token (the reference rescores per update).
+    Memory: ``buffer * H * d`` floats per layer. Cost per rescoring:
+    ``O(H * buffer * n * d)``.
+    """
+
+    name = "observed"
+    uses_queries = True
+    rescore = True
+
+    def __init__(self, *, sinks: int = 0, recent_fraction: float = 0.0, buffer: int = 512,
+                 half_life: float = 128.0):
+        super().__init__(sinks=sinks, recent_fraction=recent_fraction)
+        if int(buffer) < 1 or not float(half_life) > 0:
+            raise ValueError(f"ObservedAttention: need buffer >= 1 and half_life > 0, got {buffer}, {half_life}.")
+        self.buffer, self.half_life = int(buffer), float(half_life)
+
+    def __repr__(self):
+        return f"ObservedAttention(buffer={self.buffer}, half_life={self.half_life}, sinks={self.sinks})"
+
+    def new_state(self, info):
+        return {"info": info, "q": None, "p": None}
+
+    def observe_queries(self, state, queries, end):
+        if not queries:
+            return
+        q = torch.cat([x.float() for x in queries], dim=2)  # (B, H, m, d)
+        pos = torch.arange(end - q.shape[2], end, device=q.device)
+        if state["q"] is not None:
+            q, pos = torch.cat([state["q"], q], dim=2), torch.cat([state["p"], pos])
+        state["q"], state["p"] = q[:, :, -self.buffer:], pos[-self.buffer:]
+
+    def score(self, state, keys, positions, t_next, *, normalize):
+        info = state["info"]
+        if state["q"] is None:
+            raise RuntimeError("ObservedAttention: no query has been observed for this layer; the cache must be "
+                               "attached to the model (streamlev.hf.compress or StreamlevCache.attach).")
+        q, p = state["q"], state["p"]
+        B, G, n, d = keys.shape
+        r = info.num_heads // G
+        ang = float(t_next) * info.inv_freq
+        ang = torch.cat([ang, ang]).float().to(q.device)
+        qn = (q * ang.cos() + _rotate_half(q) * ang.sin()) * info.rope_scale  # R_n q
+        logits = info.scaling * torch.einsum("bgrwd,bgnd->bgrwn", qn.view(B, G, r, -1, d), keys.float())
+        if info.sliding_window is not None and positions is not None:
+            gone = positions < t_next - info.sliding_window + 1  # not visible from position n
+            logits = logits.masked_fill(gone[:, :, None, None, :], float("-inf"))
+        w = torch.exp2(-(p.max() - p).float() / self.half_life)  # (W,)
+        P = torch.softmax(logits, dim=-1)
+        return torch.einsum("bgrwn,w->bgn", P, w) / (r * w.sum())
+
+
+SELECTORS = {"expected_attention": ExpectedAttention, "observed": ObservedAttention, "keydiff": KeyDiff,
+             "knorm": KeyNorm, "streaming": Recent, "keys": lambda: KeyNorm(recent_fraction=0.5)}
 
 
 def make_selector(selector) -> Selector:
