@@ -121,9 +121,10 @@ class Session:
             self.cache = DynamicCache(config=model.config)
         elif method.startswith("sl_"):
             base = method[:-4] if method.endswith("_win") else method
-            sel = {"sl_default": "default", "sl_keydiff": "keydiff", "sl_append": "default",
-                   "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None)}[base]
-            mode = "append_only" if base == "sl_append" else "evict"
+            sel = {"sl_default": "expected_attention", "sl_keydiff": "keydiff", "sl_append": "expected_attention",
+                   "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None),
+                   "sl_observed": "observed", "sl_keys": "keys", "sl_observed_append": "observed"}[base]
+            mode = "append_only" if base.endswith("append") else "evict"
             sliding = "window" if method.endswith("_win") else "compress"
             self.cache = slh.make_cache(model, budget, sel, mode=mode, sliding=sliding).attach(model)
         else:
@@ -246,13 +247,13 @@ def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0
     return rows
 
 
-def run_overhead(model, ids, n_ctx, frac, steps, log):
-    """Decode-step time of the streamlev default at budget B vs a DynamicCache holding B keys; alternating."""
+def run_overhead(model, ids, n_ctx, frac, steps, log, method="sl_default"):
+    """Decode-step time of a streamlev method at budget B vs a DynamicCache holding B keys; alternating."""
     import torch
     from transformers import DynamicCache
 
     B = max(1, int(frac * n_ctx))
-    sl = Session(model, "sl_default", B, n_ctx)
+    sl = Session(model, method, B, n_ctx)
     sl.feed(ids[:n_ctx])
     dyn = Session(model, "full", B, n_ctx)
     dyn.feed(ids[n_ctx - B:n_ctx])  # a dense cache of exactly B keys (positions differ; cost does not)
@@ -269,10 +270,10 @@ def run_overhead(model, ids, n_ctx, frac, steps, log):
     sl.close()
     med = {k: statistics.median(v[4:]) for k, v in times.items()}
     mean = {k: statistics.fmean(v[4:]) for k, v in times.items()}  # includes the periodic batched evictions
-    row = dict(budget=B, frac=frac, steps=steps, step_ms_streamlev=1e3 * med["sl"], step_ms_dynamic=1e3 * med["dyn"],
+    row = dict(method=method, budget=B, frac=frac, steps=steps, step_ms_streamlev=1e3 * med["sl"], step_ms_dynamic=1e3 * med["dyn"],
                overhead=(med["sl"] - med["dyn"]) / med["dyn"], mean_ms_streamlev=1e3 * mean["sl"],
                mean_ms_dynamic=1e3 * mean["dyn"], overhead_mean=(mean["sl"] - mean["dyn"]) / mean["dyn"])
-    log(f"  overhead B={B}: streamlev {row['step_ms_streamlev']:.2f} ms vs DynamicCache(B) "
+    log(f"  overhead {method} B={B}: streamlev {row['step_ms_streamlev']:.2f} ms vs DynamicCache(B) "
         f"{row['step_ms_dynamic']:.2f} ms per step (median) -> {100 * row['overhead']:+.1f}%; "
         f"means {row['mean_ms_streamlev']:.2f} vs {row['mean_ms_dynamic']:.2f} -> {100 * row['overhead_mean']:+.1f}%")
     del torch, DynamicCache
@@ -291,6 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--passkey-methods", default=None, help="default: the same as --methods")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--overhead-steps", type=int, default=40)
+    ap.add_argument("--overhead-method", default="sl_default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ppl,passkey,overhead")
     ap.add_argument("--json", required=True)
@@ -317,7 +319,8 @@ def main(argv=None) -> int:
     if "overhead" not in skip:
         name, ids = texts(tok, a.context + a.overhead_steps, PPL_TOPICS)[0]
         for frac in budgets:
-            result["overhead"].append(run_overhead(model, ids, a.context, frac, a.overhead_steps, log))
+            result["overhead"].append(run_overhead(model, ids, a.context, frac, a.overhead_steps, log,
+                                                   a.overhead_method))
         Path(a.json).write_text(json.dumps(result, indent=1))
     if "passkey" not in skip:
         import pydoc_data.topics as t

@@ -14,8 +14,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-LABEL = {"sl_default": "streamlev default (query statistics)", "sl_default_exact": "streamlev default, exact covariance",
-         "sl_keydiff": "streamlev key-only (KeyDiff+sinks+recent)", "sl_append": "streamlev default, append-only",
+LABEL = {"sl_default": "streamlev expected attention (rank-8)", "sl_default_exact": "streamlev expected attention, exact cov.",
+         "sl_keydiff": "streamlev KeyDiff+sinks+25% recent", "sl_append": "streamlev expected attention, append-only",
+         "sl_observed": "streamlev observed (#16 query default)", "sl_keys": "streamlev small-norm+50% recent (#16 key-only)",
+         "sl_default_win": "streamlev expected attention, sliding layers = window",
+         "sl_keydiff_win": "streamlev KeyDiff, sliding layers = window",
+         "kv_streaming_llm_full": "kvpress StreamingLLM (full layers, prefill)", "kv_knorm_full": "kvpress Knorm (full layers, prefill)",
+         "kv_keydiff_full": "kvpress KeyDiff (full layers, prefill)", "kv_snapkv_full": "kvpress SnapKV (full layers, prefill)",
+         "kv_tova_full": "kvpress TOVA (full layers, prefill)",
          "sl_leverage": "streamlev guarantee (x^2 universal set)", "kv_streaming_llm": "kvpress StreamingLLM",
          "kv_knorm": "kvpress Knorm", "kv_keydiff": "kvpress KeyDiff", "kv_expected_attention":
          "kvpress ExpectedAttention", "kv_snapkv": "kvpress SnapKV (prefill only)", "kv_tova": "kvpress TOVA"}
@@ -89,10 +95,10 @@ def passkey_table(res):
 def overhead_table(res):
     if not res["overhead"]:
         return ""
-    out = ["| budget | streamlev step (median ms) | DynamicCache holding B keys (median ms) | overhead (median) | "
-           "overhead (mean, incl. batched evictions) |", "|---|---|---|---|---|"]
+    out = ["| method | budget | streamlev step (median ms) | DynamicCache holding B keys (median ms) | overhead (median) | "
+           "overhead (mean, incl. batched evictions) |", "|---|---|---|---|---|---|"]
     for r in res["overhead"]:
-        out.append(f"| {r['budget']} ({fmt_frac(r['frac'])}) | {r['step_ms_streamlev']:.1f} | {r['step_ms_dynamic']:.1f}"
+        out.append(f"| {LABEL.get(r['method'], r['method'])} | {r['budget']} ({fmt_frac(r['frac'])}) | {r['step_ms_streamlev']:.1f} | {r['step_ms_dynamic']:.1f}"
                    f" | {100 * r['overhead']:+.1f}% | {100 * r.get('overhead_mean', float('nan')):+.1f}% |")
     return "\n".join(out)
 
@@ -136,8 +142,10 @@ def main(argv=None) -> int:
         res = json.loads(Path(p).read_text())
         old = merged.setdefault(res["model"], dict(res, ppl=[], passkey=[], overhead=[], methods=[]))
         old["methods"] += [m for m in res["methods"] if m not in old["methods"]]
+        for r in res["overhead"]:
+            r.setdefault("method", "sl_default")
         for part, key in (("ppl", ("method", "frac", "doc")), ("passkey", ("method", "frac", "depth")),
-                          ("overhead", ("frac",))):
+                          ("overhead", ("method", "frac"))):
             new_keys = {tuple(r.get(k) for k in key) for r in res[part]}
             old[part] = [r for r in old[part] if tuple(r.get(k) for k in key) not in new_keys] + res[part]
     parts = []

@@ -154,7 +154,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.mode == "append_only":
             return self._update_append(key_states, value_states, new_pos)
         n = self.keys.shape[2]
-        if self.selector.uses_queries and len(self.queries) > self.stats_interval:
+        if self.queries and (len(self.queries) > self.stats_interval or self.state.get("frozen")):
             self._stats()  # bound the query buffer while nothing is evicted
         if n + m <= self.cap:  # everything fits: exactly DynamicLayer (plus positions and placeholder scores)
             self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -167,6 +167,9 @@ class CompressedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ evict mode
     def _stats(self, force=False):
+        if self.state.get("frozen"):  # the selector keeps no more queries: drop the buffered ones
+            self.queries.clear()
+            return
         if self.selector.uses_queries and self.queries and (force or len(self.queries) >= self.stats_interval):
             self.selector.observe_queries(self.state, self.queries, self.cumulative_length)
             self.queries.clear()
