@@ -19,6 +19,8 @@ LABEL = {"sl_default": "streamlev expected attention (rank-8)", "sl_default_exac
          "sl_observed": "streamlev observed (#16 query default)", "sl_keys": "streamlev small-norm+50% recent (#16 key-only)",
          "sl_default_win": "streamlev expected attention, sliding layers = window",
          "sl_keydiff_win": "streamlev KeyDiff, sliding layers = window",
+         "sl_observed_win": "streamlev observed (#16), sliding layers = window",
+         "sl_keys_win": "streamlev small-norm+50% recent (#16), sliding layers = window",
          "kv_streaming_llm_full": "kvpress StreamingLLM (full layers, prefill)", "kv_knorm_full": "kvpress Knorm (full layers, prefill)",
          "kv_keydiff_full": "kvpress KeyDiff (full layers, prefill)", "kv_snapkv_full": "kvpress SnapKV (full layers, prefill)",
          "kv_tova_full": "kvpress TOVA (full layers, prefill)",

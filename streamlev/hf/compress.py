@@ -19,7 +19,17 @@ MODES = ("evict", "append_only")
 def resolve_budget(budget, context: int | None = None) -> int | float:
     """Validate ``budget``: an int >= 1 (keys per head), or a fraction in (0, 1] of the prompt length.
 
-    With ``context`` given, returns the int budget and raises if it exceeds the context.
+    Parameters
+    ----------
+    budget : int or float
+        Keys per layer and key/value head, or a fraction of the context.
+    context : int, optional
+        Context length; with it a fraction is resolved and a budget above it raises.
+
+    Returns
+    -------
+    int or float
+        The int budget (or the fraction, when no context is given).
     """
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"streamlev.hf: budget must be an int (keys kept per head) or a float fraction of the "
@@ -41,7 +51,9 @@ def resolve_budget(budget, context: int | None = None) -> int | float:
     return out
 
 
-def _check_args(selector, mode, eps):
+def _check_args(selector, mode, eps, sliding="compress"):
+    if sliding not in ("compress", "window"):
+        raise ValueError(f"streamlev.hf: sliding must be 'compress' or 'window', got {sliding!r}.")
     if mode not in MODES:
         raise ValueError(f"streamlev.hf: mode must be one of {MODES}, got {mode!r}.")
     if selector == "leverage":
@@ -55,14 +67,28 @@ def make_cache(model, budget: int, selector="default", *, mode: str = "evict", e
                stats_interval: int = 32, evict_every: int = 16, sliding: str = "compress") -> StreamlevCache:
     """A :class:`StreamlevCache` for ``model`` with an int budget (validated before any weight is used).
 
-    ``selector="leverage"`` is the guarantee mode: each head keeps the exact
-    |x|^2 universal set ``{j : tau_j >= eps}`` of the keys it has seen, with
-    ``eps`` defaulting to ``head_dim / budget`` (so that ``|U| <= budget``).
+    Parameters
+    ----------
+    model : transformers PreTrainedModel
+        A supported RoPE decoder.
+    budget : int
+        Keys kept per layer and key/value head.
+    selector : str or Selector
+        As in :func:`compress`; ``"leverage"`` is the guarantee mode: each head
+        keeps the exact |x|^2 universal set ``{j : tau_j >= eps}`` of the keys it
+        has seen, ``eps`` defaulting to ``head_dim / budget`` (so ``|U| <= budget``).
+    mode, eps, sliding
+        As in :func:`compress`.
+    stats_interval, evict_every : int
+        See :class:`streamlev.hf.cache.CompressedLayer`.
+
+    Returns
+    -------
+    StreamlevCache
+        Not attached: call ``.attach(model)`` for selectors that use queries.
     """
     infos = inspect_model(model)
-    sel = _check_args(selector, mode, eps)
-    if sliding not in ("compress", "window"):
-        raise ValueError(f"streamlev.hf: sliding must be 'compress' or 'window', got {sliding!r}.")
+    sel = _check_args(selector, mode, eps, sliding)
     budget = resolve_budget(budget)
     if not isinstance(budget, int):
         raise TypeError("streamlev.hf.make_cache: needs an int budget (a fraction is resolved by compress() from "
@@ -84,14 +110,13 @@ def make_cache(model, budget: int, selector="default", *, mode: str = "evict", e
                           evict_every=evict_every, sliding=sliding)
 
 
-def _prompt_length(args, kwargs):
+def _prompt_length(args, kwargs) -> int | None:
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         ids = kwargs.get("inputs_embeds")
     if ids is None or not hasattr(ids, "shape") or len(ids.shape) < 2:
-        return None, None
-    mask = kwargs.get("attention_mask")
-    return int(ids.shape[1]), mask
+        return None
+    return int(ids.shape[1])
 
 
 @contextmanager
@@ -129,8 +154,8 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
     ``prompt + max_new_tokens`` for generate, the prompt for a forward call) and
     padding are checked before the model runs. Batches must not be padded.
     """
-    infos = inspect_model(model)
-    _check_args(selector, mode, eps)
+    inspect_model(model)
+    _check_args(selector, mode, eps, sliding)
     resolve_budget(budget)
     holder = type("CompressHandle", (), {"cache": None})()
     orig_generate, orig_forward = model.generate, model.forward
@@ -142,12 +167,12 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
         holder.cache = cache
         return cache
 
-    def check(args, kwargs, extra):
+    def check(args, kwargs):
         cache = kwargs.get("past_key_values")
         if cache is not None and not isinstance(cache, StreamlevCache):
             raise TypeError(f"streamlev.hf.compress: past_key_values must be a StreamlevCache inside compress() "
                             f"(or None for a fresh one); got {type(cache).__name__}.")
-        n, mask = _prompt_length(args, kwargs)
+        n, mask = _prompt_length(args, kwargs), kwargs.get("attention_mask")
         if getattr(mask, "ndim", 0) == 2 and not bool(mask.all()):
             raise ValueError("streamlev.hf.compress: padded batches are not supported (attention_mask has zeros); "
                              "compress one sequence at a time or batch equal-length prompts.")
@@ -155,7 +180,7 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
 
     @functools.wraps(orig_generate)
     def generate(*args, **kwargs):
-        cache, n = check(args, kwargs, True)
+        cache, n = check(args, kwargs)
         if cache is None and n is not None:
             gc = kwargs.get("generation_config") or model.generation_config
             new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None)) or 0
@@ -164,12 +189,11 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
 
     @functools.wraps(orig_forward)
     def forward(*args, **kwargs):
-        cache, n = check(args, kwargs, False)
+        cache, n = check(args, kwargs)
         if cache is None and n is not None and kwargs.get("use_cache", True) is not False:
             kwargs["past_key_values"] = new_cache(n, n)
         return orig_forward(*args, **kwargs)
 
-    del infos
     model.generate, model.forward = generate, forward
     try:
         yield holder
