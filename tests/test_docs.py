@@ -136,6 +136,8 @@ _NOT_RUN = {
     "python examples/extract_keys.py --out /tmp/minilm6.npz": "part of a 7-minute experiment",
     "HF_HUB_OFFLINE=1 python examples/extract_decoder_keys.py": "part of a 7-minute experiment",
     "python benchmarks/softmax_selectors.py": "part of a 7-minute experiment",
+    "HF_HUB_OFFLINE=1 python benchmarks/kv_cache_eval.py": "end-to-end decoder evaluation, about 90 minutes",
+    "python benchmarks/kv_cache_report.py": "tables and figures of that evaluation",
 }
 
 

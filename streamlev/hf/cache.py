@@ -202,7 +202,8 @@ class CompressedLayer(CacheLayerMixin):
         if m > 1 or self.score is None or self.selector.rescore:
             self._stats(force=True)
             score = self.selector.score(self.state, k, p, t_next, normalize=True)
-            target, horizon = self.cap, 1
+            target, horizon = (self.cap, 1) if m > 1 or self.score is None else \
+                (self.cap + 1 - self.evict_every, self.evict_every)
         else:
             self._stats()
             score = torch.cat([self.score, torch.full(new_pos.shape, _POS, device=self.device)], dim=-1)
