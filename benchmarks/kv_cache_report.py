@@ -112,11 +112,12 @@ def figure(res, fracs, by, full, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for m in res["methods"]:
+    for i, m in enumerate(res["methods"]):
         xs = [f for f in fracs if (m, f) in by]
         if not xs:
             continue
         style = dict(marker="o", lw=2.2) if m.startswith("sl_") else dict(marker="s", lw=1, ls="--")
+        style["color"] = plt.cm.tab20(i % 20)
         axes[0].plot(xs, [by[(m, f)]["kl"] for f in xs], label=LABEL.get(m, m), **style)
         axes[1].plot(xs, [by[(m, f)]["ppl"] for f in xs], **style)
     axes[1].axhline(full["ppl"], color="k", lw=0.8, label="full cache")

@@ -4,10 +4,11 @@
         out = model.generate(input_ids, max_new_tokens=64)
 
 keeps every layer's KV cache within ``budget`` keys per key/value head, at
-prefill and while decoding (:mod:`streamlev.hf.cache`). Selectors: the
-query-statistics default (expected attention under a Gaussian model of the
-pre-RoPE queries), key-only KeyDiff with sinks and a recent window, and the
-guarantee mode ``selector="leverage"`` (the exact |x|^2 universal set).
+prefill and while decoding (:mod:`streamlev.hf.cache`). Selectors
+(:mod:`streamlev.hf.selectors`): the default (expected attention under a
+Gaussian model of the pre-RoPE queries), the issue-16 defaults ``"observed"``
+and ``"keys"``, KeyDiff, and the guarantee mode ``selector="leverage"`` (the
+exact |x|^2 universal set). Measured end to end in ``docs/kv_cache.md``.
 ``mode="append_only"`` decides keep or skip once per arriving token and never
 rewrites the cache. Needs ``pip install 'streamlev[hf]'`` (torch, transformers).
 """

@@ -132,9 +132,11 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
         Keys kept per layer and key/value head; a float in (0, 1] is a fraction of
         the prompt length of each call.
     selector : str or Selector, default "default"
-        ``"default"`` / ``"expected_attention"`` (query statistics), ``"keydiff"``
-        (keys only), ``"knorm"``, ``"streaming"``, ``"leverage"`` (guarantee mode),
-        or a :class:`streamlev.hf.selectors.Selector`.
+        ``"default"`` / ``"expected_attention"`` (query statistics), ``"observed"``
+        (the issue-16 query default: observed attention of the newest 512 queries),
+        ``"keys"`` (the issue-16 key-only default), ``"keydiff"``, ``"knorm"``,
+        ``"streaming"``, ``"leverage"`` (guarantee mode), or a
+        :class:`streamlev.hf.selectors.Selector`.
     mode : {"evict", "append_only"}
     eps : float, optional
         Guarantee mode threshold (default ``head_dim / budget``).
