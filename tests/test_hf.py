@@ -427,3 +427,56 @@ def test_issue16_defaults_run_within_budget(selector, llama, gemma):
         sinks = [layer.kept_positions()[0, 0, :2].tolist() for layer in cache.layers if not layer.is_sliding]
         if selector == "keys":
             assert all(s == [0, 1] for s in sinks)  # min(4, 10 // 4) sinks
+
+
+def _other(kind):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=2)
+    torch.manual_seed(0)
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=8, **common)).eval()
+    if kind == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common)).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
+def test_other_supported_decoders_are_exact_at_full_budget_and_bounded_below_it(kind):
+    model = _other(kind)
+    ids = _ids(30)
+    with torch.no_grad():
+        ref = _gen(model, ids)
+        with slh.compress(model, budget=38):
+            out = _gen(model, ids)
+        assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits))
+        with slh.compress(model, budget=6) as h:
+            _gen(model, ids)
+    window = getattr(model.config, "sliding_window", None) if kind == "mistral" else None
+    for layer in h.cache.layers:
+        pos = layer.kept_positions()
+        assert pos.shape[-1] <= 6
+        if window:
+            assert layer.is_sliding and int(pos.min()) >= h.cache.get_seq_length() - window + 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen3"])
+def test_query_hooks_buffer_pre_rope_queries_as_batch_heads_tokens_dim(kind, llama, gemma):
+    model = {"llama": llama, "gemma": gemma}.get(kind) or _other(kind)
+    cache = slh.make_cache(model, 64, "observed").attach(model)
+    captured = {}
+    li = next(i for i, layer in enumerate(cache.layers) if not layer.is_sliding)  # sliding layers keep no queries
+    attn = model.model.layers[li].self_attn
+    norm = getattr(attn, "q_norm", None)
+    h = (norm or attn.q_proj).register_forward_hook(lambda m, a, o: captured.setdefault("q", o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(_ids(30), past_key_values=cache, use_cache=True)  # fits the budget: the queries stay buffered
+        q = cache.query_buffers[li][0]
+        assert q.shape == (1, 4, 30, 16)
+        raw = captured["q"]
+        want = {"llama": raw.view(1, 30, 4, 16).transpose(1, 2), "gemma": raw, "qwen3": raw.transpose(1, 2)}[kind]
+        assert torch.equal(q, want)
+    finally:
+        h.remove()
+        cache.detach()

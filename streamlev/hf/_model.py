@@ -101,11 +101,17 @@ def inspect_model(model) -> list[LayerInfo]:
     return out
 
 
+# Layout of the pre-RoPE query the hooked module outputs: q_proj gives (B, m, H*d); Gemma 3 normalises
+# after the transpose, (B, H, m, d); Qwen 3 before it, (B, m, H, d).
+_NORM_LAYOUT = {"gemma3_text": "bhmd", "qwen3": "bmhd"}
+
+
 def query_modules(model):
-    """The module whose output is each layer's pre-RoPE query: ``q_norm`` if the layer has one, else ``q_proj``."""
+    """Per layer: the module whose output is the pre-RoPE query, and its layout ("flat", "bhmd" or "bmhd")."""
     _, layers = _decoder(model)
+    norm_layout = _NORM_LAYOUT.get(getattr(decoder_config(model), "model_type", None), "bhmd")
     out = []
     for layer in layers:
         norm = getattr(layer.self_attn, "q_norm", None)
-        out.append((layer.self_attn.q_proj if norm is None else norm, norm is not None))
+        out.append((layer.self_attn.q_proj, "flat") if norm is None else (norm, norm_layout))
     return out

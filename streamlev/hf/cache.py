@@ -365,13 +365,14 @@ class StreamlevCache(Cache):
         uses = self.selector is not None and self.selector.uses_queries
         if not uses:
             return self
-        for i, (mod, is_norm) in enumerate(query_modules(model)):
+        for i, (mod, layout) in enumerate(query_modules(model)):
             H, d = self.layers[i].info.num_heads, self.layers[i].info.head_dim
 
-            def hook(module, args, out, buf=self.query_buffers[i], is_norm=is_norm, H=H, d=d):
+            def hook(module, args, out, buf=self.query_buffers[i], layout=layout, H=H, d=d):
                 q = out.detach()
-                q = q if is_norm else q.view(q.shape[0], q.shape[1], H, d).transpose(1, 2)
-                buf.append(q)
+                if layout == "flat":
+                    q = q.view(q.shape[0], q.shape[1], H, d)
+                buf.append(q if layout == "bhmd" else q.transpose(1, 2))  # (B, H, m, d)
             self._hooks.append(mod.register_forward_hook(hook))
         return self
 
