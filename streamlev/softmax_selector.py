@@ -1,0 +1,484 @@
+"""SoftmaxSelector: a streaming, budgeted key selector for one key/value head of a softmax KV cache.
+
+A heuristic for softmax (no share of softmax mass is guaranteed; the exact
+``|x|^p`` guarantee of :class:`~streamlev.LevSketch` is a different object and
+is untouched). What *is* exact is the bookkeeping: at most ``budget`` keys are
+held at any time, sinks and the recent window are counted inside the budget,
+keys that no future query can see (outside a sliding window) are never held,
+and every score is exactly the documented quantity of the keys and queries
+the selector has seen.
+"""
+
+from __future__ import annotations
+
+import numbers
+import threading
+
+import numpy as np
+
+from . import _format
+from ._bytes_mixin import ByteRoundTrip
+from ._validation import _check_real_array, check_dim, check_keys
+from .sketch import Changes
+from .softmax_scores import (RECENT_FRACTION, SINKS, budget_plan, expired_before, key_norm, keydiff,
+                             observed_attention, unit_sum)
+
+__all__ = ["SoftmaxSelector", "RULES", "QUERY_RULES", "KEY_RULES"]
+
+QUERY_RULES = ("observed", "mean_query")
+KEY_RULES = ("small_norm", "large_norm", "keydiff")
+RULES = QUERY_RULES + KEY_RULES
+_QUERY_CHUNK = 256  # queries scored per step: bounds the (g, chunk, held + block) logit array
+
+
+def _int_param(x, name, lo, caller, allow_none=False):
+    if x is None and allow_none:
+        return None
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or int(x) < lo:
+        raise ValueError(f"{caller}: {name} must be an int >= {lo}{' or None' if allow_none else ''}; got {x!r}.")
+    return int(x)
+
+
+class SoftmaxSelector(ByteRoundTrip):
+    """At most ``budget`` keys of one key/value head, chosen in one streaming pass; optional query statistics.
+
+    Parameters
+    ----------
+    d : int
+        Key (and query) dimension.
+    budget : int >= 1
+        Most keys ever held, sinks and recent window included.
+    rule : str
+        How the keys outside the sinks and recent window are ranked (higher = keep):
+
+        * ``"observed"`` (query class): mean softmax weight a key received from
+          the queries that could see it, ``sum / count`` of
+          :func:`~streamlev.softmax_scores.observed_attention`, pooled over the
+          query heads of the group; a key no query has seen scores 0;
+        * ``"mean_query"`` (query class): ``k . mean(q)`` over every query seen;
+        * ``"small_norm"`` (key-only): ``-||k||`` (the rule of kvpress ``KnormPress``);
+        * ``"large_norm"`` (key-only): ``||k||``;
+        * ``"keydiff"`` (key-only): ``-cos(k, mean_l k_l/||k_l||)``, the mean over
+          *every* key seen so far (re-scored as it moves).
+    causal : bool, default=False
+        Causal model: a query at position t sees keys at positions <= t.
+    window : int >= 1 or None
+        Sliding-window length (causal only): a query at t sees keys ``t-window < j <= t``.
+        Keys no later query can see are dropped as soon as they expire.
+    sinks, recent : int or None
+        Initial and most recent keys always held (counted in the budget).
+        Default :func:`~streamlev.softmax_scores.budget_plan`: causal models
+        ``min(4, budget // 4)`` sinks and ``floor(recent_fraction * budget)``
+        recent keys; bidirectional models none.
+    recent_fraction : float in [0, 1), default 0.25
+        Used only when ``recent`` is None.
+    half_life : float > 0 or None
+        ``"observed"`` in a causal model only: a query ``a`` positions older than
+        the latest one counts with weight ``2^(-a / half_life)`` (None: all
+        queries count equally). Stream-exact: held statistics are rescaled as
+        new queries arrive.
+    scale : float, default ``1/sqrt(d)``
+        Logit scale of the model (used by ``"observed"``).
+    offset : int >= 0, default 0
+        Position of the first key this selector will see (for :meth:`merge`).
+
+    Notes
+    -----
+    Positions: the i-th key ever fed has position ``offset + i`` and that is its
+    id. Queries passed to :meth:`update` with m rows are the queries at the last
+    m positions seen after the block is added (causal), or queries that see
+    every held key (bidirectional).
+
+    Streaming vs offline: feeding all keys (and queries) in one block gives
+    exactly the offline selection :func:`streamlev.selectors.select_softmax`.
+    Fed in several blocks, the result can differ from that offline top-B in
+    three stated ways: (1) an evicted key never comes back, even if a later
+    statistic (the running key mean of ``"keydiff"``, later queries of
+    ``"observed"`` / ``"mean_query"``) would rank it higher; (2) with
+    ``"observed"`` a query only attends over the keys held when it arrives (its
+    softmax denominator lacks the evicted keys, and keys arriving later in a
+    bidirectional model never receive its weight); (3) a key that was in the
+    forced recent window when a better key was evicted. With a static score
+    (``"small_norm"``, ``"large_norm"``) and no sliding window the streamed set equals the
+    offline one. ``benchmarks/softmax_selectors_families.py --streaming``
+    measures the difference on real heads.
+
+    Thread safety: public methods hold an internal lock.
+    """
+
+    def __init__(self, d: int, budget: int, *, rule: str = "observed", causal: bool = False,
+                 window: int | None = None, sinks: int | None = None, recent: int | None = None,
+                 recent_fraction: float = RECENT_FRACTION, half_life: float | None = None,
+                 scale: float | None = None, offset: int = 0):
+        c = "SoftmaxSelector"
+        self._d = check_dim(d, caller=c)
+        self._budget = _int_param(budget, "budget", 1, c)
+        if rule not in RULES:
+            raise ValueError(f"{c}: rule must be one of {RULES}; got {rule!r}.")
+        self._rule = rule
+        self._causal = bool(causal)
+        self._window = _int_param(window, "window", 1, c, allow_none=True)
+        if self._window is not None and not self._causal:
+            raise ValueError(f"{c}: a sliding window needs causal=True (got window={window}, causal=False).")
+        if not (isinstance(recent_fraction, numbers.Real) and 0.0 <= float(recent_fraction) < 1.0):
+            raise ValueError(f"{c}: recent_fraction must be a real number in [0, 1); got {recent_fraction!r}.")
+        ds, dr = budget_plan(self._budget, causal=self._causal, recent_fraction=float(recent_fraction), sinks=SINKS)
+        self._sinks = ds if sinks is None else _int_param(sinks, "sinks", 0, c)
+        self._recent = dr if recent is None else _int_param(recent, "recent", 0, c)
+        if self._sinks + self._recent > self._budget:
+            raise ValueError(f"{c}: sinks + recent must not exceed the budget; got sinks={self._sinks}, "
+                             f"recent={self._recent}, budget={self._budget}.")
+        if half_life is not None:
+            if isinstance(half_life, (bool, np.bool_)) or not isinstance(half_life, numbers.Real) or \
+                    not (0 < float(half_life) < np.inf):
+                raise ValueError(f"{c}: half_life must be a positive finite number or None; got {half_life!r}.")
+            if not self._causal:
+                raise ValueError(f"{c}: half_life needs causal=True (queries of a bidirectional model have no order).")
+        self._half_life = None if half_life is None else float(half_life)
+        if scale is None:
+            scale = 1.0 / np.sqrt(self._d)
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real) or not np.isfinite(scale) \
+                or float(scale) <= 0:
+            raise ValueError(f"{c}: scale must be a positive finite real number or None; got {scale!r}.")
+        self._scale = float(scale)
+        self._offset = _int_param(offset, "offset", 0, c)
+        self._lock = threading.RLock()
+        self._n = 0
+        self._nq = 0
+        self._tq = -1  # position of the latest query seen (for half_life)
+        self._ids = np.zeros(0, np.int64)
+        self._K = np.zeros((0, self._d))
+        self._sum = np.zeros(0)
+        self._cnt = np.zeros(0)
+        self._usum = np.zeros(self._d)  # sum of unit keys over every key seen ("keydiff")
+        self._qsum = np.zeros(self._d)  # sum of every query seen ("mean_query")
+
+    # ------------------------------------------------------------------ properties
+    d = property(lambda self: self._d, doc="Key dimension.")
+    budget = property(lambda self: self._budget, doc="Most keys ever held.")
+    rule = property(lambda self: self._rule, doc="The score rule.")
+    causal = property(lambda self: self._causal, doc="Whether the model is causal.")
+    window = property(lambda self: self._window, doc="Sliding-window length, or None.")
+    sinks = property(lambda self: self._sinks, doc="Initial keys always held.")
+    recent = property(lambda self: self._recent, doc="Most recent keys always held.")
+    scale = property(lambda self: self._scale, doc="Logit scale.")
+    half_life = property(lambda self: self._half_life, doc="Query half-life of ``observed`` (None: no decay).")
+    offset = property(lambda self: self._offset, doc="Position of the first key.")
+    n = property(lambda self: self._n, doc="Number of keys seen.")
+    n_queries = property(lambda self: self._nq, doc="Number of query vectors seen (heads x positions).")
+    num_retained = property(lambda self: int(self._ids.size), doc="Number of keys held (<= budget).")
+    is_empty = property(lambda self: self._n == 0 and self._nq == 0, doc="True before any key or query.")
+
+    def max_retained(self) -> int:
+        """A-priori bound on :attr:`num_retained`: ``min(budget, window - 1)`` (``budget`` without a window)."""
+        return self._budget if self._window is None else min(self._budget, max(self._window - 1, 0) or 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state arrays."""
+        return int(sum(a.nbytes for a in (self._ids, self._K, self._sum, self._cnt, self._usum, self._qsum)))
+
+    def __repr__(self) -> str:
+        return (f"SoftmaxSelector(d={self._d}, budget={self._budget}, rule={self._rule!r}, causal={self._causal}, "
+                f"window={self._window}, sinks={self._sinks}, recent={self._recent}; n={self._n}, "
+                f"num_retained={self.num_retained})")
+
+    # ------------------------------------------------------------------ scores
+    def _scores(self, K, s, c):
+        r = self._rule
+        if r == "observed":
+            return np.divide(s, c, out=np.zeros_like(s), where=c > 0)
+        if r == "mean_query":
+            return K @ (self._qsum / self._nq) if self._nq else np.zeros(K.shape[0])
+        if r == "large_norm":
+            return key_norm(K)
+        if r == "small_norm":
+            return -key_norm(K)
+        return keydiff(K, self._usum)
+
+    def scores(self):
+        """Held ids (sorted) and their current scores under the rule."""
+        with self._lock:
+            return self._ids.copy(), self._scores(self._K, self._sum, self._cnt)
+
+    def retained(self):
+        """Held ids (sorted) and keys, shape (r,) and (r, d) (copies)."""
+        with self._lock:
+            return self._ids.copy(), self._K.copy()
+
+    def kept(self) -> np.ndarray:
+        """Sorted ids of the keys held now."""
+        with self._lock:
+            return self._ids.copy()
+
+    def top(self, budget: int | None = None) -> np.ndarray:
+        """Sorted ids of the ``budget`` best held keys (forced sinks/recent first, then by score); all if None."""
+        with self._lock:
+            if budget is None:
+                return self._ids.copy()
+            b = _int_param(budget, "budget", 0, "SoftmaxSelector.top")
+            return self._choose(self._ids, self._K, self._sum, self._cnt, self._offset + self._n, b)
+
+    # ------------------------------------------------------------------ core
+    def _choose(self, ids, K, s, c, n_end, budget):
+        """Sorted ids kept among candidates: drop expired, force sinks and recent, fill by score (ties: lower id)."""
+        live = np.ones(ids.size, bool) if self._window is None else ids >= expired_before(n_end, self._window)
+        forced = live & ((ids < self._sinks) | (ids >= n_end - self._recent))
+        fid = ids[forced]
+        if fid.size > budget:  # only for top(b) below the forced count: sinks first, then the most recent
+            return np.sort(np.concatenate([fid[fid < self._sinks], fid[fid >= self._sinks][::-1]])[:budget])
+        rest = budget - fid.size
+        cand = np.flatnonzero(live & ~forced)
+        if rest and cand.size:
+            sc = self._scores(K[cand], s[cand], c[cand])
+            order = np.lexsort((ids[cand], -sc))[:rest]
+            fid = np.concatenate([fid, ids[cand[order]]])
+        return np.sort(fid)
+
+    def _check_queries(self, queries, m_keys, caller):
+        if queries is None:
+            return None
+        Q = _check_real_array(queries, name="queries", caller=caller)
+        if Q.ndim == 1:
+            Q = Q.reshape(1, 1, -1)
+        elif Q.ndim == 2:
+            Q = Q[None]
+        if Q.ndim != 3 or Q.shape[2] != self._d:
+            raise ValueError(f"{caller}: queries must have shape (m, {self._d}) or (g, m, {self._d}) for the g "
+                             f"query heads of this key/value head; got {np.shape(queries)}.")
+        if Q.size and not np.isfinite(Q).all():
+            raise ValueError(f"{caller}: queries contain NaN or Inf; the selector was left unchanged.")
+        if self._causal and Q.shape[1] > self._n + m_keys:
+            raise ValueError(f"{caller}: a causal selector takes the queries of the last m positions; got "
+                             f"{Q.shape[1]} queries but only {self._n + m_keys} positions exist.")
+        return np.asarray(Q, np.float64)
+
+    def update(self, keys, queries=None, *, return_changes: bool = False):
+        """Add a block of keys (the next positions), optionally with queries; evict down to the budget.
+
+        Parameters
+        ----------
+        keys : array_like of shape (m, d) or (d,)
+            Post-RoPE keys, as cached (m may be 0 to pass queries only).
+        queries : array_like of shape (mq, d) or (g, mq, d), optional
+            Observed queries (never the future ones being served), of the g query
+            heads reading this key/value head. Causal: the queries at the last
+            mq positions (each sees held and new keys up to its position, inside
+            the window). Bidirectional: they see every held and new key. Needed
+            by the query rules; ignored (but validated) by the key-only rules.
+        return_changes : bool, default False
+            Return a :class:`~streamlev.sketch.Changes` (``added``: ids of this
+            block that are held after the call; ``evicted``: ids held before the
+            call and not after) instead of self.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Wrong shapes, dtypes, NaN or Inf; the selector is left unchanged.
+        """
+        caller = "SoftmaxSelector.update"
+        K = check_keys(keys, self._d, caller=caller, check_finite=True)
+        K = np.asarray(K, np.float64)
+        m = K.shape[0]
+        Q = self._check_queries(queries, m, caller)
+        with self._lock:
+            before = self._ids.copy()
+            start = self._offset + self._n
+            new_ids = np.arange(start, start + m, dtype=np.int64)
+            ids = np.concatenate([self._ids, new_ids])
+            Kc = np.vstack([self._K, K])
+            s = np.concatenate([self._sum, np.zeros(m)])
+            c = np.concatenate([self._cnt, np.zeros(m)])
+            usum = self._usum + unit_sum(K)
+            qsum, nq, tq = self._qsum, self._nq, self._tq
+            n_end = start + m
+            if Q is not None and Q.shape[1]:
+                qpos = np.arange(n_end - Q.shape[1], n_end, dtype=np.int64)
+                w = None
+                if self._half_life is not None:  # weights relative to the latest query; rescale what is held
+                    w = np.exp2(-(qpos[-1] - qpos) / self._half_life)
+                    shrink = np.exp2(-(qpos[-1] - tq) / self._half_life) if tq >= 0 else 1.0
+                    s, c = s * shrink, c * shrink
+                if self._rule == "observed":
+                    for a in range(0, Q.shape[1], _QUERY_CHUNK):
+                        sl = slice(a, a + _QUERY_CHUNK)
+                        ds, dc = observed_attention(Kc, Q[:, sl], key_pos=ids, query_pos=qpos[sl],
+                                                    causal=self._causal, window=self._window, scale=self._scale,
+                                                    weights=None if w is None else w[sl])
+                        s, c = s + ds, c + dc
+                if self._causal:
+                    tq = max(tq, int(qpos[-1]))
+                qsum = qsum + Q.sum(axis=(0, 1))
+                nq = nq + Q.shape[0] * Q.shape[1]
+            self._usum, self._qsum, self._nq, self._tq = usum, qsum, nq, tq  # statistics of every key and query seen
+            keep = self._choose(ids, Kc, s, c, n_end, self._budget)
+            pos = np.searchsorted(ids, keep)
+            self._ids, self._K, self._sum, self._cnt = ids[pos], Kc[pos], s[pos], c[pos]
+            self._n += m
+            if return_changes:
+                return Changes(np.intersect1d(new_ids, self._ids), np.setdiff1d(before, self._ids))
+            return self
+
+    def merge(self, other: SoftmaxSelector, *, return_changes: bool = False):
+        """Append a selector of the *next* segment of the same stream (``other.offset == self.offset + self.n``).
+
+        The union of both held sets is cut back to the budget with each key's
+        own statistics; the running key and query statistics add. Stated
+        difference from one stream: the other segment's queries never saw this
+        segment's keys (and vice versa), so "observed" scores of a merged
+        selector count only within-segment attention. ``other`` is not changed.
+        """
+        caller = "SoftmaxSelector.merge"
+        if not isinstance(other, SoftmaxSelector):
+            raise TypeError(f"{caller}: expected a SoftmaxSelector, got {type(other).__name__}.")
+        if other is self:
+            raise ValueError(f"{caller}: cannot merge a selector with itself.")
+        mine = (self._d, self._budget, self._rule, self._causal, self._window, self._sinks, self._recent, self._scale,
+                self._half_life)
+        theirs = (other._d, other._budget, other._rule, other._causal, other._window, other._sinks, other._recent,
+                  other._scale, other._half_life)
+        if mine != theirs:
+            raise ValueError(f"{caller}: parameters differ (d, budget, rule, causal, window, sinks, recent, scale, half_life): "
+                             f"{mine} here, {theirs} in the other selector.")
+        if other._offset != self._offset + self._n:
+            raise ValueError(f"{caller}: the other selector must start where this one ends: its offset is "
+                             f"{other._offset}, expected {self._offset + self._n} (build it with offset=).")
+        with other._lock:
+            o = (other._ids.copy(), other._K.copy(), other._sum.copy(), other._cnt.copy(), other._usum.copy(),
+                 other._qsum.copy(), other._nq, other._n, other._tq)
+        with self._lock:
+            before = self._ids.copy()
+            ids = np.concatenate([self._ids, o[0]])
+            Kc, s, c = np.vstack([self._K, o[1]]), np.concatenate([self._sum, o[2]]), np.concatenate([self._cnt, o[3]])
+            if self._half_life is not None and o[8] >= 0 and self._tq >= 0:  # the other segment's queries are later
+                shrink = np.exp2(-(o[8] - self._tq) / self._half_life)
+                s[: self._ids.size] *= shrink
+                c[: self._ids.size] *= shrink
+            self._usum, self._qsum, self._nq = self._usum + o[4], self._qsum + o[5], self._nq + o[6]
+            self._tq = max(self._tq, o[8])
+            n_end = self._offset + self._n + o[7]
+            keep = self._choose(ids, Kc, s, c, n_end, self._budget)
+            pos = np.searchsorted(ids, keep)
+            self._ids, self._K, self._sum, self._cnt = ids[pos], Kc[pos], s[pos], c[pos]
+            self._n += o[7]
+            if return_changes:
+                return Changes(np.intersect1d(o[0], self._ids), np.setdiff1d(before, self._ids))
+            return self
+
+    # ------------------------------------------------------------------ bytes, equality
+    def to_bytes(self) -> bytes:
+        """Versioned, CRC-checked bytes (the streamlev format; no pickle)."""
+        with self._lock:
+            return _format.dump("SoftmaxSelector", {
+                "d": np.int64(self._d), "budget": np.int64(self._budget), "rule": np.int64(RULES.index(self._rule)),
+                "causal": np.int64(self._causal), "window": np.int64(self._window or 0),
+                "sinks": np.int64(self._sinks), "recent": np.int64(self._recent), "scale": np.float64(self._scale),
+                "offset": np.int64(self._offset), "n": np.int64(self._n), "nq": np.int64(self._nq),
+                "half_life": np.float64(self._half_life or 0.0), "tq": np.int64(self._tq),
+                "ids": self._ids, "keys": self._K, "sum": self._sum, "count": self._cnt, "usum": self._usum,
+                "qsum": self._qsum})
+
+    @classmethod
+    def from_bytes(cls, data) -> SoftmaxSelector:
+        """Rebuild from :meth:`to_bytes` output; ValueError on anything else."""
+        f = _format.load(data, "SoftmaxSelector", {
+            "d": ((), "i8"), "budget": ((), "i8"), "rule": ((), "i8"), "causal": ((), "i8"), "window": ((), "i8"),
+            "sinks": ((), "i8"), "recent": ((), "i8"), "scale": ((), "f8"), "offset": ((), "i8"), "n": ((), "i8"),
+            "nq": ((), "i8"), "half_life": ((), "f8"), "tq": ((), "i8"), "ids": (("r",), "i8"), "keys": (("r", "d"), "f8"), "sum": (("r",), "f8"),
+            "count": (("r",), "f8"), "usum": (("d",), "f8"), "qsum": (("d",), "f8")})
+        d, r = int(f["d"]), f["ids"].shape[0]
+        rule = int(f["rule"])
+        if not 0 <= rule < len(RULES) or int(f["causal"]) not in (0, 1) or int(f["window"]) < 0:
+            raise ValueError("SoftmaxSelector.from_bytes: corrupt parameters.")
+        try:
+            sk = cls(d, int(f["budget"]), rule=RULES[rule], causal=bool(int(f["causal"])),
+                     window=int(f["window"]) or None, sinks=int(f["sinks"]), recent=int(f["recent"]),
+                     half_life=float(f["half_life"]) or None, scale=float(f["scale"]), offset=int(f["offset"]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"SoftmaxSelector.from_bytes: corrupt parameters ({exc}).") from None
+        n, nq, ids = int(f["n"]), int(f["nq"]), f["ids"]
+        if n < 0 or nq < 0 or r > sk.max_retained() or f["keys"].shape != (r, d) or \
+                (r and (np.any(np.diff(ids) <= 0) or ids[0] < sk._offset or ids[-1] >= sk._offset + n)):
+            raise ValueError("SoftmaxSelector.from_bytes: inconsistent state (sizes or ids).")
+        arrays = [f[k] for k in ("keys", "sum", "count", "usum", "qsum")]
+        if not all(np.isfinite(a).all() for a in arrays) or np.any(f["count"] < 0) or np.any(f["sum"] < 0):
+            raise ValueError("SoftmaxSelector.from_bytes: statistics contain NaN, Inf or negative values.")
+        tq = int(f["tq"])
+        if not -1 <= tq < sk._offset + n or (tq == -1) != (nq == 0 or not sk._causal):
+            raise ValueError("SoftmaxSelector.from_bytes: inconsistent query position.")
+        sk._n, sk._nq, sk._tq = n, nq, int(f["tq"])
+        sk._ids, sk._K, sk._sum, sk._cnt = ids.copy(), f["keys"].copy(), f["sum"].copy(), f["count"].copy()
+        sk._usum, sk._qsum = f["usum"].copy(), f["qsum"].copy()
+        return sk
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SoftmaxSelector):
+            return NotImplemented
+        return self.to_bytes() == other.to_bytes()
+
+    __hash__ = None
+
+
+# ---------------------------------------------------------------------- the documented defaults
+QUERY_HALF_LIFE = 32.0  # causal query class: half-life of a query's weight, in positions (chosen on SmolLM2)
+KEY_RECENT_FRACTION = 0.5  # causal key-only class: share of the budget for the most recent keys (chosen on SmolLM2)
+
+
+def default_selector(d: int, budget: int, *, queries: bool, causal: bool = False, window: int | None = None,
+                     scale: float | None = None) -> SoftmaxSelector:
+    """The documented default :class:`SoftmaxSelector` of each class (``docs/softmax_selectors.md``).
+
+    * query class (``queries=True``): ``rule="observed"`` (mean attention from the
+      observed queries, pooled over the group), no forced sinks or recent keys;
+      causal models weight a query by ``2^(-age / 32)`` (``QUERY_HALF_LIFE``);
+    * key-only class, causal: ``rule="small_norm"`` with ``min(4, budget // 4)`` sinks
+      and the ``floor(0.5 * budget)`` most recent keys;
+    * key-only class, bidirectional: ``rule="keydiff"`` (the running mean key direction).
+
+    Every constant was chosen on MiniLM and SmolLM2 only and confirmed on a ViT
+    and on Gemma 3 (``benchmarks/softmax_selectors_families.py``).
+    """
+    if queries:
+        return SoftmaxSelector(d, budget, rule="observed", causal=causal, window=window, sinks=0, recent=0,
+                               half_life=QUERY_HALF_LIFE if causal else None, scale=scale)
+    if causal:
+        return SoftmaxSelector(d, budget, rule="small_norm", causal=True, window=window,
+                               recent_fraction=KEY_RECENT_FRACTION, scale=scale)
+    return SoftmaxSelector(d, budget, rule="keydiff", causal=False, scale=scale)
+
+
+def select_softmax(K, budget: int, *, queries=None, causal: bool = False, window: int | None = None,
+                   scale: float | None = None) -> np.ndarray:
+    """Sorted indices of the keys the default softmax selector keeps, offline.
+
+    Equal to :func:`default_selector` fed with ``K`` (and ``queries``) in one block.
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+        Keys of one key/value head, post-RoPE (what a KV cache holds).
+    budget : int >= 1
+        Keys kept (``min(budget, n)``, fewer when a sliding window leaves fewer visible keys).
+    queries : array_like of shape (m, d) or (g, m, d), optional
+        Observed queries only (never the future ones being served): None selects
+        the key-only default; (g, m, d) are the g query heads sharing this
+        key/value head. Causal models: the queries at positions ``n - m .. n - 1``.
+    causal : bool, default False
+    window : int or None
+        Sliding-window length of the layer (causal only).
+    scale : float, default ``1/sqrt(d)``
+
+    Returns
+    -------
+    kept : ndarray of int64, sorted
+
+    Notes
+    -----
+    A heuristic for softmax: no share of softmax mass is guaranteed. Measured
+    on five data sets of four model families in ``docs/softmax_selectors.md``.
+    """
+    if np.ndim(K) != 2:
+        raise ValueError(f"select_softmax: K must be 2-D of shape (n, d); got shape {np.shape(K)}.")
+    K = check_keys(K, np.shape(K)[1], caller="select_softmax")
+    sk = default_selector(K.shape[1], budget, queries=queries is not None, causal=causal, window=window, scale=scale)
+    return sk.update(K, queries).kept()
