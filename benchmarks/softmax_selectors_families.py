@@ -68,9 +68,9 @@ QUERY_PEERS = ("mean_query", "kvpress_eap", "kvpress_eap_novnorm", "snapkv", "to
 OURS = {"key-only": "default_key", "query": "default_query"}
 # Ablations of the defaults (SoftmaxSelector keyword arguments; "q" marks the query class), reported in the full tables.
 VARIANTS = {
+    "observed_not_moved": (True, dict(rule="observed", sinks=0, recent=0, half_life=128.0, rope_theta=None)),
     "observed_no_decay": (True, dict(rule="observed", sinks=0, recent=0)),
-    "observed_half_life_128": (True, dict(rule="observed", sinks=0, recent=0, half_life=128.0)),
-    "observed+sinks4": (True, dict(rule="observed", sinks=4, recent=0, half_life=32.0)),
+    "observed+sinks4": (True, dict(rule="observed", sinks=4, recent=0, half_life=128.0)),
     "small_norm+sinks+recent25%": (False, dict(rule="small_norm", recent_fraction=0.25)),
     "keydiff+sinks+recent50%": (False, dict(rule="keydiff", recent_fraction=0.5)),
     "large_norm+sinks1": (False, dict(rule="large_norm", sinks=1, recent=0)),
@@ -165,11 +165,13 @@ def group_rows(g, kv):
     for B in Bs:
         sets.setdefault("default_key", {})[B] = select_softmax(g.K, B, causal=g.causal, window=g.window)
         sets.setdefault("default_query", {})[B] = select_softmax(g.K, B, queries=g.Qseen, causal=g.causal,
-                                                                 window=g.window)
+                                                                 window=g.window, rope_theta=g.rope_theta)
     for name, (use_q, kw) in VARIANTS.items():
         kw = dict(kw)
+        kw.setdefault("rope_theta", g.rope_theta)
         if not g.causal:  # sinks/recent/half-life are causal notions, except an explicit sink
             kw.pop("half_life", None)
+            kw["rope_theta"] = None
             kw.pop("recent_fraction", None)
             kw["recent"] = 0
             kw.setdefault("sinks", 0)
@@ -203,7 +205,7 @@ def streaming_rows(g, block=64):
         B = max(1, int(g.N * f))
         for cls, use_q in (("key-only", False), ("query", True)):
             off = select_softmax(g.K, B, queries=g.Qseen if use_q else None, causal=g.causal, window=g.window)
-            sk = _default_selector(d, B, use_q, g.causal, g.window)
+            sk = default_selector(d, B, queries=use_q, causal=g.causal, window=g.window, rope_theta=g.rope_theta)
             for a in range(0, g.N, block):
                 b = min(g.N, a + block)
                 if use_q and g.causal:
@@ -216,10 +218,6 @@ def streaming_rows(g, block=64):
             rows.append({"family": g.family, "frac": f, "class": cls, "offline": g.mass(off), "streaming": g.mass(st),
                          "overlap": len(np.intersect1d(off, st)) / max(1, len(off)), "oracle": g.oracle(B)})
     return rows
-
-
-def _default_selector(d, B, use_q, causal, window):
-    return default_selector(d, B, queries=use_q, causal=causal, window=window)
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -16,79 +16,93 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["visible", "observed_attention", "key_norm", "keydiff", "unit_sum", "budget_plan", "expired_before",
+__all__ = ["rope_shift", "observed_attention", "key_norm", "keydiff", "unit_sum", "budget_plan", "expired_before",
            "SINKS", "RECENT_FRACTION"]
 
 SINKS = 4  # initial keys kept by causal budgets (StreamingLLM keeps 4 "attention sinks")
 RECENT_FRACTION = 0.25  # share of a causal budget given to the most recent keys (see budget_plan)
 
 
-def visible(key_pos, query_pos, *, causal: bool, window: int | None) -> np.ndarray | None:
-    """Bool (m, n) mask of the keys each query sees, or None when every query sees every key."""
-    if not causal:
-        return None
-    kp = np.asarray(key_pos, np.int64)[None, :]
-    qp = np.asarray(query_pos, np.int64)[:, None]
-    vis = kp <= qp
-    if window is not None:
-        vis &= kp > qp - int(window)
-    return vis
+def rope_shift(Q, delta, theta: float) -> np.ndarray:
+    """Move post-RoPE vectors by ``delta`` positions: ``R_delta q`` (rotate-half RoPE with base ``theta``).
+
+    ``Q`` has shape (..., m, d) with d even and ``delta`` shape (m,). RoPE
+    rotations compose (``R_a R_b = R_(a+b)``), so a query cached at position
+    ``i`` and shifted by ``t - i`` is exactly that query's content at position ``t``.
+    """
+    Q = np.asarray(Q, np.float64)
+    d = Q.shape[-1]
+    ang = np.outer(np.asarray(delta, np.float64), float(theta) ** (-np.arange(0, d, 2) / d))
+    ang = np.concatenate([ang, ang], axis=1)
+    rot = np.concatenate([-Q[..., d // 2:], Q[..., : d // 2]], axis=-1)
+    return Q * np.cos(ang) + rot * np.sin(ang)
 
 
-def observed_attention(K, Q, *, key_pos, query_pos, causal: bool, window: int | None = None,
-                       scale: float | None = None, weights=None):
-    """Softmax weight each key receives from each observed query, summed; and how many queries saw it.
+def observed_attention(K, key_pos, Q, query_pos, *, next_pos: int, causal: bool, window: int | None = None,
+                       rope_theta: float | None = None, half_life: float | None = None,
+                       scale: float | None = None) -> np.ndarray:
+    """Mean softmax weight of each key under the observed queries, moved to the next position.
 
     Parameters
     ----------
     K : ndarray of shape (n, d)
-        Keys (post-RoPE, as cached), at positions ``key_pos`` (n,).
+        Keys (post-RoPE, as cached) at positions ``key_pos`` (n,).
     Q : ndarray of shape (m, d) or (g, m, d)
-        Queries at positions ``query_pos`` (m,); with (g, m, d) the queries of
-        the g query heads that read these keys (grouped-query attention).
+        Observed queries (post-RoPE) at positions ``query_pos`` (m,); (g, m, d)
+        for the g query heads that read these keys (grouped-query attention).
+    next_pos : int
+        Position of the next query (causal models), where the queries are moved.
     causal, window : model structure (see the module docstring).
+    rope_theta : float or None
+        RoPE base (rotate-half convention): causal queries are moved by
+        :func:`rope_shift` to ``next_pos``; None: no rotary embedding (no move).
+    half_life : float or None
+        Causal only: a query ``a`` positions older than the newest counts
+        ``2^(-a / half_life)``.
     scale : float, default ``1/sqrt(d)``
-        Logit scale.
-    weights : ndarray of shape (m,), optional
-        Weight of each query position (default 1): sums and counts are weighted.
 
     Returns
     -------
-    sums : ndarray of shape (n,)
-        ``sum_{h, i : i sees j} softmax_j(scale * q_hi . k)`` over the keys
-        each query sees *among these n* (rows with no visible key add nothing).
-    counts : ndarray of shape (n,)
-        Number of (head, query) pairs that saw key j.
+    scores : ndarray of shape (n,)
+        ``sum_{h,i} w_i softmax_j(scale * q'_hi . k) / (g sum_i w_i)`` over the
+        keys a query at ``next_pos`` sees (causal: ``j < next_pos`` and inside
+        the window; bidirectional: all), 0 for the others. Pooling over the g
+        heads is the mean (chosen by measurement, ``docs/softmax_selectors.md``).
 
     Notes
     -----
-    ``sums / counts`` is the mean attention a key received from the queries that
-    could attend to it: dividing by the count removes the causal bias towards
-    early keys (which more queries see). Pooling over the g heads is the mean
-    (one count per head and query), chosen by measurement over max pooling
-    and per-head softmax averaging (``docs/softmax_selectors.md``).
+    Moving a query to the next position asks "which keys would this query's
+    content attend to if it came next": the relative RoPE distances become
+    those a future query has. On SmolLM2 this beats the attention the queries
+    paid at their own positions (98.3% vs 97.0% of the oracle at N/16).
     """
     K = np.asarray(K, np.float64)
     Q = np.asarray(Q, np.float64)
     if Q.ndim == 2:
         Q = Q[None]
     n, d = K.shape
+    g, m = Q.shape[0], Q.shape[1]
+    out = np.zeros(n)
+    if n == 0 or m == 0:
+        return out
     s = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    if n == 0 or Q.shape[1] == 0:
-        return np.zeros(n), np.zeros(n)
-    vis = visible(key_pos, query_pos, causal=causal, window=window)
-    S = np.einsum("hid,jd->hij", Q, K) * s
-    if vis is not None:
-        S = np.where(vis[None], S, -np.inf)
-    top = S.max(axis=-1, keepdims=True)
-    ok = np.isfinite(top)  # a query that sees none of these keys contributes nothing
-    P = np.exp(S - np.where(ok, top, 0.0))
-    P /= np.where(ok, P.sum(axis=-1, keepdims=True), 1.0)
-    P = np.where(ok, P, 0.0)
-    w = np.ones(Q.shape[1]) if weights is None else np.asarray(weights, np.float64)
-    seen = ok[..., 0] * w[None, :]  # (g, m): weight of each (head, query) that sees at least one key
-    counts = np.einsum("hi,ij->j", seen, vis) if vis is not None else np.full(n, float(seen.sum()))
-    return np.einsum("hij,i->j", P, w), counts.astype(np.float64)
+    qpos = np.asarray(query_pos, np.float64)
+    w = np.ones(m) if (half_life is None or not causal) else np.exp2(-(qpos.max() - qpos) / float(half_life))
+    vis = np.ones(n, bool)
+    if causal:
+        kp = np.asarray(key_pos, np.int64)
+        vis = kp < int(next_pos)
+        if window is not None:
+            vis &= kp > int(next_pos) - int(window)
+        if rope_theta is not None:
+            Q = rope_shift(Q, int(next_pos) - qpos, rope_theta)
+    if not vis.any():
+        return out
+    S = np.einsum("hid,jd->hij", Q, K[vis]) * s
+    P = np.exp(S - S.max(axis=-1, keepdims=True))
+    P /= P.sum(axis=-1, keepdims=True)
+    out[vis] = np.einsum("hij,i->j", P, w) / (g * w.sum())
+    return out
 
 
 def key_norm(K) -> np.ndarray:

@@ -23,12 +23,21 @@ from .sketch import Changes
 from .softmax_scores import (RECENT_FRACTION, SINKS, budget_plan, expired_before, key_norm, keydiff,
                              observed_attention, unit_sum)
 
+QUERY_BUFFER = 512  # observed query positions kept by the "observed" rule (its only memory besides the keys)
+
 __all__ = ["SoftmaxSelector", "RULES", "QUERY_RULES", "KEY_RULES"]
 
 QUERY_RULES = ("observed", "mean_query")
 KEY_RULES = ("small_norm", "large_norm", "keydiff")
 RULES = QUERY_RULES + KEY_RULES
-_QUERY_CHUNK = 256  # queries scored per step: bounds the (g, chunk, held + block) logit array
+
+
+def _pos_real(x, name, caller):
+    if x is None:
+        return None
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not (0 < float(x) < np.inf):
+        raise ValueError(f"{caller}: {name} must be a positive finite real number or None; got {x!r}.")
+    return float(x)
 
 
 def _int_param(x, name, lo, caller, allow_none=False):
@@ -40,7 +49,7 @@ def _int_param(x, name, lo, caller, allow_none=False):
 
 
 class SoftmaxSelector(ByteRoundTrip):
-    """At most ``budget`` keys of one key/value head, chosen in one streaming pass; optional query statistics.
+    """At most ``budget`` keys of one key/value head, chosen in one streaming pass; optional observed queries.
 
     Parameters
     ----------
@@ -51,10 +60,12 @@ class SoftmaxSelector(ByteRoundTrip):
     rule : str
         How the keys outside the sinks and recent window are ranked (higher = keep):
 
-        * ``"observed"`` (query class): mean softmax weight a key received from
-          the queries that could see it, ``sum / count`` of
-          :func:`~streamlev.softmax_scores.observed_attention`, pooled over the
-          query heads of the group; a key no query has seen scores 0;
+        * ``"observed"`` (query class): mean softmax weight each held key gets
+          from the latest ``query_buffer`` observed queries, each moved to the
+          next position by RoPE (causal, ``rope_theta`` given) and weighted by
+          ``2^(-age / half_life)``, pooled (mean) over the group's query heads:
+          :func:`~streamlev.softmax_scores.observed_attention`. Recomputed on
+          every update, so held keys are re-scored as the queries move on;
         * ``"mean_query"`` (query class): ``k . mean(q)`` over every query seen;
         * ``"small_norm"`` (key-only): ``-||k||`` (the rule of kvpress ``KnormPress``);
         * ``"large_norm"`` (key-only): ``||k||``;
@@ -72,13 +83,16 @@ class SoftmaxSelector(ByteRoundTrip):
         recent keys; bidirectional models none.
     recent_fraction : float in [0, 1), default 0.25
         Used only when ``recent`` is None.
+    rope_theta : float or None
+        RoPE base of the layer (rotate-half convention, as in Llama, Gemma,
+        Mistral): lets ``"observed"`` move cached post-RoPE queries to the next
+        position. None for models without rotary embeddings.
     half_life : float > 0 or None
-        ``"observed"`` in a causal model only: a query ``a`` positions older than
-        the latest one counts with weight ``2^(-a / half_life)`` (None: all
-        queries count equally). Stream-exact: held statistics are rescaled as
-        new queries arrive.
+        ``"observed"`` in a causal model: query age weighting (None: equal weights).
+    query_buffer : int >= 1, default 512
+        Observed query positions ``"observed"`` keeps (the newest).
     scale : float, default ``1/sqrt(d)``
-        Logit scale of the model (used by ``"observed"``).
+        Logit scale of the model.
     offset : int >= 0, default 0
         Position of the first key this selector will see (for :meth:`merge`).
 
@@ -89,27 +103,30 @@ class SoftmaxSelector(ByteRoundTrip):
     m positions seen after the block is added (causal), or queries that see
     every held key (bidirectional).
 
+    Memory: ``budget`` keys plus, for ``"observed"``, ``g * query_buffer``
+    queries. Time per update: ``O(g * query_buffer * (held + block) * d)``.
+
     Streaming vs offline: feeding all keys (and queries) in one block gives
-    exactly the offline selection :func:`streamlev.selectors.select_softmax`.
-    Fed in several blocks, the result can differ from that offline top-B in
-    three stated ways: (1) an evicted key never comes back, even if a later
-    statistic (the running key mean of ``"keydiff"``, later queries of
-    ``"observed"`` / ``"mean_query"``) would rank it higher; (2) with
-    ``"observed"`` a query only attends over the keys held when it arrives (its
-    softmax denominator lacks the evicted keys, and keys arriving later in a
-    bidirectional model never receive its weight); (3) a key that was in the
-    forced recent window when a better key was evicted. With a static score
-    (``"small_norm"``, ``"large_norm"``) and no sliding window the streamed set equals the
-    offline one. ``benchmarks/softmax_selectors_families.py --streaming``
-    measures the difference on real heads.
+    exactly the offline selection :func:`select_softmax`. Fed in several blocks,
+    the result can differ from that offline top-B in three stated ways: (1) an
+    evicted key never comes back, even if a later statistic (new queries, the
+    running key mean of ``"keydiff"``) would rank it higher; (2) with
+    ``"observed"`` the softmax of each buffered query runs over the keys held
+    at that time, not over every key ever seen; (3) a key that was in the forced
+    recent window when a better key was evicted stays while the other is gone.
+    With a static score (``"small_norm"``, ``"large_norm"``) and no sliding
+    window the streamed set equals the offline one.
+    ``benchmarks/softmax_selectors_families.py --streaming`` measures the
+    difference on real heads.
 
     Thread safety: public methods hold an internal lock.
     """
 
     def __init__(self, d: int, budget: int, *, rule: str = "observed", causal: bool = False,
                  window: int | None = None, sinks: int | None = None, recent: int | None = None,
-                 recent_fraction: float = RECENT_FRACTION, half_life: float | None = None,
-                 scale: float | None = None, offset: int = 0):
+                 recent_fraction: float = RECENT_FRACTION, rope_theta: float | None = None,
+                 half_life: float | None = None, query_buffer: int = QUERY_BUFFER, scale: float | None = None,
+                 offset: int = 0):
         c = "SoftmaxSelector"
         self._d = check_dim(d, caller=c)
         self._budget = _int_param(budget, "budget", 1, c)
@@ -128,28 +145,22 @@ class SoftmaxSelector(ByteRoundTrip):
         if self._sinks + self._recent > self._budget:
             raise ValueError(f"{c}: sinks + recent must not exceed the budget; got sinks={self._sinks}, "
                              f"recent={self._recent}, budget={self._budget}.")
-        if half_life is not None:
-            if isinstance(half_life, (bool, np.bool_)) or not isinstance(half_life, numbers.Real) or \
-                    not (0 < float(half_life) < np.inf):
-                raise ValueError(f"{c}: half_life must be a positive finite number or None; got {half_life!r}.")
-            if not self._causal:
-                raise ValueError(f"{c}: half_life needs causal=True (queries of a bidirectional model have no order).")
-        self._half_life = None if half_life is None else float(half_life)
-        if scale is None:
-            scale = 1.0 / np.sqrt(self._d)
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real) or not np.isfinite(scale) \
-                or float(scale) <= 0:
-            raise ValueError(f"{c}: scale must be a positive finite real number or None; got {scale!r}.")
-        self._scale = float(scale)
+        self._theta = _pos_real(rope_theta, "rope_theta", c)
+        if self._theta is not None and self._d % 2:
+            raise ValueError(f"{c}: rope_theta needs an even dimension d (rotary pairs); got d={self._d}.")
+        self._half_life = _pos_real(half_life, "half_life", c)
+        if self._half_life is not None and not self._causal:
+            raise ValueError(f"{c}: half_life needs causal=True (queries of a bidirectional model have no order).")
+        self._qcap = _int_param(query_buffer, "query_buffer", 1, c)
+        self._scale = _pos_real(scale, "scale", c) or 1.0 / np.sqrt(self._d)
         self._offset = _int_param(offset, "offset", 0, c)
         self._lock = threading.RLock()
         self._n = 0
         self._nq = 0
-        self._tq = -1  # position of the latest query seen (for half_life)
         self._ids = np.zeros(0, np.int64)
         self._K = np.zeros((0, self._d))
-        self._sum = np.zeros(0)
-        self._cnt = np.zeros(0)
+        self._Qb = np.zeros((0, 0, self._d))  # (g, buffered, d) newest observed queries ("observed")
+        self._qb_pos = np.zeros(0, np.int64)
         self._usum = np.zeros(self._d)  # sum of unit keys over every key seen ("keydiff")
         self._qsum = np.zeros(self._d)  # sum of every query seen ("mean_query")
 
@@ -161,8 +172,10 @@ class SoftmaxSelector(ByteRoundTrip):
     window = property(lambda self: self._window, doc="Sliding-window length, or None.")
     sinks = property(lambda self: self._sinks, doc="Initial keys always held.")
     recent = property(lambda self: self._recent, doc="Most recent keys always held.")
-    scale = property(lambda self: self._scale, doc="Logit scale.")
+    rope_theta = property(lambda self: self._theta, doc="RoPE base used to move queries, or None.")
     half_life = property(lambda self: self._half_life, doc="Query half-life of ``observed`` (None: no decay).")
+    query_buffer = property(lambda self: self._qcap, doc="Observed query positions kept.")
+    scale = property(lambda self: self._scale, doc="Logit scale.")
     offset = property(lambda self: self._offset, doc="Position of the first key.")
     n = property(lambda self: self._n, doc="Number of keys seen.")
     n_queries = property(lambda self: self._nq, doc="Number of query vectors seen (heads x positions).")
@@ -171,12 +184,12 @@ class SoftmaxSelector(ByteRoundTrip):
 
     def max_retained(self) -> int:
         """A-priori bound on :attr:`num_retained`: ``min(budget, window - 1)`` (``budget`` without a window)."""
-        return self._budget if self._window is None else min(self._budget, max(self._window - 1, 0) or 1)
+        return self._budget if self._window is None else max(1, min(self._budget, self._window - 1))
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the state arrays."""
-        return int(sum(a.nbytes for a in (self._ids, self._K, self._sum, self._cnt, self._usum, self._qsum)))
+        return int(sum(a.nbytes for a in (self._ids, self._K, self._Qb, self._qb_pos, self._usum, self._qsum)))
 
     def __repr__(self) -> str:
         return (f"SoftmaxSelector(d={self._d}, budget={self._budget}, rule={self._rule!r}, causal={self._causal}, "
@@ -184,10 +197,12 @@ class SoftmaxSelector(ByteRoundTrip):
                 f"num_retained={self.num_retained})")
 
     # ------------------------------------------------------------------ scores
-    def _scores(self, K, s, c):
+    def _scores(self, ids, K, n_end):
         r = self._rule
         if r == "observed":
-            return np.divide(s, c, out=np.zeros_like(s), where=c > 0)
+            return observed_attention(K, ids, self._Qb, self._qb_pos, next_pos=n_end, causal=self._causal,
+                                      window=self._window, rope_theta=self._theta, half_life=self._half_life,
+                                      scale=self._scale)
         if r == "mean_query":
             return K @ (self._qsum / self._nq) if self._nq else np.zeros(K.shape[0])
         if r == "large_norm":
@@ -199,7 +214,7 @@ class SoftmaxSelector(ByteRoundTrip):
     def scores(self):
         """Held ids (sorted) and their current scores under the rule."""
         with self._lock:
-            return self._ids.copy(), self._scores(self._K, self._sum, self._cnt)
+            return self._ids.copy(), self._scores(self._ids, self._K, self._offset + self._n)
 
     def retained(self):
         """Held ids (sorted) and keys, shape (r,) and (r, d) (copies)."""
@@ -212,15 +227,15 @@ class SoftmaxSelector(ByteRoundTrip):
             return self._ids.copy()
 
     def top(self, budget: int | None = None) -> np.ndarray:
-        """Sorted ids of the ``budget`` best held keys (forced sinks/recent first, then by score); all if None."""
+        """Sorted ids of the ``budget`` best held keys (sinks, recent, then by score); all held if None."""
         with self._lock:
             if budget is None:
                 return self._ids.copy()
             b = _int_param(budget, "budget", 0, "SoftmaxSelector.top")
-            return self._choose(self._ids, self._K, self._sum, self._cnt, self._offset + self._n, b)
+            return self._choose(self._ids, self._K, self._offset + self._n, b)
 
     # ------------------------------------------------------------------ core
-    def _choose(self, ids, K, s, c, n_end, budget):
+    def _choose(self, ids, K, n_end, budget):
         """Sorted ids kept among candidates: drop expired, force sinks and recent, fill by score (ties: lower id)."""
         live = np.ones(ids.size, bool) if self._window is None else ids >= expired_before(n_end, self._window)
         forced = live & ((ids < self._sinks) | (ids >= n_end - self._recent))
@@ -230,7 +245,7 @@ class SoftmaxSelector(ByteRoundTrip):
         rest = budget - fid.size
         cand = np.flatnonzero(live & ~forced)
         if rest and cand.size:
-            sc = self._scores(K[cand], s[cand], c[cand])
+            sc = self._scores(ids[cand], K[cand], n_end)
             order = np.lexsort((ids[cand], -sc))[:rest]
             fid = np.concatenate([fid, ids[cand[order]]])
         return np.sort(fid)
@@ -248,10 +263,19 @@ class SoftmaxSelector(ByteRoundTrip):
                              f"query heads of this key/value head; got {np.shape(queries)}.")
         if Q.size and not np.isfinite(Q).all():
             raise ValueError(f"{caller}: queries contain NaN or Inf; the selector was left unchanged.")
+        if self._Qb.shape[1] and Q.shape[0] != self._Qb.shape[0]:
+            raise ValueError(f"{caller}: earlier queries came from {self._Qb.shape[0]} query heads, these from "
+                             f"{Q.shape[0]}; pass the same group of heads every time.")
         if self._causal and Q.shape[1] > self._n + m_keys:
             raise ValueError(f"{caller}: a causal selector takes the queries of the last m positions; got "
                              f"{Q.shape[1]} queries but only {self._n + m_keys} positions exist.")
         return np.asarray(Q, np.float64)
+
+    def _push_queries(self, Q, qpos):
+        """Append observed queries to the buffer (the newest ``query_buffer`` positions stay)."""
+        Qb = Q if not self._Qb.shape[1] else np.concatenate([self._Qb, Q], axis=1)
+        pos = np.concatenate([self._qb_pos, qpos])
+        return Qb[:, -self._qcap:], pos[-self._qcap:]
 
     def update(self, keys, queries=None, *, return_changes: bool = False):
         """Add a block of keys (the next positions), optionally with queries; evict down to the budget.
@@ -262,10 +286,9 @@ class SoftmaxSelector(ByteRoundTrip):
             Post-RoPE keys, as cached (m may be 0 to pass queries only).
         queries : array_like of shape (mq, d) or (g, mq, d), optional
             Observed queries (never the future ones being served), of the g query
-            heads reading this key/value head. Causal: the queries at the last
-            mq positions (each sees held and new keys up to its position, inside
-            the window). Bidirectional: they see every held and new key. Needed
-            by the query rules; ignored (but validated) by the key-only rules.
+            heads reading this key/value head, post-RoPE. Causal: the queries at
+            the last mq positions. Bidirectional: queries that see every key.
+            Used by the query rules; ignored (but validated) by the key-only rules.
         return_changes : bool, default False
             Return a :class:`~streamlev.sketch.Changes` (``added``: ids of this
             block that are held after the call; ``evicted``: ids held before the
@@ -277,43 +300,26 @@ class SoftmaxSelector(ByteRoundTrip):
             Wrong shapes, dtypes, NaN or Inf; the selector is left unchanged.
         """
         caller = "SoftmaxSelector.update"
-        K = check_keys(keys, self._d, caller=caller, check_finite=True)
-        K = np.asarray(K, np.float64)
+        K = np.asarray(check_keys(keys, self._d, caller=caller, check_finite=True), np.float64)
         m = K.shape[0]
         Q = self._check_queries(queries, m, caller)
         with self._lock:
             before = self._ids.copy()
             start = self._offset + self._n
-            new_ids = np.arange(start, start + m, dtype=np.int64)
+            n_end = start + m
+            new_ids = np.arange(start, n_end, dtype=np.int64)
             ids = np.concatenate([self._ids, new_ids])
             Kc = np.vstack([self._K, K])
-            s = np.concatenate([self._sum, np.zeros(m)])
-            c = np.concatenate([self._cnt, np.zeros(m)])
-            usum = self._usum + unit_sum(K)
-            qsum, nq, tq = self._qsum, self._nq, self._tq
-            n_end = start + m
+            Qb, qb_pos, qsum, nq = self._Qb, self._qb_pos, self._qsum, self._nq
             if Q is not None and Q.shape[1]:
                 qpos = np.arange(n_end - Q.shape[1], n_end, dtype=np.int64)
-                w = None
-                if self._half_life is not None:  # weights relative to the latest query; rescale what is held
-                    w = np.exp2(-(qpos[-1] - qpos) / self._half_life)
-                    shrink = np.exp2(-(qpos[-1] - tq) / self._half_life) if tq >= 0 else 1.0
-                    s, c = s * shrink, c * shrink
-                if self._rule == "observed":
-                    for a in range(0, Q.shape[1], _QUERY_CHUNK):
-                        sl = slice(a, a + _QUERY_CHUNK)
-                        ds, dc = observed_attention(Kc, Q[:, sl], key_pos=ids, query_pos=qpos[sl],
-                                                    causal=self._causal, window=self._window, scale=self._scale,
-                                                    weights=None if w is None else w[sl])
-                        s, c = s + ds, c + dc
-                if self._causal:
-                    tq = max(tq, int(qpos[-1]))
-                qsum = qsum + Q.sum(axis=(0, 1))
-                nq = nq + Q.shape[0] * Q.shape[1]
-            self._usum, self._qsum, self._nq, self._tq = usum, qsum, nq, tq  # statistics of every key and query seen
-            keep = self._choose(ids, Kc, s, c, n_end, self._budget)
+                Qb, qb_pos = self._push_queries(Q, qpos)
+                qsum, nq = qsum + Q.sum(axis=(0, 1)), nq + Q.shape[0] * Q.shape[1]
+            self._Qb, self._qb_pos, self._qsum, self._nq = Qb, qb_pos, qsum, nq
+            self._usum = self._usum + unit_sum(K)
+            keep = self._choose(ids, Kc, n_end, self._budget)
             pos = np.searchsorted(ids, keep)
-            self._ids, self._K, self._sum, self._cnt = ids[pos], Kc[pos], s[pos], c[pos]
+            self._ids, self._K = ids[pos], Kc[pos]
             self._n += m
             if return_changes:
                 return Changes(np.intersect1d(new_ids, self._ids), np.setdiff1d(before, self._ids))
@@ -322,48 +328,47 @@ class SoftmaxSelector(ByteRoundTrip):
     def merge(self, other: SoftmaxSelector, *, return_changes: bool = False):
         """Append a selector of the *next* segment of the same stream (``other.offset == self.offset + self.n``).
 
-        The union of both held sets is cut back to the budget with each key's
-        own statistics; the running key and query statistics add. Stated
-        difference from one stream: the other segment's queries never saw this
-        segment's keys (and vice versa), so "observed" scores of a merged
-        selector count only within-segment attention. ``other`` is not changed.
+        The union of both held sets is cut back to the budget by the rule, with
+        the query buffers concatenated (the other's queries are the newer ones)
+        and the running statistics added. Stated difference from one stream: keys
+        evicted inside either segment are gone, and each segment's evictions
+        were decided without the other's keys and queries. ``other`` is not changed.
         """
         caller = "SoftmaxSelector.merge"
         if not isinstance(other, SoftmaxSelector):
             raise TypeError(f"{caller}: expected a SoftmaxSelector, got {type(other).__name__}.")
         if other is self:
             raise ValueError(f"{caller}: cannot merge a selector with itself.")
-        mine = (self._d, self._budget, self._rule, self._causal, self._window, self._sinks, self._recent, self._scale,
-                self._half_life)
-        theirs = (other._d, other._budget, other._rule, other._causal, other._window, other._sinks, other._recent,
-                  other._scale, other._half_life)
+        mine, theirs = self._params(), other._params()
         if mine != theirs:
-            raise ValueError(f"{caller}: parameters differ (d, budget, rule, causal, window, sinks, recent, scale, half_life): "
-                             f"{mine} here, {theirs} in the other selector.")
+            raise ValueError(f"{caller}: parameters differ (d, budget, rule, causal, window, sinks, recent, "
+                             f"rope_theta, half_life, query_buffer, scale): {mine} here, {theirs} in the other.")
         if other._offset != self._offset + self._n:
             raise ValueError(f"{caller}: the other selector must start where this one ends: its offset is "
                              f"{other._offset}, expected {self._offset + self._n} (build it with offset=).")
         with other._lock:
-            o = (other._ids.copy(), other._K.copy(), other._sum.copy(), other._cnt.copy(), other._usum.copy(),
-                 other._qsum.copy(), other._nq, other._n, other._tq)
+            o_ids, o_K, o_Qb, o_pos = other._ids.copy(), other._K.copy(), other._Qb.copy(), other._qb_pos.copy()
+            o_usum, o_qsum, o_nq, o_n = other._usum.copy(), other._qsum.copy(), other._nq, other._n
+        if self._Qb.shape[1] and o_Qb.shape[1] and self._Qb.shape[0] != o_Qb.shape[0]:
+            raise ValueError(f"{caller}: the selectors saw queries of {self._Qb.shape[0]} and {o_Qb.shape[0]} heads.")
         with self._lock:
             before = self._ids.copy()
-            ids = np.concatenate([self._ids, o[0]])
-            Kc, s, c = np.vstack([self._K, o[1]]), np.concatenate([self._sum, o[2]]), np.concatenate([self._cnt, o[3]])
-            if self._half_life is not None and o[8] >= 0 and self._tq >= 0:  # the other segment's queries are later
-                shrink = np.exp2(-(o[8] - self._tq) / self._half_life)
-                s[: self._ids.size] *= shrink
-                c[: self._ids.size] *= shrink
-            self._usum, self._qsum, self._nq = self._usum + o[4], self._qsum + o[5], self._nq + o[6]
-            self._tq = max(self._tq, o[8])
-            n_end = self._offset + self._n + o[7]
-            keep = self._choose(ids, Kc, s, c, n_end, self._budget)
+            ids, Kc = np.concatenate([self._ids, o_ids]), np.vstack([self._K, o_K])
+            if o_Qb.shape[1]:
+                self._Qb, self._qb_pos = self._push_queries(o_Qb, o_pos)
+            self._usum, self._qsum, self._nq = self._usum + o_usum, self._qsum + o_qsum, self._nq + o_nq
+            n_end = self._offset + self._n + o_n
+            keep = self._choose(ids, Kc, n_end, self._budget)
             pos = np.searchsorted(ids, keep)
-            self._ids, self._K, self._sum, self._cnt = ids[pos], Kc[pos], s[pos], c[pos]
-            self._n += o[7]
+            self._ids, self._K = ids[pos], Kc[pos]
+            self._n += o_n
             if return_changes:
-                return Changes(np.intersect1d(o[0], self._ids), np.setdiff1d(before, self._ids))
+                return Changes(np.intersect1d(o_ids, self._ids), np.setdiff1d(before, self._ids))
             return self
+
+    def _params(self):
+        return (self._d, self._budget, self._rule, self._causal, self._window, self._sinks, self._recent,
+                self._theta, self._half_life, self._qcap, self._scale)
 
     # ------------------------------------------------------------------ bytes, equality
     def to_bytes(self) -> bytes:
@@ -372,43 +377,47 @@ class SoftmaxSelector(ByteRoundTrip):
             return _format.dump("SoftmaxSelector", {
                 "d": np.int64(self._d), "budget": np.int64(self._budget), "rule": np.int64(RULES.index(self._rule)),
                 "causal": np.int64(self._causal), "window": np.int64(self._window or 0),
-                "sinks": np.int64(self._sinks), "recent": np.int64(self._recent), "scale": np.float64(self._scale),
+                "sinks": np.int64(self._sinks), "recent": np.int64(self._recent),
+                "rope_theta": np.float64(self._theta or 0.0), "half_life": np.float64(self._half_life or 0.0),
+                "query_buffer": np.int64(self._qcap), "scale": np.float64(self._scale),
                 "offset": np.int64(self._offset), "n": np.int64(self._n), "nq": np.int64(self._nq),
-                "half_life": np.float64(self._half_life or 0.0), "tq": np.int64(self._tq),
-                "ids": self._ids, "keys": self._K, "sum": self._sum, "count": self._cnt, "usum": self._usum,
-                "qsum": self._qsum})
+                "heads": np.int64(self._Qb.shape[0]), "ids": self._ids, "keys": self._K,
+                "queries": self._Qb.reshape(-1, self._d), "query_pos": self._qb_pos,
+                "usum": self._usum, "qsum": self._qsum})
 
     @classmethod
     def from_bytes(cls, data) -> SoftmaxSelector:
         """Rebuild from :meth:`to_bytes` output; ValueError on anything else."""
         f = _format.load(data, "SoftmaxSelector", {
             "d": ((), "i8"), "budget": ((), "i8"), "rule": ((), "i8"), "causal": ((), "i8"), "window": ((), "i8"),
-            "sinks": ((), "i8"), "recent": ((), "i8"), "scale": ((), "f8"), "offset": ((), "i8"), "n": ((), "i8"),
-            "nq": ((), "i8"), "half_life": ((), "f8"), "tq": ((), "i8"), "ids": (("r",), "i8"), "keys": (("r", "d"), "f8"), "sum": (("r",), "f8"),
-            "count": (("r",), "f8"), "usum": (("d",), "f8"), "qsum": (("d",), "f8")})
-        d, r = int(f["d"]), f["ids"].shape[0]
+            "sinks": ((), "i8"), "recent": ((), "i8"), "rope_theta": ((), "f8"), "half_life": ((), "f8"),
+            "query_buffer": ((), "i8"), "scale": ((), "f8"), "offset": ((), "i8"), "n": ((), "i8"),
+            "nq": ((), "i8"), "heads": ((), "i8"), "ids": (("r",), "i8"), "keys": (("r", "d"), "f8"),
+            "queries": ((None, "d"), "f8"),
+            "query_pos": (("w",), "i8"), "usum": (("d",), "f8"), "qsum": (("d",), "f8")})
         rule = int(f["rule"])
         if not 0 <= rule < len(RULES) or int(f["causal"]) not in (0, 1) or int(f["window"]) < 0:
             raise ValueError("SoftmaxSelector.from_bytes: corrupt parameters.")
         try:
-            sk = cls(d, int(f["budget"]), rule=RULES[rule], causal=bool(int(f["causal"])),
+            sk = cls(int(f["d"]), int(f["budget"]), rule=RULES[rule], causal=bool(int(f["causal"])),
                      window=int(f["window"]) or None, sinks=int(f["sinks"]), recent=int(f["recent"]),
-                     half_life=float(f["half_life"]) or None, scale=float(f["scale"]), offset=int(f["offset"]))
+                     rope_theta=float(f["rope_theta"]) or None, half_life=float(f["half_life"]) or None,
+                     query_buffer=int(f["query_buffer"]), scale=float(f["scale"]), offset=int(f["offset"]))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"SoftmaxSelector.from_bytes: corrupt parameters ({exc}).") from None
-        n, nq, ids = int(f["n"]), int(f["nq"]), f["ids"]
-        if n < 0 or nq < 0 or r > sk.max_retained() or f["keys"].shape != (r, d) or \
-                (r and (np.any(np.diff(ids) <= 0) or ids[0] < sk._offset or ids[-1] >= sk._offset + n)):
-            raise ValueError("SoftmaxSelector.from_bytes: inconsistent state (sizes or ids).")
-        arrays = [f[k] for k in ("keys", "sum", "count", "usum", "qsum")]
-        if not all(np.isfinite(a).all() for a in arrays) or np.any(f["count"] < 0) or np.any(f["sum"] < 0):
-            raise ValueError("SoftmaxSelector.from_bytes: statistics contain NaN, Inf or negative values.")
-        tq = int(f["tq"])
-        if not -1 <= tq < sk._offset + n or (tq == -1) != (nq == 0 or not sk._causal):
-            raise ValueError("SoftmaxSelector.from_bytes: inconsistent query position.")
-        sk._n, sk._nq, sk._tq = n, nq, int(f["tq"])
-        sk._ids, sk._K, sk._sum, sk._cnt = ids.copy(), f["keys"].copy(), f["sum"].copy(), f["count"].copy()
-        sk._usum, sk._qsum = f["usum"].copy(), f["qsum"].copy()
+        n, nq, ids, qpos, g = int(f["n"]), int(f["nq"]), f["ids"], f["query_pos"], int(f["heads"])
+        r, w = ids.size, qpos.size
+        if n < 0 or nq < 0 or g < 0 or r > sk.max_retained() or w > sk._qcap or f["queries"].shape[0] != g * w or \
+                (w == 0) != (g == 0) or \
+                (r and (np.any(np.diff(ids) <= 0) or ids[0] < sk._offset or ids[-1] >= sk._offset + n)) or \
+                (w and np.any(np.diff(qpos) < 0)):
+            raise ValueError("SoftmaxSelector.from_bytes: inconsistent state (sizes, ids or query positions).")
+        arrays = [f[k] for k in ("keys", "queries", "usum", "qsum")]
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise ValueError("SoftmaxSelector.from_bytes: state contains NaN or Inf.")
+        sk._n, sk._nq, sk._ids, sk._K = n, nq, ids.copy(), f["keys"].copy()
+        sk._Qb = f["queries"].reshape(g, w, sk._d).copy()
+        sk._qb_pos, sk._usum, sk._qsum = qpos.copy(), f["usum"].copy(), f["qsum"].copy()
         return sk
 
     def __eq__(self, other) -> bool:
@@ -420,26 +429,29 @@ class SoftmaxSelector(ByteRoundTrip):
 
 
 # ---------------------------------------------------------------------- the documented defaults
-QUERY_HALF_LIFE = 32.0  # causal query class: half-life of a query's weight, in positions (chosen on SmolLM2)
+QUERY_HALF_LIFE = 128.0  # causal query class: half-life of a query's weight, in positions (chosen on SmolLM2)
 KEY_RECENT_FRACTION = 0.5  # causal key-only class: share of the budget for the most recent keys (chosen on SmolLM2)
 
 
 def default_selector(d: int, budget: int, *, queries: bool, causal: bool = False, window: int | None = None,
-                     scale: float | None = None) -> SoftmaxSelector:
+                     rope_theta: float | None = None, scale: float | None = None) -> SoftmaxSelector:
     """The documented default :class:`SoftmaxSelector` of each class (``docs/softmax_selectors.md``).
 
-    * query class (``queries=True``): ``rule="observed"`` (mean attention from the
-      observed queries, pooled over the group), no forced sinks or recent keys;
-      causal models weight a query by ``2^(-age / 32)`` (``QUERY_HALF_LIFE``);
+    * query class (``queries=True``): ``rule="observed"`` -- mean attention of the
+      newest 512 observed queries over the held keys, pooled (mean) over the
+      group's query heads, no forced sinks or recent keys; causal models move
+      each query to the next position by RoPE (``rope_theta``) and weight it by
+      ``2^(-age / 128)`` (``QUERY_HALF_LIFE``);
     * key-only class, causal: ``rule="small_norm"`` with ``min(4, budget // 4)`` sinks
-      and the ``floor(0.5 * budget)`` most recent keys;
+      and the ``floor(0.5 * budget)`` most recent keys (``KEY_RECENT_FRACTION``);
     * key-only class, bidirectional: ``rule="keydiff"`` (the running mean key direction).
 
-    Every constant was chosen on MiniLM and SmolLM2 only and confirmed on a ViT
-    and on Gemma 3 (``benchmarks/softmax_selectors_families.py``).
+    Every rule and constant was chosen on MiniLM and SmolLM2 only, and confirmed
+    on a ViT (two resolutions) and on Gemma 3 (``benchmarks/softmax_selectors_families.py``).
     """
     if queries:
         return SoftmaxSelector(d, budget, rule="observed", causal=causal, window=window, sinks=0, recent=0,
+                               rope_theta=rope_theta if causal else None,
                                half_life=QUERY_HALF_LIFE if causal else None, scale=scale)
     if causal:
         return SoftmaxSelector(d, budget, rule="small_norm", causal=True, window=window,
@@ -448,7 +460,7 @@ def default_selector(d: int, budget: int, *, queries: bool, causal: bool = False
 
 
 def select_softmax(K, budget: int, *, queries=None, causal: bool = False, window: int | None = None,
-                   scale: float | None = None) -> np.ndarray:
+                   rope_theta: float | None = None, scale: float | None = None) -> np.ndarray:
     """Sorted indices of the keys the default softmax selector keeps, offline.
 
     Equal to :func:`default_selector` fed with ``K`` (and ``queries``) in one block.
@@ -460,12 +472,16 @@ def select_softmax(K, budget: int, *, queries=None, causal: bool = False, window
     budget : int >= 1
         Keys kept (``min(budget, n)``, fewer when a sliding window leaves fewer visible keys).
     queries : array_like of shape (m, d) or (g, m, d), optional
-        Observed queries only (never the future ones being served): None selects
-        the key-only default; (g, m, d) are the g query heads sharing this
-        key/value head. Causal models: the queries at positions ``n - m .. n - 1``.
+        Observed post-RoPE queries only (never the future ones being served):
+        None selects the key-only default; (g, m, d) are the g query heads sharing
+        this key/value head. Causal models: the queries at positions ``n - m .. n - 1``.
     causal : bool, default False
     window : int or None
         Sliding-window length of the layer (causal only).
+    rope_theta : float or None
+        RoPE base of the layer (rotate-half convention); used by the causal query
+        default to move the observed queries to the next position. Pass it for
+        rotary models (without it the queries stay where they were observed).
     scale : float, default ``1/sqrt(d)``
 
     Returns
@@ -480,5 +496,6 @@ def select_softmax(K, budget: int, *, queries=None, causal: bool = False, window
     if np.ndim(K) != 2:
         raise ValueError(f"select_softmax: K must be 2-D of shape (n, d); got shape {np.shape(K)}.")
     K = check_keys(K, np.shape(K)[1], caller="select_softmax")
-    sk = default_selector(K.shape[1], budget, queries=queries is not None, causal=causal, window=window, scale=scale)
+    sk = default_selector(K.shape[1], budget, queries=queries is not None, causal=causal, window=window,
+                          rope_theta=rope_theta, scale=scale)
     return sk.update(K, queries).kept()

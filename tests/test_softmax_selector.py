@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamlev.selectors import select_softmax
-from streamlev.softmax_scores import observed_attention
+from streamlev.softmax_scores import observed_attention, rope_shift
 from streamlev.softmax_selector import QUERY_HALF_LIFE, RULES, SoftmaxSelector, default_selector
 
 
@@ -22,25 +22,36 @@ def _data(n=60, d=6, g=3, seed=0):
     return K, Q
 
 
-def _reference_observed(K, Q, causal, window, half_life=None):
-    """Mean softmax weight per key over the (head, query) pairs that see it: plain loops, float64."""
+def _rotate(q, delta, theta):
+    """Rotate-half RoPE by delta positions, one pair at a time."""
+    d = q.size
+    out = q.copy()
+    for i in range(d // 2):
+        a = delta * theta ** (-2.0 * i / d)
+        out[i] = q[i] * np.cos(a) - q[i + d // 2] * np.sin(a)
+        out[i + d // 2] = q[i + d // 2] * np.cos(a) + q[i] * np.sin(a)
+    return out
+
+
+def _reference_observed(K, Q, causal, window, half_life=None, theta=None, buffer=512):
+    """Mean softmax weight per key of the newest observed queries, moved to position n: plain loops."""
     g, m, d = Q.shape
     n = K.shape[0]
-    qpos = np.arange(n - m, n)
-    s, c = np.zeros(n), np.zeros(n)
-    for h in range(g):
-        for i, t in enumerate(qpos):
-            w = 1.0 if half_life is None else 2.0 ** (-(qpos[-1] - t) / half_life)
-            vis = [j for j in range(n) if not causal or (j <= t and (window is None or j > t - window))]
-            if not vis:
-                continue
-            lg = np.array([Q[h, i] @ K[j] / np.sqrt(d) for j in vis])
+    qpos = np.arange(n - m, n)[-buffer:]
+    Q = Q[:, -buffer:]
+    vis = [j for j in range(n) if not causal or window is None or j > n - window]
+    s, wsum = np.zeros(n), 0.0
+    for i, t in enumerate(qpos):
+        w = 1.0 if half_life is None else 2.0 ** (-(qpos[-1] - t) / half_life)
+        wsum += w
+        for h in range(g):
+            q = _rotate(Q[h, i], n - t, theta) if (causal and theta) else Q[h, i]
+            lg = np.array([q @ K[j] / np.sqrt(d) for j in vis])
             p = np.exp(lg - lg.max())
             p /= p.sum()
             for j, pj in zip(vis, p):
                 s[j] += w * pj
-                c[j] += w
-    return np.divide(s, c, out=np.zeros(n), where=c > 0)
+    return s / (g * wsum)
 
 
 def _reference_select(scores, n, budget, sinks, recent, window):
@@ -53,13 +64,25 @@ def _reference_select(scores, n, budget, sinks, recent, window):
 
 
 # ------------------------------------------------------------------ offline entry point == documented rule
-@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 17)])
-def test_select_softmax_query_default_equals_reference(causal, window):
+@pytest.mark.parametrize("causal,window,theta", [(False, None, None), (True, None, None), (True, 17, 100.0),
+                                                 (True, None, 10.0)])
+def test_select_softmax_query_default_equals_reference(causal, window, theta):
     K, Q = _data()
     for budget in (1, 5, 12, 30):
-        ref = _reference_observed(K, Q, causal, window, QUERY_HALF_LIFE if causal else None)
+        ref = _reference_observed(K, Q, causal, window, QUERY_HALF_LIFE if causal else None, theta)
         want = _reference_select(ref, len(K), budget, 0, 0, window)
-        assert np.array_equal(select_softmax(K, budget, queries=Q, causal=causal, window=window), want)
+        got = select_softmax(K, budget, queries=Q, causal=causal, window=window, rope_theta=theta)
+        assert np.array_equal(got, want)
+
+
+def test_query_buffer_keeps_the_newest_queries():
+    K, Q = _data(n=40, seed=31)
+    ref = _reference_observed(K, Q, True, None, 8.0, 50.0, buffer=7)
+    sk = SoftmaxSelector(6, 40, rule="observed", causal=True, half_life=8.0, rope_theta=50.0, query_buffer=7)
+    for a in range(0, 40, 3):
+        sk.update(K[a:a + 3], Q[:, a:a + 3])
+    ids, sc = sk.scores()  # budget >= n: nothing evicted, so the streamed scores are the offline ones
+    assert np.array_equal(ids, np.arange(40)) and np.allclose(sc, ref, rtol=1e-10, atol=1e-15)
 
 
 def test_select_softmax_key_defaults_equal_reference():
@@ -89,10 +112,18 @@ def test_select_softmax_equals_single_block_streaming_and_accepts_2d_queries():
 
 def test_gqa_pooling_is_the_mean_over_heads():
     K, Q = _data(seed=7)
-    s, c = observed_attention(K, Q, key_pos=np.arange(len(K)), query_pos=np.arange(len(K)), causal=True)
-    parts = [observed_attention(K, Q[h], key_pos=np.arange(len(K)), query_pos=np.arange(len(K)), causal=True)
-             for h in range(Q.shape[0])]
-    assert np.allclose(s, sum(p[0] for p in parts)) and np.allclose(c, sum(p[1] for p in parts))
+    kw = dict(next_pos=len(K), causal=True, rope_theta=20.0, half_life=16.0)
+    pooled = observed_attention(K, np.arange(len(K)), Q, np.arange(len(K)), **kw)
+    per = [observed_attention(K, np.arange(len(K)), Q[h], np.arange(len(K)), **kw) for h in range(Q.shape[0])]
+    assert np.allclose(pooled, np.mean(per, axis=0)) and np.isclose(pooled.sum(), 1.0)
+
+
+def test_rope_shift_composes_with_rope():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((5, 8))
+    assert np.allclose(rope_shift(rope_shift(q, np.full(5, 3), 100.0), np.full(5, 4), 100.0),
+                       rope_shift(q, np.full(5, 7), 100.0))
+    assert np.allclose([_rotate(x, 7, 100.0) for x in q], rope_shift(q, np.full(5, 7), 100.0))
 
 
 # ------------------------------------------------------------------ streaming invariants
@@ -103,8 +134,8 @@ def test_gqa_pooling_is_the_mean_over_heads():
 def test_streaming_invariants(seed, budget, window, rule, blocks, with_q):
     n = sum(blocks)
     K, Q = _data(n=max(n, 1), d=4, g=2, seed=seed)
-    sk = SoftmaxSelector(4, budget, rule=rule, causal=True, window=window,
-                         half_life=8.0 if rule == "observed" else None)
+    sk = SoftmaxSelector(4, budget, rule=rule, causal=True, window=window, rope_theta=30.0,
+                         half_life=8.0 if rule == "observed" else None, query_buffer=9)
     a = 0
     for m in blocks:
         held = sk.kept()
@@ -131,16 +162,6 @@ def test_static_rule_streaming_equals_offline_without_window():
     for a in range(0, 200, 7):
         sk.update(K[a:a + 7])
     assert np.array_equal(sk.kept(), off)
-
-
-def test_half_life_rescaling_is_stream_exact():
-    K, Q = _data(n=50, seed=13)
-    ref = _reference_observed(K, Q, True, None, 6.0)
-    sk = SoftmaxSelector(6, 50, rule="observed", causal=True, half_life=6.0, sinks=0, recent=0)
-    for a in range(0, 50, 9):  # budget >= n: nothing evicted, so the streamed scores are the offline ones
-        sk.update(K[a:a + 9], Q[:, a:a + 9])
-    ids, sc = sk.scores()
-    assert np.array_equal(ids, np.arange(50)) and np.allclose(sc, ref, rtol=1e-10, atol=1e-14)
 
 
 def test_evicted_key_never_returns():
@@ -172,6 +193,8 @@ def test_merge_observed_keeps_within_segment_statistics():
     union = np.union1d(a.kept(), b.kept())
     ch = a.merge(b, return_changes=True)
     assert np.isin(a.kept(), union).all() and a.num_retained == 10 and a.n_queries == 3 * 80
+    ids, _ = a.scores()
+    assert np.array_equal(ids, a.kept())
     assert np.isin(ch.added, b.kept()).all()
 
 
@@ -191,7 +214,7 @@ def test_merge_rejects_mismatches():
 @pytest.mark.parametrize("rule", RULES)
 def test_bytes_pickle_copy_round_trip(rule):
     K, Q = _data(n=40, seed=29)
-    sk = SoftmaxSelector(6, 9, rule=rule, causal=True, window=25,
+    sk = SoftmaxSelector(6, 9, rule=rule, causal=True, window=25, rope_theta=99.0, query_buffer=12,
                          half_life=5.0 if rule == "observed" else None).update(K[:30], Q[:, :30])
     for clone in (SoftmaxSelector.from_bytes(sk.to_bytes()), pickle.loads(pickle.dumps(sk)), sk.copy(),
                   copy.deepcopy(sk), copy.copy(sk)):
@@ -230,7 +253,8 @@ def test_bad_input_leaves_state_unchanged(keys, queries, exc):
 
 
 @pytest.mark.parametrize("kw", [dict(budget=0), dict(rule="nope"), dict(window=5), dict(sinks=3, recent=3),
-                                dict(half_life=4.0), dict(scale=-1.0), dict(recent_fraction=1.0)])
+                                dict(half_life=4.0), dict(scale=-1.0), dict(recent_fraction=1.0),
+                                dict(d=5, rope_theta=10.0), dict(query_buffer=0), dict(rope_theta=float("nan"))])
 def test_bad_parameters(kw):
     args = dict(d=4, budget=5)
     args.update(kw)
