@@ -122,7 +122,6 @@ def peer_sets(g, Bs, kv):
     scores = {
         "kvpress_knorm": P["knorm"]().score(None, None, kt, vt, None, None)[0, 0].numpy(),
         "kvpress_keydiff": P["keydiff"]().score(None, None, kt, vt, None, None)[0, 0].numpy(),
-        "kvpress_streamingllm": P["streaming"]().score(None, None, kt, vt, None, None)[0, 0].numpy(),
         "random": np.random.default_rng(1000 * g.doc + 10 * g.layer + g.kv_head).random(N),
         "leverage": leverage_scores(K),
         "ti_leverage": shift_invariant_leverage(K),
@@ -144,7 +143,17 @@ def peer_sets(g, Bs, kv):
         else:
             scores["snapkv"] = _snapkv_bidirectional(Qs[:, -64:], K)
             scores["tova"] = _attention(Qs[:, -1:], K).mean(axis=(0, 1))
-    return {name: {B: _top(s, B) for B in Bs} for name, s in scores.items()}
+    out = {name: {B: _top(s, B) for B in Bs} for name, s in scores.items()}
+    out["kvpress_streamingllm"] = {B: streaming_llm_set(kv, kt, B) for B in Bs}
+    return out
+
+
+def streaming_llm_set(kv, kt, B):
+    """kvpress StreamingLLMPress keeps what its score marks for the compression ratio whose n_kept is B."""
+    torch, P = kv
+    N = kt.shape[2]
+    press = P["streaming"](compression_ratio=1.0 - (B + 0.5) / N)  # int(N * (1 - ratio)) == B exactly
+    return _top(press.score(None, None, kt, kt, None, None)[0, 0].numpy(), B)
 
 
 def _attention(Q, K):
@@ -184,11 +193,9 @@ def group_rows(g, kv):
              "window": g.window or 0, "oracle": g.oracle(B)}
         for name, per in sets.items():
             r[name] = g.mass(per[B])
-        if g.window:  # keys kept that no evaluation query can see
-            lo = g.N - g.window + 1
-            r["expired_key"] = int(np.sum(sets["default_key"][B] < lo))
-            r["expired_query"] = int(np.sum(sets["default_query"][B] < lo))
-            r["expired_best_peer"] = int(np.sum(sets["kvpress_streamingllm"][B] < lo))
+        if g.window:  # kept keys that no later query can see (outside the window of position N)
+            for name, per in sets.items():
+                r["expired:" + name] = int(np.sum(per[B] <= g.N - g.window))
         rows.append(r)
     return rows
 
@@ -247,14 +254,16 @@ def markdown(summ):
         if not present:
             continue
         lines += [f"\n### {group_name}\n",
-                  "| family | class | default: N/16 | N/8 | N/4 | best peer: N/16 | N/8 | N/4 | default >= best peer |",
+                  "| family | class | default: N/16 | N/8 | N/4 | best peer: N/16 | N/8 | N/4 | default >= best peer "
+                  "(paired difference ± s.e.; N/16, N/8, N/4) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for fam in present:
             for cls in ("key-only", "query"):
                 c = [summ[(fam, f)] for f in FRACS]
                 mine = [f"{x[OURS[cls]]:.3f} ({x[OURS[cls]] / x['oracle']:.0%})" for x in c]
                 peer = [f"{x[x['_best_' + cls]]:.3f} `{x['_best_' + cls]}`" for x in c]
-                ok = ["yes" if x["_diff_" + cls] >= 0 else f"**no** ({x['_diff_' + cls]:+.3f})" for x in c]
+                ok = [("yes" if x["_diff_" + cls] >= 0 else "**no**") + f" ({x['_diff_' + cls]:+.3f} ± "
+                      f"{x['_se_' + cls]:.3f})" for x in c]
                 lines.append(f"| {fam} | {cls} | " + " | ".join(mine + peer) + " | " + ", ".join(ok) + " |")
     for fam in fams:
         c = [summ[(fam, f)] for f in FRACS]
@@ -298,7 +307,8 @@ def plot(summ, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", required=True, help="folder with the .npz files named in FAMILY_FILES")
+    ap.add_argument("--data-dir", help="folder with the .npz files named in FAMILY_FILES")
+    ap.add_argument("--from-json", help="comma-separated --json outputs to re-summarise instead of recomputing")
     ap.add_argument("--families", default=",".join(FAMILY_FILES), help="comma-separated subset")
     ap.add_argument("--max-docs", type=int, default=None)
     ap.add_argument("--json")
@@ -307,8 +317,15 @@ def main(argv=None):
     ap.add_argument("--streaming", action="store_true", help="measure streamed (blocks of 64) against offline")
     a = ap.parse_args(argv)
     t = time.time()
-    kv = None if a.streaming else _kvpress()
     rows = []
+    if a.from_json:
+        for path in a.from_json.split(","):
+            with open(path) as fh:
+                rows += json.load(fh)["rows"]
+        return _finish(a, rows, t)
+    if not a.data_dir:
+        ap.error("--data-dir is required unless --from-json is given")
+    kv = None if a.streaming else _kvpress()
     for fam in a.families.split(","):
         path = os.path.join(a.data_dir, FAMILY_FILES[fam])
         if not os.path.exists(path):
@@ -332,6 +349,15 @@ def main(argv=None):
             with open(a.json, "w") as fh:
                 json.dump({"rows": rows}, fh)
         return rows
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"rows": rows}, fh)
+    return _finish(a, rows, t)
+
+
+def _finish(a, rows, t):
+    order = {f: i for i, f in enumerate(FAMILY_FILES)}
+    rows = sorted(rows, key=lambda r: order.get(r["family"], 99))
     summ = summarize(rows)
     md = markdown(summ)
     print(md)
@@ -340,9 +366,6 @@ def main(argv=None):
             fh.write(md + "\n")
     if a.figure:
         plot(summ, a.figure)
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"rows": rows}, fh)
     print(f"[{time.time() - t:.0f} s]", file=sys.stderr)
     return rows
 
