@@ -211,7 +211,8 @@ def streaming_rows(g, block=64):
     for f in FRACS:
         B = max(1, int(g.N * f))
         for cls, use_q in (("key-only", False), ("query", True)):
-            off = select_softmax(g.K, B, queries=g.Qseen if use_q else None, causal=g.causal, window=g.window)
+            off = select_softmax(g.K, B, queries=g.Qseen if use_q else None, causal=g.causal, window=g.window,
+                                 rope_theta=g.rope_theta)
             sk = default_selector(d, B, queries=use_q, causal=g.causal, window=g.window, rope_theta=g.rope_theta)
             for a in range(0, g.N, block):
                 b = min(g.N, a + block)
