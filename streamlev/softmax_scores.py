@@ -16,19 +16,32 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["rope_shift", "observed_attention", "key_norm", "keydiff", "unit_sum", "budget_plan", "expired_before",
-           "SINKS", "RECENT_FRACTION"]
+from ._constants import NORM_FLOOR, RECENT_FRACTION, SINKS
 
-SINKS = 4  # initial keys kept by causal budgets (StreamingLLM keeps 4 "attention sinks")
-RECENT_FRACTION = 0.25  # share of a causal budget given to the most recent keys (see budget_plan)
+__all__ = ["rope_shift", "observed_attention", "key_norm", "keydiff", "unit_sum", "budget_plan", "expired_before"]
+
 
 
 def rope_shift(Q, delta, theta: float) -> np.ndarray:
     """Move post-RoPE vectors by ``delta`` positions: ``R_delta q`` (rotate-half RoPE with base ``theta``).
 
-    ``Q`` has shape (..., m, d) with d even and ``delta`` shape (m,). RoPE
-    rotations compose (``R_a R_b = R_(a+b)``), so a query cached at position
-    ``i`` and shifted by ``t - i`` is exactly that query's content at position ``t``.
+    Parameters
+    ----------
+    Q : array_like of shape (..., m, d), d even
+        Post-RoPE queries (or keys).
+    delta : array_like of shape (m,)
+        Positions to move each row by (may be negative).
+    theta : float
+        RoPE base: pair ``(k, k + d/2)`` turns by ``delta * theta^(-2k/d)``.
+
+    Returns
+    -------
+    ndarray of the shape of Q, float64
+
+    Notes
+    -----
+    RoPE rotations compose (``R_a R_b = R_(a+b)``), so a query cached at position
+    ``i`` and moved by ``t - i`` is exactly that query's content at position ``t``.
     """
     Q = np.asarray(Q, np.float64)
     d = Q.shape[-1]
@@ -46,13 +59,20 @@ def observed_attention(K, key_pos, Q, query_pos, *, next_pos: int, causal: bool,
     Parameters
     ----------
     K : ndarray of shape (n, d)
-        Keys (post-RoPE, as cached) at positions ``key_pos`` (n,).
+        Keys (post-RoPE, as cached).
+    key_pos : array_like of shape (n,)
+        Their positions.
     Q : ndarray of shape (m, d) or (g, m, d)
-        Observed queries (post-RoPE) at positions ``query_pos`` (m,); (g, m, d)
-        for the g query heads that read these keys (grouped-query attention).
+        Observed queries (post-RoPE); (g, m, d) for the g query heads that read
+        these keys (grouped-query attention).
+    query_pos : array_like of shape (m,)
+        Their positions.
     next_pos : int
         Position of the next query (causal models), where the queries are moved.
-    causal, window : model structure (see the module docstring).
+    causal : bool
+        Causal model (see the module docstring).
+    window : int or None
+        Sliding-window length (causal only).
     rope_theta : float or None
         RoPE base (rotate-half convention): causal queries are moved by
         :func:`rope_shift` to ``next_pos``; None: no rotary embedding (no move).
@@ -106,22 +126,51 @@ def observed_attention(K, key_pos, Q, query_pos, *, next_pos: int, causal: bool,
 
 
 def key_norm(K) -> np.ndarray:
-    """``||k_j||`` (higher = keep), shape (n,)."""
+    """Norm of every key.
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+
+    Returns
+    -------
+    ndarray of shape (n,)
+        ``||k_j||``.
+    """
     return np.linalg.norm(np.asarray(K, np.float64), axis=1)
 
 
 def unit_sum(K) -> np.ndarray:
-    """``sum_j k_j / ||k_j||`` (zero keys add nothing), shape (d,): the running statistic of :func:`keydiff`."""
+    """Sum of the unit keys: the running statistic of :func:`keydiff`.
+
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+
+    Returns
+    -------
+    ndarray of shape (d,)
+        ``sum_j k_j / ||k_j||`` (zero keys add nothing).
+    """
     K = np.asarray(K, np.float64)
     nrm = np.linalg.norm(K, axis=1)
     return (K[nrm > 0] / nrm[nrm > 0, None]).sum(axis=0)
 
 
 def keydiff(K, anchor_sum) -> np.ndarray:
-    """KeyDiff (Park et al. 2025) against a given anchor: ``-cos(k_j, anchor)``, shape (n,).
+    """KeyDiff (Park et al. 2025) against a given anchor: ``-cos(k_j, anchor)``.
 
-    With ``anchor_sum = unit_sum(all keys)`` this is kvpress ``KeyDiffPress``'s
-    score; a streaming selector passes the running sum over every key seen.
+    Parameters
+    ----------
+    K : array_like of shape (n, d)
+    anchor_sum : array_like of shape (d,)
+        With ``unit_sum(all keys)`` this is kvpress ``KeyDiffPress``'s score; a
+        streaming selector passes the running sum over every key seen.
+
+    Returns
+    -------
+    ndarray of shape (n,)
+        Higher = more distinct from the anchor direction (0 for a zero key or anchor).
     """
     K = np.asarray(K, np.float64)
     a = np.asarray(anchor_sum, np.float64)
@@ -129,14 +178,25 @@ def keydiff(K, anchor_sum) -> np.ndarray:
     nrm = np.linalg.norm(K, axis=1)
     if na == 0.0:
         return np.zeros(K.shape[0])
-    return -(K @ a) / (np.maximum(nrm, 1e-300) * na)
+    return -(K @ a) / (np.maximum(nrm, NORM_FLOOR) * na)
 
 
 def budget_plan(budget: int, *, causal: bool, recent_fraction: float = RECENT_FRACTION,
                 sinks: int = SINKS) -> tuple[int, int]:
-    """Sinks and recent keys inside a budget: ``(min(sinks, budget // 4), floor(recent_fraction * budget))`` if causal.
+    """Sinks and recent keys inside a budget.
 
-    Bidirectional models get ``(0, 0)``: they have no "initial" or "recent" keys.
+    Parameters
+    ----------
+    budget : int
+    causal : bool
+        Bidirectional models get ``(0, 0)``: they have no "initial" or "recent" keys.
+    recent_fraction : float, default 0.25
+    sinks : int, default 4
+
+    Returns
+    -------
+    (int, int)
+        ``(min(sinks, budget // 4), min(floor(recent_fraction * budget), budget - sinks))`` if causal.
     """
     if not causal:
         return 0, 0
@@ -145,5 +205,18 @@ def budget_plan(budget: int, *, causal: bool, recent_fraction: float = RECENT_FR
 
 
 def expired_before(n: int, window: int | None) -> int:
-    """Keys with position below this are outside the window of every query at position >= n (0 if no window)."""
+    """First position still inside the window of a query at position ``n`` (and of every later one).
+
+    Parameters
+    ----------
+    n : int
+        Position of the next query.
+    window : int or None
+        Sliding-window length (a query at t sees keys ``t-window < j <= t``).
+
+    Returns
+    -------
+    int
+        ``max(0, n - window + 1)``, or 0 without a window: keys below it can be dropped.
+    """
     return 0 if window is None else max(0, int(n) - int(window) + 1)

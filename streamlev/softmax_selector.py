@@ -12,20 +12,15 @@ the selector has seen.
 from __future__ import annotations
 
 import numbers
-import threading
-
 import numpy as np
 
 from . import _format
-from ._bytes_mixin import ByteRoundTrip
-from ._validation import _check_real_array, check_dim, check_keys
-from .sketch import Changes
-from .softmax_scores import (RECENT_FRACTION, SINKS, budget_plan, expired_before, key_norm, keydiff,
-                             observed_attention, unit_sum)
+from ._constants import KEY_RECENT_FRACTION, QUERY_BUFFER, QUERY_HALF_LIFE, RECENT_FRACTION, SINKS
+from ._sketch_base import Changes, Sketch, locked, size_bound, transactional
+from ._validation import _check_real_array, check_budget, check_dim, check_keys, check_positive_float
+from .softmax_scores import budget_plan, expired_before, key_norm, keydiff, observed_attention, unit_sum
 
-QUERY_BUFFER = 512  # observed query positions kept by the "observed" rule (its only memory besides the keys)
-
-__all__ = ["SoftmaxSelector", "RULES", "QUERY_RULES", "KEY_RULES"]
+__all__ = ["SoftmaxSelector", "default_selector", "select_softmax", "RULES", "QUERY_RULES", "KEY_RULES"]
 
 QUERY_RULES = ("observed", "mean_query")
 KEY_RULES = ("small_norm", "large_norm", "keydiff")
@@ -33,11 +28,7 @@ RULES = QUERY_RULES + KEY_RULES
 
 
 def _pos_real(x, name, caller):
-    if x is None:
-        return None
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not (0 < float(x) < np.inf):
-        raise ValueError(f"{caller}: {name} must be a positive finite real number or None; got {x!r}.")
-    return float(x)
+    return None if x is None else check_positive_float(x, name=name, caller=caller)
 
 
 def _int_param(x, name, lo, caller, allow_none=False):
@@ -48,7 +39,7 @@ def _int_param(x, name, lo, caller, allow_none=False):
     return int(x)
 
 
-class SoftmaxSelector(ByteRoundTrip):
+class SoftmaxSelector(Sketch):
     """At most ``budget`` keys of one key/value head, chosen in one streaming pass; optional observed queries.
 
     Parameters
@@ -127,9 +118,10 @@ class SoftmaxSelector(ByteRoundTrip):
                  recent_fraction: float = RECENT_FRACTION, rope_theta: float | None = None,
                  half_life: float | None = None, query_buffer: int = QUERY_BUFFER, scale: float | None = None,
                  offset: int = 0):
+        super().__init__()
         c = "SoftmaxSelector"
         self._d = check_dim(d, caller=c)
-        self._budget = _int_param(budget, "budget", 1, c)
+        self._budget = check_budget(budget, caller=c)
         if rule not in RULES:
             raise ValueError(f"{c}: rule must be one of {RULES}; got {rule!r}.")
         self._rule = rule
@@ -154,7 +146,6 @@ class SoftmaxSelector(ByteRoundTrip):
         self._qcap = _int_param(query_buffer, "query_buffer", 1, c)
         self._scale = _pos_real(scale, "scale", c) or 1.0 / np.sqrt(self._d)
         self._offset = _int_param(offset, "offset", 0, c)
-        self._lock = threading.RLock()
         self._n = 0
         self._nq = 0
         self._ids = np.zeros(0, np.int64)
@@ -165,7 +156,6 @@ class SoftmaxSelector(ByteRoundTrip):
         self._qsum = np.zeros(self._d)  # sum of every query seen ("mean_query")
 
     # ------------------------------------------------------------------ properties
-    d = property(lambda self: self._d, doc="Key dimension.")
     budget = property(lambda self: self._budget, doc="Most keys ever held.")
     rule = property(lambda self: self._rule, doc="The score rule.")
     causal = property(lambda self: self._causal, doc="Whether the model is causal.")
@@ -177,14 +167,28 @@ class SoftmaxSelector(ByteRoundTrip):
     query_buffer = property(lambda self: self._qcap, doc="Observed query positions kept.")
     scale = property(lambda self: self._scale, doc="Logit scale.")
     offset = property(lambda self: self._offset, doc="Position of the first key.")
-    n = property(lambda self: self._n, doc="Number of keys seen.")
     n_queries = property(lambda self: self._nq, doc="Number of query vectors seen (heads x positions).")
     num_retained = property(lambda self: int(self._ids.size), doc="Number of keys held (<= budget).")
-    is_empty = property(lambda self: self._n == 0 and self._nq == 0, doc="True before any key or query.")
 
-    def max_retained(self) -> int:
-        """A-priori bound on :attr:`num_retained`: ``min(budget, window - 1)`` (``budget`` without a window)."""
-        return self._budget if self._window is None else max(1, min(self._budget, self._window - 1))
+    @size_bound
+    def max_retained(cls, budget: int, window: int | None = None) -> int:
+        """A-priori bound on :attr:`num_retained`: ``budget``, or ``min(budget, window - 1)`` with a window.
+
+        Parameters
+        ----------
+        budget : int
+            The selector's budget.
+        window : int or None
+            Its sliding window (a query at t sees keys ``t-window < j <= t``).
+
+        Returns
+        -------
+        int
+        """
+        return int(budget) if window is None else max(1, min(int(budget), int(window) - 1))
+
+    def _size_params(self):
+        return self._budget, self._window
 
     @property
     def nbytes(self) -> int:
@@ -211,27 +215,54 @@ class SoftmaxSelector(ByteRoundTrip):
             return -key_norm(K)
         return keydiff(K, self._usum)
 
-    def scores(self):
-        """Held ids (sorted) and their current scores under the rule."""
+    def held_scores(self):
+        """Held ids and their current scores under the rule.
+
+        Returns
+        -------
+        ids : ndarray of shape (r,), int64, sorted
+        score : ndarray of shape (r,), float64 (higher = keep; sinks and recent keys are kept whatever it is)
+        """
         with self._lock:
             return self._ids.copy(), self._scores(self._ids, self._K, self._offset + self._n)
 
     def retained(self):
-        """Held ids (sorted) and keys, shape (r,) and (r, d) (copies)."""
+        """Held ids and keys (copies).
+
+        Returns
+        -------
+        ids : ndarray of shape (r,), int64, sorted
+        keys : ndarray of shape (r, d), float64
+        """
         with self._lock:
             return self._ids.copy(), self._K.copy()
 
     def kept(self) -> np.ndarray:
-        """Sorted ids of the keys held now."""
+        """Sorted ids of the keys held now.
+
+        Returns
+        -------
+        ids : ndarray of shape (r,), int64, sorted
+        """
         with self._lock:
             return self._ids.copy()
 
     def top(self, budget: int | None = None) -> np.ndarray:
-        """Sorted ids of the ``budget`` best held keys (sinks, recent, then by score); all held if None."""
+        """Sorted ids of the ``budget`` best held keys: sinks, then recent keys, then by score.
+
+        Parameters
+        ----------
+        budget : int >= 0 or None
+            How many; None returns every held key.
+
+        Returns
+        -------
+        ids : ndarray of shape (min(budget, r),), int64, sorted
+        """
         with self._lock:
             if budget is None:
                 return self._ids.copy()
-            b = _int_param(budget, "budget", 0, "SoftmaxSelector.top")
+            b = check_budget(budget, caller="SoftmaxSelector.top", minimum=0)
             return self._choose(self._ids, self._K, self._offset + self._n, b)
 
     # ------------------------------------------------------------------ core
@@ -277,6 +308,7 @@ class SoftmaxSelector(ByteRoundTrip):
         pos = np.concatenate([self._qb_pos, qpos])
         return Qb[:, -self._qcap:], pos[-self._qcap:]
 
+    @transactional
     def update(self, keys, queries=None, *, return_changes: bool = False):
         """Add a block of keys (the next positions), optionally with queries; evict down to the budget.
 
@@ -293,6 +325,10 @@ class SoftmaxSelector(ByteRoundTrip):
             Return a :class:`~streamlev.sketch.Changes` (``added``: ids of this
             block that are held after the call; ``evicted``: ids held before the
             call and not after) instead of self.
+
+        Returns
+        -------
+        self, or Changes when ``return_changes`` is True
 
         Raises
         ------
@@ -326,32 +362,44 @@ class SoftmaxSelector(ByteRoundTrip):
             return self
 
     def merge(self, other: SoftmaxSelector, *, return_changes: bool = False):
-        """Append a selector of the *next* segment of the same stream (``other.offset == self.offset + self.n``).
+        """Append the stream of another selector after this one's: it becomes the next segment.
 
-        The union of both held sets is cut back to the budget by the rule, with
-        the query buffers concatenated (the other's queries are the newer ones)
-        and the running statistics added. Stated difference from one stream: keys
-        evicted inside either segment are gone, and each segment's evictions
-        were decided without the other's keys and queries. ``other`` is not changed.
+        The other selector's positions are shifted to follow this one's
+        (``shift = self.offset + self.n - other.offset``; zero when it was built
+        with ``offset=self.offset + self.n``). The union of both held sets is cut
+        back to the budget by the rule, with the query buffers concatenated (the
+        other's queries are the newer ones) and the running statistics added.
+        Stated difference from one stream: keys evicted inside either segment are
+        gone, and each segment's evictions were decided without the other's keys
+        and queries. ``other`` is not changed.
+
+        Parameters
+        ----------
+        other : SoftmaxSelector
+            Same parameters (d, budget, rule, causal, window, sinks, recent,
+            rope_theta, half_life, query_buffer, scale).
+        return_changes : bool, default False
+            Return a :class:`~streamlev.sketch.Changes` (``added``: the other's
+            ids, shifted, held after the call; ``evicted``: this selector's ids
+            that left) instead of self.
+
+        Returns
+        -------
+        self, or Changes when ``return_changes`` is True
         """
         caller = "SoftmaxSelector.merge"
-        if not isinstance(other, SoftmaxSelector):
-            raise TypeError(f"{caller}: expected a SoftmaxSelector, got {type(other).__name__}.")
-        if other is self:
-            raise ValueError(f"{caller}: cannot merge a selector with itself.")
-        mine, theirs = self._params(), other._params()
-        if mine != theirs:
-            raise ValueError(f"{caller}: parameters differ (d, budget, rule, causal, window, sinks, recent, "
-                             f"rope_theta, half_life, query_buffer, scale): {mine} here, {theirs} in the other.")
-        if other._offset != self._offset + self._n:
-            raise ValueError(f"{caller}: the other selector must start where this one ends: its offset is "
-                             f"{other._offset}, expected {self._offset + self._n} (build it with offset=).")
-        with other._lock:
-            o_ids, o_K, o_Qb, o_pos = other._ids.copy(), other._K.copy(), other._Qb.copy(), other._qb_pos.copy()
-            o_usum, o_qsum, o_nq, o_n = other._usum.copy(), other._qsum.copy(), other._nq, other._n
-        if self._Qb.shape[1] and o_Qb.shape[1] and self._Qb.shape[0] != o_Qb.shape[0]:
-            raise ValueError(f"{caller}: the selectors saw queries of {self._Qb.shape[0]} and {o_Qb.shape[0]} heads.")
-        with self._lock:
+        self._check_other(other, caller)  # before taking other's lock: it must be a SoftmaxSelector
+        with locked(self, other):  # both locks in id order; nothing changes before every check passed
+            mine, theirs = self._params(), other._params()
+            if mine != theirs:
+                raise ValueError(f"{caller}: parameters differ (d, budget, rule, causal, window, sinks, recent, "
+                                 f"rope_theta, half_life, query_buffer, scale): {mine} here, {theirs} in the other.")
+            if self._Qb.shape[1] and other._Qb.shape[1] and self._Qb.shape[0] != other._Qb.shape[0]:
+                raise ValueError(f"{caller}: the selectors saw queries of {self._Qb.shape[0]} and "
+                                 f"{other._Qb.shape[0]} heads.")
+            shift = self._offset + self._n - other._offset
+            o_ids, o_K, o_Qb, o_pos = other._ids + shift, other._K, other._Qb, other._qb_pos + shift
+            o_usum, o_qsum, o_nq, o_n = other._usum, other._qsum, other._nq, other._n
             before = self._ids.copy()
             ids, Kc = np.concatenate([self._ids, o_ids]), np.vstack([self._K, o_K])
             if o_Qb.shape[1]:
@@ -370,9 +418,19 @@ class SoftmaxSelector(ByteRoundTrip):
         return (self._d, self._budget, self._rule, self._causal, self._window, self._sinks, self._recent,
                 self._theta, self._half_life, self._qcap, self._scale)
 
-    # ------------------------------------------------------------------ bytes, equality
-    def to_bytes(self) -> bytes:
-        """Versioned, CRC-checked bytes (the streamlev format; no pickle)."""
+    def _snapshot(self):
+        return (self._n, self._nq, self._ids, self._K, self._Qb, self._qb_pos, self._usum, self._qsum)
+
+    def _restore(self, snap):
+        self._n, self._nq, self._ids, self._K, self._Qb, self._qb_pos, self._usum, self._qsum = snap
+
+    @property
+    def is_empty(self) -> bool:
+        """True before any key or query was seen."""
+        return self._n == 0 and self._nq == 0
+
+    # ------------------------------------------------------------------ bytes
+    def _to_bytes(self) -> bytes:
         with self._lock:
             return _format.dump("SoftmaxSelector", {
                 "d": np.int64(self._d), "budget": np.int64(self._budget), "rule": np.int64(RULES.index(self._rule)),
@@ -386,8 +444,7 @@ class SoftmaxSelector(ByteRoundTrip):
                 "usum": self._usum, "qsum": self._qsum})
 
     @classmethod
-    def from_bytes(cls, data) -> SoftmaxSelector:
-        """Rebuild from :meth:`to_bytes` output; ValueError on anything else."""
+    def _from_bytes(cls, data) -> SoftmaxSelector:
         f = _format.load(data, "SoftmaxSelector", {
             "d": ((), "i8"), "budget": ((), "i8"), "rule": ((), "i8"), "causal": ((), "i8"), "window": ((), "i8"),
             "sinks": ((), "i8"), "recent": ((), "i8"), "rope_theta": ((), "f8"), "half_life": ((), "f8"),
@@ -420,17 +477,8 @@ class SoftmaxSelector(ByteRoundTrip):
         sk._qb_pos, sk._usum, sk._qsum = qpos.copy(), f["usum"].copy(), f["qsum"].copy()
         return sk
 
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, SoftmaxSelector):
-            return NotImplemented
-        return self.to_bytes() == other.to_bytes()
-
-    __hash__ = None
-
 
 # ---------------------------------------------------------------------- the documented defaults
-QUERY_HALF_LIFE = 128.0  # causal query class: half-life of a query's weight, in positions (chosen on SmolLM2)
-KEY_RECENT_FRACTION = 0.5  # causal key-only class: share of the budget for the most recent keys (chosen on SmolLM2)
 
 
 def default_selector(d: int, budget: int, *, queries: bool, causal: bool = False, window: int | None = None,
@@ -448,6 +496,25 @@ def default_selector(d: int, budget: int, *, queries: bool, causal: bool = False
 
     Every rule and constant was chosen on MiniLM and SmolLM2 only, and confirmed
     on a ViT (two resolutions) and on Gemma 3 (``benchmarks/softmax_selectors_families.py``).
+
+    Parameters
+    ----------
+    d : int
+        Key dimension.
+    budget : int >= 1
+        Most keys held.
+    queries : bool
+        True for the query class (the selector will be fed observed queries), False for key-only.
+    causal : bool, default False
+    window : int or None
+        Sliding-window length of the layer (causal only).
+    rope_theta : float or None
+        RoPE base of the layer (rotate-half convention), for the causal query class.
+    scale : float, default ``1/sqrt(d)``
+
+    Returns
+    -------
+    SoftmaxSelector
     """
     if queries:
         return SoftmaxSelector(d, budget, rule="observed", causal=causal, window=window, sinks=0, recent=0,

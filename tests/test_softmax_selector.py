@@ -81,7 +81,7 @@ def test_query_buffer_keeps_the_newest_queries():
     sk = SoftmaxSelector(6, 40, rule="observed", causal=True, half_life=8.0, rope_theta=50.0, query_buffer=7)
     for a in range(0, 40, 3):
         sk.update(K[a:a + 3], Q[:, a:a + 3])
-    ids, sc = sk.scores()  # budget >= n: nothing evicted, so the streamed scores are the offline ones
+    ids, sc = sk.held_scores()  # budget >= n: nothing evicted, so the streamed scores are the offline ones
     assert np.array_equal(ids, np.arange(40)) and np.allclose(sc, ref, rtol=1e-10, atol=1e-15)
 
 
@@ -193,17 +193,27 @@ def test_merge_observed_keeps_within_segment_statistics():
     union = np.union1d(a.kept(), b.kept())
     ch = a.merge(b, return_changes=True)
     assert np.isin(a.kept(), union).all() and a.num_retained == 10 and a.n_queries == 3 * 80
-    ids, _ = a.scores()
+    ids, _ = a.held_scores()
     assert np.array_equal(ids, a.kept())
     assert np.isin(ch.added, b.kept()).all()
 
 
+def test_merge_appends_an_independent_stream_after_this_one():
+    K, _ = _data(n=90, seed=19)
+    one = SoftmaxSelector(6, 12, rule="small_norm", causal=True).update(K)
+    a = SoftmaxSelector(6, 12, rule="small_norm", causal=True).update(K[:40])
+    b = SoftmaxSelector(6, 12, rule="small_norm", causal=True).update(K[40:])  # its own positions 0..49
+    ch = a.merge(b, return_changes=True)
+    assert np.array_equal(a.kept(), one.kept()) and np.all(ch.added >= 40)  # b's ids moved after a's
+
+
 def test_merge_rejects_mismatches():
     a = SoftmaxSelector(4, 5).update(np.ones((3, 4)))
-    with pytest.raises(ValueError, match="offset"):
-        a.merge(SoftmaxSelector(4, 5))
     with pytest.raises(ValueError, match="parameters differ"):
         a.merge(SoftmaxSelector(4, 6, offset=3))
+    with pytest.raises(ValueError, match="heads"):
+        SoftmaxSelector(4, 5).update(np.ones((3, 4)), np.ones((2, 3, 4))).merge(
+            SoftmaxSelector(4, 5).update(np.ones((3, 4)), np.ones((3, 3, 4))))
     with pytest.raises(TypeError):
         a.merge(object())
     with pytest.raises(ValueError, match="itself"):
