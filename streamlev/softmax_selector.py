@@ -353,13 +353,7 @@ class SoftmaxSelector(Sketch):
                 qsum, nq = qsum + Q.sum(axis=(0, 1)), nq + Q.shape[0] * Q.shape[1]
             self._Qb, self._qb_pos, self._qsum, self._nq = Qb, qb_pos, qsum, nq
             self._usum = self._usum + unit_sum(K)
-            keep = self._choose(ids, Kc, n_end, self._budget)
-            pos = np.searchsorted(ids, keep)
-            self._ids, self._K = ids[pos], Kc[pos]
-            self._n += m
-            if return_changes:
-                return Changes(np.intersect1d(new_ids, self._ids), np.setdiff1d(before, self._ids))
-            return self
+            return self._cut(ids, Kc, m, before, new_ids, return_changes)
 
     def merge(self, other: SoftmaxSelector, *, return_changes: bool = False):
         """Append the stream of another selector after this one's: it becomes the next segment.
@@ -405,14 +399,17 @@ class SoftmaxSelector(Sketch):
             if o_Qb.shape[1]:
                 self._Qb, self._qb_pos = self._push_queries(o_Qb, o_pos)
             self._usum, self._qsum, self._nq = self._usum + o_usum, self._qsum + o_qsum, self._nq + o_nq
-            n_end = self._offset + self._n + o_n
-            keep = self._choose(ids, Kc, n_end, self._budget)
-            pos = np.searchsorted(ids, keep)
-            self._ids, self._K = ids[pos], Kc[pos]
-            self._n += o_n
-            if return_changes:
-                return Changes(np.intersect1d(o_ids, self._ids), np.setdiff1d(before, self._ids))
-            return self
+            return self._cut(ids, Kc, o_n, before, o_ids, return_changes)
+
+    def _cut(self, ids, K, m, before, new_ids, return_changes):
+        """Keep the chosen candidates (ids sorted, keys K) after ``m`` more positions; report the changes."""
+        keep = self._choose(ids, K, self._offset + self._n + m, self._budget)
+        pos = np.searchsorted(ids, keep)
+        self._ids, self._K = ids[pos], K[pos]
+        self._n += m
+        if return_changes:
+            return Changes(np.intersect1d(new_ids, self._ids), np.setdiff1d(before, self._ids))
+        return self
 
     def _params(self):
         return (self._d, self._budget, self._rule, self._causal, self._window, self._sinks, self._recent,
