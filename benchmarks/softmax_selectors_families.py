@@ -58,7 +58,8 @@ from _families import FAMILY_FILES, FRACS, groups  # noqa: E402
 
 from streamlev.leverage import leverage_scores  # noqa: E402
 from streamlev.selectors import select_softmax, shift_invariant_leverage  # noqa: E402
-from streamlev.softmax_selector import SoftmaxSelector, default_selector  # noqa: E402
+from streamlev.softmax_scores import observed_attention  # noqa: E402
+from streamlev.softmax_selector import QUERY_HALF_LIFE, SoftmaxSelector, default_selector  # noqa: E402
 
 TUNING = ("MiniLM", "SmolLM2")  # every rule and constant was chosen on these two families
 CONFIRMATION = ("ViT-S/14 224px", "ViT-S/14 448px", "Gemma3-270M")
@@ -187,6 +188,12 @@ def group_rows(g, kv):
         for B in Bs:
             sk = SoftmaxSelector(g.K.shape[1], B, causal=g.causal, window=g.window, **kw)
             sets.setdefault(name, {})[B] = sk.update(g.K, g.Qseen if use_q else None).kept()
+    # the rejected GQA pooling: max over the group's heads instead of the mean (otherwise the query default)
+    mx = observed_attention(g.K, np.arange(g.N), g.Qseen, g.seen_pos, next_pos=g.N, causal=g.causal, window=g.window,
+                            rope_theta=g.rope_theta if g.causal else None, half_life=QUERY_HALF_LIFE if g.causal
+                            else None, pool="max")
+    live = np.arange(g.N) > (g.N - g.window if g.window else -1)
+    sets["observed_max_pool"] = {B: _top(np.where(live, mx, -np.inf), min(B, int(live.sum()))) for B in Bs}
     rows = []
     for f, B in zip(FRACS, Bs):
         r = {"family": g.family, "doc": g.doc, "layer": g.layer, "kv_head": g.kv_head, "frac": f,

@@ -53,7 +53,7 @@ def rope_shift(Q, delta, theta: float) -> np.ndarray:
 
 def observed_attention(K, key_pos, Q, query_pos, *, next_pos: int, causal: bool, window: int | None = None,
                        rope_theta: float | None = None, half_life: float | None = None,
-                       scale: float | None = None) -> np.ndarray:
+                       scale: float | None = None, pool: str = "mean") -> np.ndarray:
     """Mean softmax weight of each key under the observed queries, moved to the next position.
 
     Parameters
@@ -80,6 +80,9 @@ def observed_attention(K, key_pos, Q, query_pos, *, next_pos: int, causal: bool,
         Causal only: a query ``a`` positions older than the newest counts
         ``2^(-a / half_life)``.
     scale : float, default ``1/sqrt(d)``
+    pool : {"mean", "max"}, default "mean"
+        How the g heads' scores combine (the default is the documented rule;
+        "max" is kept to measure the alternative).
 
     Returns
     -------
@@ -121,7 +124,8 @@ def observed_attention(K, key_pos, Q, query_pos, *, next_pos: int, causal: bool,
     S = np.einsum("hid,jd->hij", Q, K[vis]) * s
     P = np.exp(S - S.max(axis=-1, keepdims=True))
     P /= P.sum(axis=-1, keepdims=True)
-    out[vis] = np.einsum("hij,i->j", P, w) / (g * w.sum())
+    per_head = np.einsum("hij,i->hj", P, w) / w.sum()
+    out[vis] = per_head.mean(axis=0) if pool == "mean" else per_head.max(axis=0)
     return out
 
 
