@@ -59,7 +59,7 @@ from _families import FAMILY_FILES, FRACS, groups  # noqa: E402
 from streamlev.leverage import leverage_scores  # noqa: E402
 from streamlev.selectors import select_softmax, shift_invariant_leverage  # noqa: E402
 from streamlev.softmax_scores import observed_attention  # noqa: E402
-from streamlev.softmax_selector import QUERY_HALF_LIFE, SoftmaxSelector, default_selector  # noqa: E402
+from streamlev.softmax_selector import QUERY_BUFFER, QUERY_HALF_LIFE, SoftmaxSelector, default_selector  # noqa: E402
 
 TUNING = ("MiniLM", "SmolLM2")  # every rule and constant was chosen on these two families
 CONFIRMATION = ("ViT-S/14 224px", "ViT-S/14 448px", "Gemma3-270M")
@@ -71,6 +71,7 @@ OURS = {"key-only": "default_key", "query": "default_query"}
 VARIANTS = {
     "observed_not_moved": (True, dict(rule="observed", sinks=0, recent=0, half_life=128.0, rope_theta=None)),
     "observed_no_decay": (True, dict(rule="observed", sinks=0, recent=0)),
+    "observed_all_queries": (True, dict(rule="observed", sinks=0, recent=0, half_life=128.0, query_buffer=1 << 20)),
     "observed+sinks4": (True, dict(rule="observed", sinks=4, recent=0, half_life=128.0)),
     "small_norm+sinks+recent25%": (False, dict(rule="small_norm", recent_fraction=0.25)),
     "keydiff+sinks+recent50%": (False, dict(rule="keydiff", recent_fraction=0.5)),
@@ -189,7 +190,8 @@ def group_rows(g, kv):
             sk = SoftmaxSelector(g.K.shape[1], B, causal=g.causal, window=g.window, **kw)
             sets.setdefault(name, {})[B] = sk.update(g.K, g.Qseen if use_q else None).kept()
     # the rejected GQA pooling: max over the group's heads instead of the mean (otherwise the query default)
-    mx = observed_attention(g.K, np.arange(g.N), g.Qseen, g.seen_pos, next_pos=g.N, causal=g.causal, window=g.window,
+    mx = observed_attention(g.K, np.arange(g.N), g.Qseen[:, -QUERY_BUFFER:], g.seen_pos[-QUERY_BUFFER:], next_pos=g.N,
+                            causal=g.causal, window=g.window,
                             rope_theta=g.rope_theta if g.causal else None, half_life=QUERY_HALF_LIFE if g.causal
                             else None, pool="max")
     live = np.arange(g.N) > (g.N - g.window if g.window else -1)
