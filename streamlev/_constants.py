@@ -41,6 +41,10 @@ LEWIS_TIGHT_TOL = 1e-11  # used when loose bounds would exceed the a-priori size
 NORM_FLOOR = 1e-12  # KeyDiff: norms below this count as this (zero keys get cosine 0, not NaN); see keydiff_scores
 SINKS = 4  # attention sinks kept by causal budgets (StreamingLLM, Xiao et al. 2023, keeps 4 initial tokens)
 RECENT_FRACTION = 0.25  # share of a causal budget given to the most recent keys (see budget_split)
+# SoftmaxSelector defaults (issue #16), each chosen on MiniLM + SmolLM2 and confirmed on a ViT and Gemma 3
+QUERY_HALF_LIFE = 128.0  # causal query class: a query's weight halves every 128 positions of age
+QUERY_BUFFER = 512  # observed query positions the "observed" rule keeps (2^-4 weight at the oldest)
+KEY_RECENT_FRACTION = 0.5  # causal key-only class: share of the budget for the most recent keys
 
 # ---- memory
 MAX_STATE_BYTES = 1 << 40  # refuse to allocate sketch state larger than this (1 TiB): a clear ValueError first

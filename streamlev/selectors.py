@@ -360,3 +360,9 @@ def select(scores, budget: int, *, sinks: int = 0, recent: int = 0) -> np.ndarra
     rest = budget - int(forced.sum())
     cand = np.flatnonzero(~forced)
     return np.sort(np.concatenate([np.flatnonzero(forced), cand[top_k(s[cand], rest)]])).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- streaming softmax defaults (issue #16)
+from .softmax_selector import select_softmax  # noqa: E402  (re-export: the offline entry point of the defaults)
+
+__all__ += ["select_softmax"]

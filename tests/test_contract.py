@@ -45,7 +45,9 @@ CLASSES = _all_sketch_classes()
 D, HEADS, EPS = 4, 2, 0.1
 # constructor arguments by parameter name, for the generic example
 ARGS = {"heads": HEADS, "d": D, "eps": EPS, "p": 1.0}
-EXAMPLES = {}  # class name -> dict of constructor kwargs, for classes the generic example cannot build
+EXAMPLES = {  # class name -> dict of constructor kwargs, for classes the generic example cannot build
+    "SoftmaxSelector": {"d": D, "budget": 7, "rule": "keydiff"},
+}
 
 
 def make(cls, **override):

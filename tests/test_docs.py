@@ -138,6 +138,10 @@ _NOT_RUN = {
     "python benchmarks/softmax_selectors.py": "part of a 7-minute experiment",
     "HF_HUB_OFFLINE=1 python benchmarks/kv_cache_eval.py": "end-to-end decoder evaluation, about 90 minutes",
     "python benchmarks/kv_cache_report.py": "tables and figures of that evaluation",
+    "python examples/extract_keys.py --out DIR/": "part of the 25-minute softmax family experiment",
+    "python examples/extract_vit_keys.py": "part of the 25-minute softmax family experiment",
+    "HF_HUB_OFFLINE=1 python examples/extract_gemma3_keys.py": "part of the 25-minute softmax family experiment",
+    "python benchmarks/softmax_selectors_families.py": "part of the 25-minute softmax family experiment",
 }
 
 

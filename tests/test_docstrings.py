@@ -19,7 +19,8 @@ import pytest
 PUBLIC_MODULES = ["streamlev", "streamlev.attention", "streamlev.selectors", "streamlev.eval", "streamlev.leverage",
                   "streamlev.lewis", "streamlev.sensitivity", "streamlev.sketch", "streamlev.lp",
                   "streamlev.embedding", "streamlev.multihead", "streamlev.query_sketch", "streamlev.testing",
-                  "streamlev.datasets", "streamlev.io", "streamlev.dask", "streamlev.reference"]
+                  "streamlev.datasets", "streamlev.io", "streamlev.dask", "streamlev.reference",
+                  "streamlev.softmax_selector", "streamlev.softmax_scores"]
 CODES = {"GL08", "PR01", "PR02", "RT01"}
 
 

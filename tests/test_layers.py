@@ -32,7 +32,8 @@ LAYERS = {
     # lower layer can use it; ORACLE_USERS below says who may)
     "applications": ["streamlev.attention", "streamlev._attention_cost", "streamlev.selectors",
                      "streamlev.eval", "streamlev._eval_scores", "streamlev.testing",
-                     "streamlev.datasets", "streamlev.reference"],
+                     "streamlev.datasets", "streamlev.reference", "streamlev.softmax_scores",
+                     "streamlev.softmax_selector"],
     # the public facade (streamlev/__init__.py)
     "api": ["streamlev"],
     # everything that talks to the outside world or to optional frameworks
