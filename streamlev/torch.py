@@ -24,16 +24,10 @@ from __future__ import annotations
 
 __all__ = ["LevAttention", "lev_attention", "select_keys", "leverage_scores"]
 
-try:
-    import torch as _torch  # noqa: F401  (absolute import: the third-party package, not this module)
-except ImportError:  # pragma: no cover - exercised only without the extra
-    _torch = None
+from ._optional import available, missing_extra
 
-if _torch is not None:
+if available("torch"):
     from ._torch_attention import LevAttention, lev_attention, leverage_scores, select_keys
-else:  # pragma: no cover
-    def __getattr__(name):
-        if name in __all__:
-            raise ImportError(f"streamlev.torch.{name} needs PyTorch: pip install 'streamlev[torch]' "
-                              "(or pip install torch).")
-        raise AttributeError(f"module 'streamlev.torch' has no attribute {name!r}")
+else:  # pragma: no cover - exercised only without the extra
+    __getattr__ = missing_extra("streamlev.torch", __all__,
+                                "PyTorch: pip install 'streamlev[torch]' (or pip install torch)")

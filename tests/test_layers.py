@@ -39,7 +39,7 @@ LAYERS = {
     # everything that talks to the outside world or to optional frameworks
     "integrations": ["streamlev.cli", "streamlev._cli_common", "streamlev._cli_select", "streamlev._cli_demo",
                      "streamlev.dask", "streamlev.torch", "streamlev._torch_attention",
-                     "streamlev.__main__", "streamlev.hf.*", "streamlev.torch_engine"],
+                     "streamlev.__main__", "streamlev.hf.*", "streamlev.torch_engine", "streamlev._optional"],
 }
 
 # The only modules that may import the slow exact oracle: the test helpers shipped for users'

@@ -18,20 +18,13 @@ from __future__ import annotations
 __all__ = ["compress", "make_cache", "StreamlevCache", "CompressedLayer", "ExactLeverageSet", "selectors",
            "SUPPORTED_MODEL_TYPES"]
 
-try:
-    import torch as _torch  # noqa: F401
-    import transformers as _transformers  # noqa: F401
-except ImportError:  # pragma: no cover - exercised only without the extra
-    _torch = None
+from .._optional import available, missing_extra
 
-if _torch is not None:
+if available("torch", "transformers"):
     from . import selectors
     from ._model import SUPPORTED_MODEL_TYPES
     from .cache import CompressedLayer, StreamlevCache
     from .compress import compress, make_cache
     from .guarantee import ExactLeverageSet
-else:  # pragma: no cover
-    def __getattr__(name):
-        if name in __all__:
-            raise ImportError(f"streamlev.hf.{name} needs torch and transformers: pip install 'streamlev[hf]'.")
-        raise AttributeError(f"module 'streamlev.hf' has no attribute {name!r}")
+else:  # pragma: no cover - exercised only without the extra
+    __getattr__ = missing_extra("streamlev.hf", __all__, "torch and transformers: pip install 'streamlev[hf]'")
