@@ -335,6 +335,15 @@ def check_budget(budget, *, caller: str, minimum: int = 1, allow_none: bool = Fa
     return int(budget)
 
 
+def check_head(head, heads: int, *, caller: str) -> int:
+    """Return ``head`` as an int in [0, heads), or raise TypeError (not an int) / ValueError (out of range)."""
+    if isinstance(head, (bool, np.bool_)) or not isinstance(head, numbers.Integral):
+        raise TypeError(f"{caller}: head must be an int in [0, {heads}). Got {head!r}.")
+    if not 0 <= int(head) < heads:
+        raise ValueError(f"{caller}: head must be in [0, {heads}). Got {head}.")
+    return int(head)
+
+
 def check_seed(seed, *, caller: str) -> int:
     """Return ``seed`` as an int >= 0, or raise TypeError."""
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or int(seed) < 0:

@@ -10,7 +10,6 @@ vectorized lower bound.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
@@ -20,7 +19,7 @@ from ._constants import DEFAULT_RTOL
 from ._decode import apply_plan, plan_one
 from ._sketch_base import KeySketch, locked, size_bound, transaction
 from ._topk import top_k
-from ._validation import as_real_array, check_budget, check_dim, check_eps, check_ids
+from ._validation import as_real_array, check_budget, check_dim, check_eps, check_head, check_ids
 from .sketch import LevSketch
 
 __all__ = ["MultiHeadSketch"]
@@ -138,11 +137,7 @@ class MultiHeadSketch(KeySketch):
         return self._sk[self._head(head, "MultiHeadSketch.sketch")].copy()
 
     def _head(self, head, caller):
-        if isinstance(head, (bool, np.bool_)) or not isinstance(head, numbers.Integral):
-            raise TypeError(f"{caller}: head must be an int in [0, {self._heads}). Got {head!r}.")
-        if not 0 <= int(head) < self._heads:
-            raise ValueError(f"{caller}: head must be in [0, {self._heads}). Got {head}.")
-        return int(head)
+        return check_head(head, self._heads, caller=caller)
 
     # ---------------------------------------------------------------- update
     def update(self, keys, ids=None, values=None, *, return_changes: bool = False):
