@@ -27,7 +27,7 @@ LAYERS = {
     # stateful, mergeable sketches and their shared base
     "sketches": ["streamlev._sketch_base", "streamlev._decode", "streamlev.sketch", "streamlev.lp",
                  "streamlev.embedding", "streamlev.multihead", "streamlev.query_sketch", "streamlev._heavy",
-                 "streamlev._shift_invariant", "streamlev.decode_engine"],
+                 "streamlev._shift_invariant", "streamlev.decode_engine", "streamlev._engine_queries"],
     # what users build on the sketches (reference.py, the slow exact oracle, sits here so that no
     # lower layer can use it; ORACLE_USERS below says who may)
     "applications": ["streamlev.attention", "streamlev._attention_cost", "streamlev.selectors",
