@@ -16,6 +16,14 @@ from ._validation import check_budget, check_dim, check_eps, check_head
 
 __all__ = ["EngineQueries"]
 
+# Every per-head query takes the same ``head`` keyword; its description is written once here.
+_HEAD = "head : int, optional (keyword)\n            One head in [0, S); default a list over all heads."
+
+
+def _head_doc(method):
+    method.__doc__ = method.__doc__.replace("{head}", _HEAD)
+    return method
+
 
 class EngineQueries:
     """Per-head queries of a DecodeEngine (``head=None``: a list over all heads)."""
@@ -33,13 +41,13 @@ class EngineQueries:
         order = np.argsort(self._st.ids[s, :r], kind="stable")
         return self._st.ids[s, :r][order].copy(), self._st.tau[s, :r][order].copy()
 
+    @_head_doc
     def scores(self, *, head: int | None = None):
         """Retained ids (sorted int64) and their exact leverage (float64, each >= eps), of one head or all.
 
         Parameters
         ----------
-        head : int, optional (keyword)
-            One head in [0, S); default a list over all heads.
+        {head}
 
         Returns
         -------
@@ -47,6 +55,7 @@ class EngineQueries:
         """
         return self._per_head(head, self._scores, "DecodeEngine.scores")
 
+    @_head_doc
     def universal_set(self, eps=None, *, head: int | None = None):
         """Sorted int64 ids with leverage >= eps (default each head's eps, its minimum), of one head or all.
 
@@ -54,8 +63,7 @@ class EngineQueries:
         ----------
         eps : float, optional
             Threshold, >= the head's eps (smaller shares were not kept).
-        head : int, optional (keyword)
-            One head; default a list over all heads.
+        {head}
 
         Returns
         -------
@@ -74,13 +82,13 @@ class EngineQueries:
 
         return self._per_head(head, one, caller)
 
+    @_head_doc
     def retained(self, *, head: int | None = None):
         """(ids sorted, keys (r, d), values (r, value_dim) or None) in the storage precision, of one head or all.
 
         Parameters
         ----------
-        head : int, optional (keyword)
-            One head in [0, S); default a list over all heads.
+        {head}
 
         Returns
         -------
@@ -102,6 +110,7 @@ class EngineQueries:
 
         return self._per_head(head, one, "DecodeEngine.retained")
 
+    @_head_doc
     def top(self, budget, *, head: int | None = None):
         """Sorted ids of the ``budget`` retained keys of largest leverage (ties toward smaller ids), per head.
 
@@ -109,8 +118,7 @@ class EngineQueries:
         ----------
         budget : int >= 1
             How many keys per head (fewer when fewer are retained).
-        head : int, optional (keyword)
-            One head in [0, S); default a list over all heads.
+        {head}
 
         Returns
         -------

@@ -24,8 +24,9 @@ from ._engine_checks import check_update, per_sketch_eps
 from ._engine_queries import EngineQueries
 from ._engine_store import STORAGE, Store, levsketch_arrays, slot_fields, storage_dtype
 from ._kernels.batched_decode import DONE, GROW, REFRESH, decode_block
-from ._sketch_base import Sketch, size_bound
+from ._sketch_base import Sketch
 from ._validation import check_dim, check_rtol
+from .multihead import per_head_max_retained
 from .sketch import LevSketch
 
 __all__ = ["DecodeEngine", "BatchChanges"]
@@ -140,22 +141,7 @@ class DecodeEngine(EngineQueries, Sketch):
         """Keys held per sketch, shape (S,), int64 (a copy)."""
         return self._st.r.copy()
 
-    @size_bound
-    def max_retained(cls, d: int, eps) -> np.ndarray:
-        """A-priori bound per stream, ``floor(d / eps_s)``, shape (S,) (``DecodeEngine.max_retained(d, eps)``).
-
-        Parameters
-        ----------
-        d : int
-            Key dimension.
-        eps : array_like of shape (S,)
-            Per-stream thresholds.
-
-        Returns
-        -------
-        ndarray of shape (S,), int64
-        """
-        return np.array([LevSketch.max_retained(d, float(e)) for e in np.atleast_1d(eps)], dtype=np.int64)
+    max_retained = per_head_max_retained
 
     def _size_params(self):
         return self._d, self._eps

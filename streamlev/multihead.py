@@ -25,6 +25,29 @@ from .sketch import LevSketch
 __all__ = ["MultiHeadSketch"]
 
 
+@size_bound
+def per_head_max_retained(cls, d: int, eps) -> np.ndarray:
+    """A-priori bound per head (key stream), ``floor(d / eps[h])``, shape (heads,).
+
+    The ``max_retained`` of :class:`MultiHeadSketch` and :class:`~streamlev.DecodeEngine`:
+    ``Cls.max_retained(d, eps)`` before any data, ``sk.max_retained()`` on a sketch
+    (the old property spelling ``mh.max_retained`` still works as an array, with a
+    DeprecationWarning).
+
+    Parameters
+    ----------
+    d : int
+        Key dimension.
+    eps : array_like of shape (heads,)
+        Per-head thresholds.
+
+    Returns
+    -------
+    ndarray of shape (heads,), int64
+    """
+    return np.array([LevSketch.max_retained(d, float(e)) for e in np.atleast_1d(eps)], dtype=np.int64)
+
+
 class MultiHeadSketch(KeySketch):
     """Universal sets of keys for several attention heads at once (x^2 attention, p = 2).
 
@@ -82,26 +105,7 @@ class MultiHeadSketch(KeySketch):
         with self._lock:
             return np.array([s.num_retained for s in self._sk], dtype=np.int64)
 
-    @size_bound
-    def max_retained(cls, d: int, eps) -> np.ndarray:
-        """A-priori bound per head, ``floor(d / eps[h])``, shape (heads,).
-
-        ``MultiHeadSketch.max_retained(d, eps)`` before any data, ``mh.max_retained()``
-        on a sketch (the old property spelling ``mh.max_retained`` still works as an
-        array, with a DeprecationWarning).
-
-        Parameters
-        ----------
-        d : int
-            Key dimension.
-        eps : array_like of shape (heads,)
-            Per-head thresholds.
-
-        Returns
-        -------
-        ndarray of shape (heads,), int64
-        """
-        return np.array([LevSketch.max_retained(d, float(e)) for e in np.atleast_1d(eps)], dtype=np.int64)
+    max_retained = per_head_max_retained
 
     def _size_params(self):
         return self._d, self._eps
