@@ -33,7 +33,7 @@ LAYERS = {
     "applications": ["streamlev.attention", "streamlev._attention_cost", "streamlev.selectors",
                      "streamlev.eval", "streamlev._eval_scores", "streamlev.testing",
                      "streamlev.datasets", "streamlev.reference", "streamlev.softmax_scores",
-                     "streamlev.softmax_selector"],
+                     "streamlev._softmax_stream", "streamlev.softmax_selector"],
     # the public facade (streamlev/__init__.py)
     "api": ["streamlev"],
     # everything that talks to the outside world or to optional frameworks
