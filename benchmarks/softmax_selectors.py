@@ -46,6 +46,7 @@ import math
 import sys
 import time
 
+import _oracle_plot as oracle_plot
 import numpy as np
 
 from streamlev.datasets import load_minilm, load_qkv
@@ -246,28 +247,18 @@ def markdown(summ, defaults):
 
 def plot(summ, classes, path):
     """One row per dataset, one column per class: share of the oracle's mass against the budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     dss = sorted({ds for ds, _ in summ})
-    fig, axes = plt.subplots(len(dss), 2, figsize=(9, 3.1 * len(dss)), squeeze=False)
+    fig, axes = oracle_plot.subplots(len(dss), 2, figsize=(9, 3.1 * len(dss)))
     for i, ds in enumerate(dss):
         for j, (title, members) in enumerate(classes(ds).items()):
             ax = axes[i, j]
             for m, style in members:
                 y = [summ[(ds, f)].get(m, np.nan) / summ[(ds, f)]["oracle"] for f in FRACS]
                 ax.plot(range(len(FRACS)), y, style, label=m, lw=2 if style.startswith("k") else 1.2, ms=4)
-            ax.set_xticks(range(len(FRACS)), ["N/16", "N/8", "N/4"])
-            ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
-            ax.set_title(f"{ds}: {title}", fontsize=9)
+            oracle_plot.style_panel(ax, f"{ds}: {title}", fontsize=9)
             ax.set_ylabel("share of oracle mass", fontsize=8)
             ax.legend(fontsize=6.5, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    oracle_plot.save(fig, path)
 
 
 def main(argv=None):

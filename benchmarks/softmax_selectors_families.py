@@ -54,6 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _oracle_plot as oracle_plot  # noqa: E402
 from _families import FAMILY_FILES, FRACS, groups  # noqa: E402
 
 from streamlev.leverage import leverage_scores  # noqa: E402
@@ -287,13 +288,8 @@ def markdown(summ):
 
 
 def plot(summ, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fams = list(dict.fromkeys(fam for fam, _ in summ))
-    fig, axes = plt.subplots(2, len(fams), figsize=(3.2 * len(fams), 6.2), squeeze=False)
+    fig, axes = oracle_plot.subplots(2, len(fams), figsize=(3.2 * len(fams), 6.2))
     for j, fam in enumerate(fams):
         for i, (cls, peers) in enumerate((("key-only", KEY_PEERS), ("query", QUERY_PEERS))):
             ax = axes[i, j]
@@ -301,18 +297,13 @@ def plot(summ, path):
                 y = [summ[(fam, f)][m] / summ[(fam, f)]["oracle"] for f in FRACS]
                 ours = m == OURS[cls]
                 ax.plot(range(3), y, "k-s" if ours else "-o", lw=2.2 if ours else 1, ms=4, label=m)
-            ax.set_xticks(range(3), ["N/16", "N/8", "N/4"])
-            ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
             tag = "tuning" if fam in TUNING else "confirmation"
-            ax.set_title(f"{fam} ({tag})\n{cls}", fontsize=8)
+            oracle_plot.style_panel(ax, f"{fam} ({tag})\n{cls}", fontsize=8)
             if j == 0:
                 ax.set_ylabel("share of oracle mass", fontsize=8)
             if j == len(fams) - 1:
                 ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    oracle_plot.save(fig, path)
 
 
 def main(argv=None):
