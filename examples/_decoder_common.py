@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from extract_keys import write_qkv  # the shared archive writer, next to this file
 
 TOPICS = ["compound", "types", "formatstrings", "specialnames", "string-methods", "debugger"]
 TEXT_LICENSE = "PSF-2.0 (CPython 'pydoc_data.topics', the Python language reference text)"
@@ -51,3 +52,30 @@ def attention(q, k, v, window):
     w = np.exp(lg - lg.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     return np.einsum("hij,hjd->ihd", w, v).reshape(n, H * D)
+
+
+def self_check(mine, ref, where: str = "") -> float:
+    """Relative max error of attention recomputed from the extracted q/k/v against the model's; exit above 1e-4."""
+    err = np.abs(mine - ref).max() / np.abs(ref).max()
+    if err > 1e-4:
+        raise SystemExit(f"self-check failed{where}: attention from extracted q/k/v differs from the model's "
+                         f"({err:.1e})")
+    return err
+
+
+class Documents:
+    """The documents read so far (tokens, names, texts, row pointer ``ptr``) and the archive writer."""
+
+    def __init__(self):
+        self.tokens, self.names, self.texts, self.ptr = [], [], [], [0]
+
+    def add(self, topic: str, text: str, ids) -> None:
+        self.tokens.append(np.array(ids, np.int32))
+        self.names.append(f"pydoc_data.topics[{topic!r}]")
+        self.texts.append(text)
+        self.ptr.append(self.ptr[-1] + len(ids))
+
+    def write(self, out, arrays: dict, *, layers, model: str, package: str) -> None:
+        """Write the ``.npz`` archive (:func:`extract_keys.write_qkv`) with these documents' metadata."""
+        write_qkv(out, arrays, ptr=self.ptr, names=self.names, texts=self.texts, layers=layers, model=model,
+                  package=package, source="CPython pydoc_data.topics", license=TEXT_LICENSE)

