@@ -108,6 +108,13 @@ def _size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def _command(sub, func, name: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``kwargs``: help, description), whose parsed arguments run ``func``."""
+    p = sub.add_parser(name, **kwargs)
+    p.set_defaults(func=func)
+    return p
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamlev", description="Universal sets of attention keys (LevAttention): keys that "
                      "can receive |x|^p attention share >= eps from any query, kept in one pass.")
@@ -115,9 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     eps_help = f"attention share threshold in [{EPS_MIN:.3g}, 1]"
 
-    d = sub.add_parser("demo", help="stream real MiniLM attention keys shipped with streamlev",
-                       description="Stream the real MiniLM keys shipped with streamlev through one sketch: memory "
-                       "stays flat while the stream grows; the result is checked against brute force.")
+    d = _command(sub, _cmd_demo, "demo", help="stream real MiniLM attention keys shipped with streamlev",
+                 description="Stream the real MiniLM keys shipped with streamlev through one sketch: memory "
+                 "stays flat while the stream grows; the result is checked against brute force.")
     d.add_argument("--eps", type=_eps, default=_cli_demo.DEFAULT_EPS,
                    help=f"{eps_help} (default {_cli_demo.DEFAULT_EPS})")
     d.add_argument("--layers", type=_int_list("layers"), default=None,
@@ -127,12 +134,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also write a plot (.png, .pdf or .svg; needs matplotlib: pip install 'streamlev[plot]')")
     g.add_argument("--no-plot", action="store_true", help="write no plot (the default)")
     d.add_argument("--quiet", action="store_true", help="print the result lines only")
-    d.set_defaults(func=_cmd_demo)
 
-    s = sub.add_parser("select", help="stream keys from a file and print the universal set",
-                       description="Stream keys (n, d) -- or (..., n, d) with group axes such as (layers, heads) -- "
-                       "from .npy / .safetensors (memory-mapped; bfloat16 included) or .npz in chunks and print "
-                       "the ids (row numbers + --id-offset) and scores of the universal set.")
+    s = _command(sub, cmd_select, "select", help="stream keys from a file and print the universal set",
+                 description="Stream keys (n, d) -- or (..., n, d) with group axes such as (layers, heads) -- "
+                 "from .npy / .safetensors (memory-mapped; bfloat16 included) or .npz in chunks and print "
+                 "the ids (row numbers + --id-offset) and scores of the universal set.")
     s.add_argument("file", metavar="FILE", help="keys: .npy, .npz or .safetensors holding an (n, d) or (..., n, d) "
                    "array")
     s.add_argument("--key", default=None, help="array name in a .npz / tensor name in a .safetensors "
@@ -156,20 +162,18 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save", metavar="SKETCH", default=None, help="write the sketch bytes to this file "
                    "(one group only)")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
-    s.set_defaults(func=cmd_select)
 
-    m = sub.add_parser("merge", help="merge saved sketches", description="Merge sketches saved by "
-                       "'select --save' (built on disjoint ids) into one; the result equals the sketch of "
-                       "all their keys.")
+    m = _command(sub, _cmd_merge, "merge", help="merge saved sketches", description="Merge sketches saved by "
+                 "'select --save' (built on disjoint ids) into one; the result equals the sketch of "
+                 "all their keys.")
     m.add_argument("sketches", metavar="SKETCH", nargs="+", help="sketch files to merge")
     m.add_argument("-o", "--output", metavar="OUT", required=True, help="file to write the merged sketch to")
     m.add_argument("--quiet", action="store_true", help="print nothing on success")
-    m.set_defaults(func=_cmd_merge)
 
-    i = sub.add_parser("inspect", help="summarise a saved sketch, list or re-threshold its ids",
-                       description="Print kind, d, eps, p, n, num_retained, nbytes, file_bytes, bound and the top "
-                       "scores of a saved sketch; --all lists every retained id, --eps E the ids with score >= E "
-                       "(E >= the sketch's eps), --budget B the B of largest score.")
+    i = _command(sub, _cmd_inspect, "inspect", help="summarise a saved sketch, list or re-threshold its ids",
+                 description="Print kind, d, eps, p, n, num_retained, nbytes, file_bytes, bound and the top "
+                 "scores of a saved sketch; --all lists every retained id, --eps E the ids with score >= E "
+                 "(E >= the sketch's eps), --budget B the B of largest score.")
     i.add_argument("sketch", metavar="SKETCH", help="sketch file")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--top", type=_int_in(0, "top"), default=10, help="how many top scores (default 10)")
@@ -178,7 +182,6 @@ def _build_parser() -> argparse.ArgumentParser:
                    "sketch's eps)")
     i.add_argument("--budget", type=_int_in(1, "budget"), default=None, metavar="B",
                    help="select the B ids of largest score")
-    i.set_defaults(func=_cmd_inspect)
     return parser
 
 
