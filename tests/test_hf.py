@@ -419,6 +419,12 @@ def test_observed_attention_matches_a_direct_computation(llama, stride):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("bad", [dict(buffer=0), dict(half_life=0.0), dict(stride=0)])
+def test_observed_attention_rejects_bad_settings(bad):
+    with pytest.raises(ValueError, match="need buffer >= 1, half_life > 0 and stride >= 1"):
+        slh.selectors.ObservedAttention(**bad)
+
+
 @pytest.mark.parametrize("selector", ["observed", "keys"])
 def test_issue16_defaults_run_within_budget(selector, llama, gemma):
     for model in (llama, gemma):
