@@ -32,6 +32,11 @@ not set). ``kv_<press>_full`` runs it the way kvpress treats ``Gemma3ForConditio
 fails on the sliding layers too); streamlev's matching configuration is ``sl_<rule>_win``
 (``sliding="window"``: sliding layers keep their window, full-attention layers the budget).
 
+``sl_obs<W>`` is the observed-attention rule with a buffer of the newest W queries and half-life W/4 (the
+issue-16 rule is W=512, half-life 128: the oldest buffered query weighs 1/16 in both); ``sl_obs<W>s<s>``
+buffers only the queries at positions divisible by s (the same span of W s positions, half-life W s / 4);
+a suffix ``h<H>`` sets the half-life to H instead.
+
 Overhead: the decode step of the streamlev default cache at budget B is timed against a DynamicCache
 that holds exactly B keys per layer (same attention size), alternating step by step in one run;
 medians. Memory: bytes held by the cache (keys, values, positions, scores, query statistics, sketches)
@@ -47,6 +52,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -121,7 +127,13 @@ class Session:
             self.cache = DynamicCache(config=model.config)
         elif method.startswith("sl_"):
             base = method[:-4] if method.endswith("_win") else method
-            sel = {"sl_default": "expected_attention", "sl_keydiff": "keydiff", "sl_append": "expected_attention",
+            obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?", base)
+            if obs:  # observed attention: W queries, every st-th position, half-life h (default W st / 4)
+                W, st = int(obs[1]), int(obs[2] or 1)
+                sel = slh.selectors.ObservedAttention(buffer=W, half_life=float(obs[3] or W * st / 4), stride=st)
+            else:
+                sel = None
+            sel = sel or {"sl_default": "expected_attention", "sl_keydiff": "keydiff", "sl_append": "expected_attention",
                    "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None),
                    "sl_observed": "observed", "sl_keys": "keys", "sl_observed_append": "observed"}[base]
             mode = "append_only" if base.endswith("append") else "evict"
@@ -292,7 +304,7 @@ def main(argv=None) -> int:
     ap.add_argument("--passkey-methods", default=None, help="default: the same as --methods")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--overhead-steps", type=int, default=40)
-    ap.add_argument("--overhead-method", default="sl_default")
+    ap.add_argument("--overhead-method", default="sl_default", help="comma list of streamlev methods")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ppl,passkey,overhead")
     ap.add_argument("--json", required=True)
@@ -319,8 +331,8 @@ def main(argv=None) -> int:
     if "overhead" not in skip:
         name, ids = texts(tok, a.context + a.overhead_steps, PPL_TOPICS)[0]
         for frac in budgets:
-            result["overhead"].append(run_overhead(model, ids, a.context, frac, a.overhead_steps, log,
-                                                   a.overhead_method))
+            for meth in a.overhead_method.split(","):
+                result["overhead"].append(run_overhead(model, ids, a.context, frac, a.overhead_steps, log, meth))
         Path(a.json).write_text(json.dumps(result, indent=1))
     if "passkey" not in skip:
         import pydoc_data.topics as t

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +28,17 @@ LABEL = {"sl_default": "streamlev expected attention (rank-8)", "sl_default_exac
          "sl_leverage": "streamlev guarantee (x^2 universal set)", "kv_streaming_llm": "kvpress StreamingLLM",
          "kv_knorm": "kvpress Knorm", "kv_keydiff": "kvpress KeyDiff", "kv_expected_attention":
          "kvpress ExpectedAttention", "kv_snapkv": "kvpress SnapKV (prefill only)", "kv_tova": "kvpress TOVA"}
+
+
+def label(m):
+    """Readable name of a method; ``sl_obs<W>[s<s>][h<H>][_win]`` are observed-attention variants."""
+    obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?(_win)?", m)
+    if not obs:
+        return LABEL.get(m, m)
+    W, st = int(obs[1]), int(obs[2] or 1)
+    which = f"newest {W} queries" if st == 1 else f"{W} queries, every {st}th position"
+    return (f"streamlev observed, {which}, half-life {float(obs[3] or W * st / 4):g}"
+            + (", sliding layers = window" if obs[4] else ""))
 
 
 def fmt_frac(f):
@@ -66,7 +78,7 @@ def ppl_table(res):
                     if b and m.startswith("kv_") and r[key] == {"kl": b[0], "top1": b[1], "ppl": b[2]}[key]:
                         v = f"**{v}**"
                     cells.append(v)
-        out.append(f"| {LABEL.get(m, m)} | " + " | ".join(cells) + " |")
+        out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     if errs:
         out += ["", "Failures: " + "; ".join(f"{m} @ {fmt_frac(f)}: {e}" for (m, f), e in sorted(errs.items()))]
     return "\n".join(out), fracs, by, full
@@ -90,7 +102,7 @@ def passkey_table(res):
             for d in depths:
                 h = acc.get((m, 1.0 if m == "full" else f, d))
                 cells.append("" if h is None else ("hit" if all(h) else "miss"))
-        out.append(f"| {LABEL.get(m, m)} | " + " | ".join(cells) + " |")
+        out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -100,7 +112,7 @@ def overhead_table(res):
     out = ["| method | budget | streamlev step (median ms) | DynamicCache holding B keys (median ms) | overhead (median) | "
            "overhead (mean, incl. batched evictions) |", "|---|---|---|---|---|---|"]
     for r in res["overhead"]:
-        out.append(f"| {LABEL.get(r['method'], r['method'])} | {r['budget']} ({fmt_frac(r['frac'])}) | {r['step_ms_streamlev']:.1f} | {r['step_ms_dynamic']:.1f}"
+        out.append(f"| {label(r['method'])} | {r['budget']} ({fmt_frac(r['frac'])}) | {r['step_ms_streamlev']:.1f} | {r['step_ms_dynamic']:.1f}"
                    f" | {100 * r['overhead']:+.1f}% | {100 * r.get('overhead_mean', float('nan')):+.1f}% |")
     return "\n".join(out)
 
@@ -118,7 +130,7 @@ def figure(res, fracs, by, full, path):
             continue
         style = dict(marker="o", lw=2.2) if m.startswith("sl_") else dict(marker="s", lw=1, ls="--")
         style["color"] = plt.cm.tab20(i % 20)
-        axes[0].plot(xs, [by[(m, f)]["kl"] for f in xs], label=LABEL.get(m, m), **style)
+        axes[0].plot(xs, [by[(m, f)]["kl"] for f in xs], label=label(m), **style)
         axes[1].plot(xs, [by[(m, f)]["ppl"] for f in xs], **style)
     axes[1].axhline(full["ppl"], color="k", lw=0.8, label="full cache")
     for ax, yl in zip(axes, ("mean KL(full || compressed)", "perplexity of the continuation")):

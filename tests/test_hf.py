@@ -388,22 +388,26 @@ def test_sliding_window_option_keeps_windows_and_compresses_full_layers(gemma):
         slh.make_cache(gemma, 4, sliding="drop")
 
 
-def test_observed_attention_matches_a_direct_computation(llama):
-    """The #16 query default: decayed mean over buffered queries (moved to position n) of their softmax over keys."""
+@pytest.mark.parametrize("stride", [1, 3])
+def test_observed_attention_matches_a_direct_computation(llama, stride):
+    """The #16 query default: decayed mean over buffered queries (moved to position n) of their softmax over keys.
+
+    ``stride=3`` buffers only the queries at positions divisible by 3.
+    """
     from streamlev.hf._model import inspect_model
 
     info = inspect_model(llama)[0]  # 4 query heads over 2 key/value heads, d = 16
     rng = np.random.default_rng(2)
     Q = rng.standard_normal((1, 4, 20, 16))  # pre-RoPE queries at positions 30..49
     K = rng.standard_normal((1, 2, 12, 16))
-    sel = slh.selectors.ObservedAttention(buffer=15, half_life=4.0)
+    sel = slh.selectors.ObservedAttention(buffer=15 if stride == 1 else 5, half_life=4.0, stride=stride)
     st = sel.new_state(info)
     sel.observe_queries(st, [torch.from_numpy(Q[:, :, :8]), torch.from_numpy(Q[:, :, 8:])], 50)
     got = sel.score(st, torch.from_numpy(K), None, 50, normalize=True)[0].double().numpy()
     theta = 1.0 / float(info.inv_freq[1]) ** (16 / 2)
     R = rope_rotations(16, [50], theta)[0]
-    pos = np.arange(35, 50)  # the newest 15
-    w = 2.0 ** (-(49 - pos) / 4.0)
+    pos = np.arange(35, 50) if stride == 1 else np.array([36, 39, 42, 45, 48])  # the newest 15 / 5 on the grid
+    w = 2.0 ** (-(pos.max() - pos) / 4.0)
     want = np.zeros((2, 12))
     for g in range(2):
         for h in (2 * g, 2 * g + 1):
@@ -413,6 +417,12 @@ def test_observed_attention_matches_a_direct_computation(llama):
                 want[g] += w[i] * e / e.sum()
         want[g] /= 2 * w.sum()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [dict(buffer=0), dict(half_life=0.0), dict(stride=0)])
+def test_observed_attention_rejects_bad_settings(bad):
+    with pytest.raises(ValueError, match="need buffer >= 1, half_life > 0 and stride >= 1"):
+        slh.selectors.ObservedAttention(**bad)
 
 
 @pytest.mark.parametrize("selector", ["observed", "keys"])

@@ -254,7 +254,9 @@ class ObservedAttention(Selector):
     """Observed attention of the newest queries, moved to the next position (the query default of issue #16).
 
     State: the newest ``buffer`` (512) pre-RoPE queries of every query head with
-    their positions ``p_i``. With ``n`` the position of the next query, ``R_n``
+    their positions ``p_i``; with ``stride=s > 1`` only the queries at positions
+    ``p = 0 mod s`` are buffered (the same span of ``buffer * s`` positions
+    sampled every s-th position, at 1/s of the memory and cost). With ``n`` the position of the next query, ``R_n``
     its RoPE rotation (times the RoPE attention scaling), ``s`` the layer's logit
     scale and ``C`` the candidate keys (held and arriving, all visible from
     position n), for key j of key/value head g with query heads ``h`` in its group:
@@ -269,7 +271,7 @@ class ObservedAttention(Selector):
     at each eviction (``rescore = True``): while decoding that is every
     ``evict_every`` tokens, not every token (the reference rescores per update).
     Memory: ``buffer * H * d`` floats per layer. Cost per rescoring:
-    ``O(H * buffer * n * d)``.
+    ``O(H * buffer * n * d)``. ``stride=1`` (default) is the issue-16 rule.
     """
 
     name = "observed"
@@ -277,14 +279,16 @@ class ObservedAttention(Selector):
     rescore = True
 
     def __init__(self, *, sinks: int = 0, recent_fraction: float = 0.0, buffer: int = 512,
-                 half_life: float = 128.0):
+                 half_life: float = 128.0, stride: int = 1):
         super().__init__(sinks=sinks, recent_fraction=recent_fraction)
-        if int(buffer) < 1 or not float(half_life) > 0:
-            raise ValueError(f"ObservedAttention: need buffer >= 1 and half_life > 0, got {buffer}, {half_life}.")
-        self.buffer, self.half_life = int(buffer), float(half_life)
+        if int(buffer) < 1 or not float(half_life) > 0 or int(stride) < 1:
+            raise ValueError(f"ObservedAttention: need buffer >= 1, half_life > 0 and stride >= 1, got {buffer}, "
+                             f"{half_life}, {stride}.")
+        self.buffer, self.half_life, self.stride = int(buffer), float(half_life), int(stride)
 
     def __repr__(self):
-        return f"ObservedAttention(buffer={self.buffer}, half_life={self.half_life}, sinks={self.sinks})"
+        return (f"ObservedAttention(buffer={self.buffer}, half_life={self.half_life}, stride={self.stride}, "
+                f"sinks={self.sinks})")
 
     def new_state(self, info):
         return {"info": info, "q": None, "p": None}
@@ -294,6 +298,9 @@ class ObservedAttention(Selector):
             return
         q = torch.cat([x.float() for x in queries], dim=2)  # (B, H, m, d)
         pos = torch.arange(end - q.shape[2], end, device=q.device)
+        if self.stride > 1:
+            on_grid = pos % self.stride == 0
+            q, pos = q[:, :, on_grid], pos[on_grid]
         if state["q"] is not None:
             q, pos = torch.cat([state["q"], q], dim=2), torch.cat([state["p"], pos])
         state["q"], state["p"] = q[:, :, -self.buffer:], pos[-self.buffer:]
