@@ -20,6 +20,8 @@ import math
 import numpy as np
 from scipy.linalg import blas, lapack
 
+from . import _parallel
+
 __all__ = ["blas_threads", "update_factor", "score_rows", "cond_estimate", "ridge_lambda", "KAPPA_GRAM", "KAPPA_CHOLQR2"]
 
 _CONTROLLER = None
@@ -116,7 +118,7 @@ def _chol(G: np.ndarray):
         return None, False
 
 
-def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False):
+def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False, workers: int = 1):
     """Return the upper-triangular R' (non-negative diagonal) with R'^T R' = R^T R + B^T B.
 
     Parameters
@@ -125,21 +127,31 @@ def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False):
     B : ndarray of shape (m, d), float64
     return_kappa : bool
         Also return :func:`cond_estimate` of R' (computed anyway on the fast path).
+    workers : int, default=1
+        Threads for the Gram matrix of a large B (see :mod:`streamlev._parallel`);
+        only the summation order of B^T B changes.
 
     Returns
     -------
     ndarray of shape (d, d), C-contiguous; R and B are not modified.
     """
     if return_kappa:
-        Rn, kappa = _update(R, B)
+        Rn, kappa = _update(R, B, workers)
         return Rn, (cond_estimate(Rn) if kappa is None else kappa)
-    return _update(R, B)[0]
+    return _update(R, B, workers)[0]
 
 
-def _update(R, B):
+def _gram(B: np.ndarray) -> np.ndarray:
+    return B.T @ B  # gemm: measured 2-3x faster than syrk here, despite twice the flops
+
+
+def _update(R, B, workers=1):
     if B.shape[0] == 0:
         return R.copy(), None
-    G = B.T @ B  # gemm: measured 2-3x faster than syrk here, despite twice the flops
+    grams = _parallel.map_rows(_gram, B, _parallel.parts(B.shape[0], B.shape[1] ** 2, workers))
+    G = grams[0]
+    for Gi in grams[1:]:
+        G += Gi
     G += R.T @ R
     R1, ok = _chol(G)
     if ok:
