@@ -181,7 +181,7 @@ def ridge_lambda(R: np.ndarray, rtol: float) -> float:
 
 
 def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None = None,
-               below: float | None = None) -> np.ndarray:
+               below: float | None = None, workers: int = 1) -> np.ndarray:
     """Leverage ``x^T (R^T R + lam I)^{-1} x`` of each row of X.
 
     Parameters
@@ -228,8 +228,14 @@ def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None
                 tau[:] = np.minimum(ub, 1.0)
             if rows.size:
                 Xs = X if rows.size == m else X[rows]
-                Y = blas.dtrmm(1.0, np.asfortranarray(Ri), Xs.T, side=0, lower=0, trans_a=1)
-                tau[rows] = np.minimum(np.einsum("ij,ij->j", Y, Y), 1.0)
+                k = _parallel.parts(rows.size, d * d // 2, workers, _parallel.MIN_WORK_TRMM)
+                RiF = np.asfortranarray(Ri)
+                if k > 1 and _parallel.HAVE_GIL_FREE_TRMM:
+                    tau[rows] = np.concatenate(_parallel.map_rows(
+                        lambda Xp: _parallel.upper_t_sq_norms(RiF, Xp), Xs, k))
+                else:
+                    Y = blas.dtrmm(1.0, RiF, Xs.T, side=0, lower=0, trans_a=1)
+                    tau[rows] = np.minimum(np.einsum("ij,ij->j", Y, Y), 1.0)
             return tau
     Y = blas.dtrsm(1.0, R, X.T, side=0, lower=0, trans_a=1)  # R^{-T} X^T, (d, m), X.T is F-ordered
     tau = np.einsum("ij,ij->j", Y, Y)

@@ -9,20 +9,27 @@ others. Measured on 2 vCPUs with one BLAS thread, the Gram matrix alone of 4096 
 float64 rows ran 1.55x faster split in two, 4096 x 128 1.8x, 1024 x 64 slower (the
 hand-off costs ~50 us). Inside a whole sketch update, though, 4096 x 64 chunks split
 in two ran 0.93-1.11x as fast (the pool thread wakes up late), 4096 x 128 1.14-1.22x:
-hence MIN_WORK, about 0.45 ms of single-threaded gemm per part. Only numpy calls
-gain: scipy's f2py BLAS wrappers (trmm, trsm) hold the GIL, and split over threads
-they ran slower than serial.
+hence MIN_WORK, about 0.45 ms of single-threaded gemm per part. scipy's f2py BLAS
+wrappers hold the GIL (a split trmm ran slower than serial), so the scoring trmm is
+called through scipy's Cython BLAS API by ctypes, which releases the GIL: the same per
+row up to ~1 ulp (BLAS blocking depends on the width), and 1.2-1.8x faster split in
+two from 512 x 128 and 2048 x 64 rows up (MIN_WORK_TRMM).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["MIN_WORK", "parts", "map_rows"]
+import numpy as np
+from scipy.linalg import cython_blas
+
+__all__ = ["MIN_WORK", "MIN_WORK_TRMM", "parts", "map_rows", "upper_t_sq_norms"]
 
 MIN_WORK = 4096 * 64 * 64  # multiply-adds (rows * d * d) per part below which splitting did not pay
+MIN_WORK_TRMM = 1024 * 64 * 64 // 2  # the same for a triangular multiply (d^2 / 2 per row)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _LOCK = threading.Lock()
@@ -41,17 +48,17 @@ def _pool(size: int) -> ThreadPoolExecutor:
     global _POOL, _POOL_SIZE
     with _LOCK:
         if _POOL is None or _POOL_SIZE < size:
-            old, _POOL, _POOL_SIZE = _POOL, ThreadPoolExecutor(size, thread_name_prefix="streamlev"), size
-            if old is not None:
-                old.shutdown(wait=False)
+            # A larger pool replaces the old one, which callers may still hold: it is not shut
+            # down; its idle threads exit once it is garbage-collected.
+            _POOL, _POOL_SIZE = ThreadPoolExecutor(size, thread_name_prefix="streamlev"), size
         return _POOL
 
 
-def parts(m: int, work_per_row: int, workers: int) -> int:
+def parts(m: int, work_per_row: int, workers: int, min_work: int = MIN_WORK) -> int:
     """How many row blocks of an (m x ...) call with ``work_per_row`` multiply-adds per row to run in parallel."""
     if workers < 2 or m < 2:
         return 1
-    return int(max(1, min(workers, m, (m * work_per_row) // MIN_WORK)))
+    return int(max(1, min(workers, m, (m * work_per_row) // min_work)))
 
 
 def map_rows(fn, X, k: int) -> list:
@@ -68,3 +75,40 @@ def map_rows(fn, X, k: int) -> list:
     futures = [pool.submit(fn, X[cuts[i]:cuts[i + 1]]) for i in range(1, k)]
     first = fn(X[: cuts[1]])
     return [first] + [f.result() for f in futures]
+
+
+def _fortran_dtrmm():
+    """scipy's Fortran dtrmm as a ctypes function (a foreign call: the GIL is released), or None."""
+    try:
+        cap = cython_blas.__pyx_capi__["dtrmm"]
+        api = ctypes.pythonapi
+        api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        ptr = api.PyCapsule_GetPointer(cap, api.PyCapsule_GetName(cap))
+    except (AttributeError, KeyError, ValueError):  # pragma: no cover - scipy without its Cython BLAS API
+        return None
+    c_int_p, c_char_p, c_void_p = ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_void_p
+    proto = ctypes.CFUNCTYPE(None, c_char_p, c_char_p, c_char_p, c_char_p, c_int_p, c_int_p,
+                             ctypes.POINTER(ctypes.c_double), c_void_p, c_int_p, c_void_p, c_int_p)
+    return proto(ptr)
+
+
+_DTRMM = _fortran_dtrmm()
+HAVE_GIL_FREE_TRMM = _DTRMM is not None
+
+
+def upper_t_sq_norms(U_f: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """min(1, ||U^T x||^2) for each row x of X, U upper triangular (d x d, Fortran-ordered float64).
+
+    One BLAS dtrmm on a copy of X, the same call scipy's ``blas.dtrmm(1, U, X.T, trans_a=1)``
+    makes, but without holding the GIL (requires ``HAVE_GIL_FREE_TRMM``).
+    """
+    Y = np.array(X, dtype=np.float64, order="C", copy=True)  # its memory is X^T in column-major order
+    m, d = Y.shape
+    if m:
+        dim, cols, one = ctypes.c_int(d), ctypes.c_int(m), ctypes.c_double(1.0)
+        _DTRMM(b"L", b"U", b"T", b"N", ctypes.byref(dim), ctypes.byref(cols), ctypes.byref(one),
+               U_f.ctypes.data, ctypes.byref(dim), Y.ctypes.data, ctypes.byref(dim))
+    Yt = Y.T  # reduce exactly as the serial path does (einsum over the d x m F-ordered result)
+    return np.minimum(np.einsum("ij,ij->j", Yt, Yt), 1.0)

@@ -52,13 +52,13 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
         different heads or shards in parallel instead. ``None`` leaves BLAS as
         configured. A runtime setting: not serialized.
     workers : int, default=2
-        Threads for the Gram matrix of each large chunk of a block update,
-        split by rows while BLAS itself keeps ``blas_threads`` (numpy's matmul
-        releases the GIL): on 2 vCPUs this made 4096-key blocks 1.14-1.22x
-        faster at d = 128 (docs/benchmarks.md). Chunks too small to gain
-        (below about 4096 x 64 x 64 multiply-adds per thread, so d = 64 with
-        4096-key chunks) stay in the calling thread; ``1`` never starts one. The split changes only
-        the summation order of K^T K. A runtime setting: not serialized.
+        Threads for the large BLAS calls of a block update (each chunk's Gram
+        matrix and the scoring of many rows), split by rows while BLAS itself
+        keeps ``blas_threads``: on 2 vCPUs this made 4096-key blocks about
+        1.3x faster at d = 128 (docs/benchmarks.md). Calls too small to gain
+        (so the Gram matrix of 4096 x 64 chunks) stay in the calling thread;
+        ``1`` never starts one. Results change only by rounding. A runtime
+        setting: not serialized.
 
     Notes
     -----
@@ -279,7 +279,8 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
             return
         kappa = self._f.fold(X, self._workers)
         self._n += m
-        tau_new = _factor.score_rows(self._f.R, X, self._rtol, kappa=kappa, below=self._eps * (1.0 - 1e-9))
+        tau_new = _factor.score_rows(self._f.R, X, self._rtol, kappa=kappa, below=self._eps * (1.0 - 1e-9),
+                                     workers=self._workers)
         keep = tau_new >= self._eps
         self._rows.append(X[keep], ids[keep], tau_new[keep], None if V is None else V[keep], V)
         self._pending += m
@@ -293,7 +294,8 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
             kappa = _factor.cond_estimate(R)
         gone = NO_IDS
         if rows.r:
-            rows.score[: rows.r] = _factor.score_rows(R, rows.live_keys, self._rtol, kappa=kappa)
+            rows.score[: rows.r] = _factor.score_rows(R, rows.live_keys, self._rtol, kappa=kappa,
+                                                      workers=self._workers)
             gone = rows.compact(rows.live_scores >= self._eps)
         self._pending = 0
         self._dec.refreshed(kappa, float(np.einsum("ij,ij->", R, R)))

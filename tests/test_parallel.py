@@ -59,3 +59,32 @@ def test_levsketch_with_two_workers_matches_one_and_the_reference(kind, monkeypa
 def test_bad_workers_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="'workers' parameter of LevSketch must be an int >= 1"):
         sl.LevSketch(8, 0.1, workers=bad)
+
+
+@pytest.mark.parametrize("d, m, split", [(64, 4096, True), (128, 1000, True), (16, 3, False)])
+def test_split_scoring_matches_the_serial_scoring_to_rounding(d, m, split, monkeypatch):
+    K = make_keys("gaussian", 4 * m + 8 * d, d, 3)
+    R = _factor.update_factor(np.zeros((d, d)), K)
+    X = K[-m:]
+    kappa = _factor.cond_estimate(R)
+    assert kappa <= _factor.KAPPA_GRAM  # the explicit-inverse path, the one that is split
+    splits = []
+    real = _parallel.map_rows
+    monkeypatch.setattr(_parallel, "map_rows", lambda fn, X, k: splits.append(k) or real(fn, X, k))
+    one = _factor.score_rows(R, X, 1e-13, kappa=kappa)
+    assert splits == []
+    two = _factor.score_rows(R, X, 1e-13, kappa=kappa, workers=2)
+    assert (splits == [2]) == split
+    np.testing.assert_allclose(two, one, rtol=1e-14)  # BLAS blocking may differ with the width: ~1 ulp
+    np.testing.assert_allclose(two, ref.leverage_scores(K)[-m:], rtol=1e-9, atol=score_tolerance(K))
+
+
+def test_gil_free_trmm_computes_row_norms_of_x_times_u():
+    rng = np.random.default_rng(5)
+    U = np.triu(rng.standard_normal((24, 24))) + 3 * np.eye(24)
+    X = 0.01 * rng.standard_normal((50, 24))
+    expect = np.einsum("ij,ij->i", X @ U, X @ U)
+    assert expect.max() < 1.0
+    assert _parallel.HAVE_GIL_FREE_TRMM
+    np.testing.assert_allclose(_parallel.upper_t_sq_norms(np.asfortranarray(U), X), expect, rtol=1e-13)
+    assert _parallel.upper_t_sq_norms(np.asfortranarray(U), X[:0]).shape == (0,)
