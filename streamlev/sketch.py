@@ -54,10 +54,9 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
     workers : int, default=2
         Threads for the large BLAS calls of a block update (each chunk's Gram
         matrix and the scoring of many rows), split by rows while BLAS itself
-        keeps ``blas_threads``: on 2 vCPUs this made 4096-key blocks about
-        1.3x faster at d = 128 (docs/benchmarks.md). Calls too small to gain
-        (so the Gram matrix of 4096 x 64 chunks) stay in the calling thread;
-        ``1`` never starts one. Results change only by rounding. A runtime
+        keeps ``blas_threads``: on 2 vCPUs this made 4096-key blocks 1.15x
+        (d = 64) to 1.3x (d = 128) faster (docs/benchmarks.md). Calls too
+        small to gain stay in the calling thread; ``1`` never starts one. Results change only by rounding. A runtime
         setting: not serialized.
 
     Notes

@@ -16,7 +16,8 @@ def test_map_rows_keeps_row_order_and_small_calls_stay_serial():
         assert len(got) == k and np.array_equal(np.concatenate(got), X)
     assert _parallel.parts(4096, 128 * 128, 2) == 2
     assert _parallel.parts(4096, 128 * 128, 1) == 1
-    assert _parallel.parts(4096, 64 * 64, 2) == 1  # below the measured break-even
+    assert _parallel.parts(4096, 64 * 64, 2) == 2
+    assert _parallel.parts(1024, 64 * 64, 2) == 1  # below the measured break-even
     assert _parallel.parts(10**6, 128 * 128, 3) == 3
 
 
