@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,6 +76,12 @@ def map_rows(fn, X, k: int) -> list:
     return [first] + [f.result() for f in futures]
 
 
+# The C signature scipy's capsule declares for dtrmm (its double type is a typedef ending in "_d");
+# anything else means the ctypes prototype below would be wrong, so the caller falls back.
+_DTRMM_SIGNATURE = re.compile(r"void \(char \*, char \*, char \*, char \*, int \*, int \*, (\w+_d) \*, "
+                              r"\1 \*, int \*, \1 \*, int \*\)")
+
+
 def _fortran_dtrmm():
     """scipy's Fortran dtrmm as a ctypes function (a foreign call: the GIL is released), or None."""
     try:
@@ -83,9 +90,12 @@ def _fortran_dtrmm():
         api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
         api.PyCapsule_GetPointer.restype = ctypes.c_void_p
         api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        ptr = api.PyCapsule_GetPointer(cap, api.PyCapsule_GetName(cap))
+        name = api.PyCapsule_GetName(cap)
+        ptr = api.PyCapsule_GetPointer(cap, name)
     except (AttributeError, KeyError, ValueError):  # pragma: no cover - scipy without its Cython BLAS API
         return None
+    if not _DTRMM_SIGNATURE.fullmatch(name.decode("ascii", "replace")):  # pragma: no cover - another layout
+        return None  # the prototype below would not match: keep the serial scipy call
     c_int_p, c_char_p, c_void_p = ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_void_p
     proto = ctypes.CFUNCTYPE(None, c_char_p, c_char_p, c_char_p, c_char_p, c_int_p, c_int_p,
                              ctypes.POINTER(ctypes.c_double), c_void_p, c_int_p, c_void_p, c_int_p)

@@ -89,3 +89,13 @@ def test_gil_free_trmm_computes_row_norms_of_x_times_u():
     assert _parallel.HAVE_GIL_FREE_TRMM
     np.testing.assert_allclose(_parallel.upper_t_sq_norms(np.asfortranarray(U), X), expect, rtol=1e-13)
     assert _parallel.upper_t_sq_norms(np.asfortranarray(U), X[:0]).shape == (0,)
+
+
+def test_gil_free_trmm_only_for_the_signature_it_was_written_for():
+    from streamlev import _parallel
+
+    d = "__pyx_t_5scipy_6linalg_11cython_blas_d"
+    good = f"void (char *, char *, char *, char *, int *, int *, {d} *, {d} *, int *, {d} *, int *)"
+    assert _parallel._DTRMM_SIGNATURE.fullmatch(good)
+    assert not _parallel._DTRMM_SIGNATURE.fullmatch(good.replace("_d *", "_s *"))  # single precision
+    assert not _parallel._DTRMM_SIGNATURE.fullmatch(good.replace("int *)", "int *, int *)"))  # another layout
