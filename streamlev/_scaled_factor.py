@@ -109,9 +109,9 @@ class ScaledFactor:
         self.e = new_e
         return rows, shift
 
-    def fold(self, X: np.ndarray) -> float:
-        """R^T R += X^T X for scaled rows X; returns the condition estimate of the new R."""
-        self.R, kappa = _factor.update_factor(self.R, X, return_kappa=True)
+    def fold(self, X: np.ndarray, workers: int = 1) -> float:
+        """R^T R += X^T X for scaled rows X (``workers`` threads for a large X); returns cond of the new R."""
+        self.R, kappa = _factor.update_factor(self.R, X, return_kappa=True, workers=workers)
         return kappa
 
     def score_original(self, K: np.ndarray, rtol: float, chunk: int = CHUNK_ROWS) -> np.ndarray:

@@ -21,7 +21,7 @@ LAYERS = {
     "core": ["streamlev._constants", "streamlev._validation", "streamlev._format", "streamlev._factor",
              "streamlev._kernels.*", "streamlev._scaled_factor", "streamlev._retained", "streamlev._ids",
              "streamlev._scaling", "streamlev._topk", "streamlev._state_format", "streamlev.io",
-             "streamlev._engine_store", "streamlev._engine_checks"],
+             "streamlev._engine_store", "streamlev._engine_checks", "streamlev._parallel"],
     # offline math on a whole key matrix
     "offline": ["streamlev.leverage", "streamlev.lewis", "streamlev.sensitivity"],
     # stateful, mergeable sketches and their shared base
