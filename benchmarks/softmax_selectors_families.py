@@ -28,7 +28,7 @@ Selectors (every one sees the cache keys; the query class also sees the *seen* q
 
 Usage::
 
-    python benchmarks/softmax_selectors_families.py --data-dir /work/scratch/softmax \\
+    python benchmarks/softmax_selectors_families.py --data-dir DIR \\
         --json /tmp/families.json --markdown /tmp/families.md --figure docs/figures/softmax_families.png
     python benchmarks/softmax_selectors_families.py --data-dir DIR --streaming   # streaming vs offline
 
