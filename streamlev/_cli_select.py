@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 import time
 
@@ -14,14 +12,14 @@ from tqdm import tqdm
 from ._cli_common import (EXIT_OK, INT64_MAX, CLIError, bound_exponent, bound_text, budget_note, make_sketch,
                           max_retained, pick, write_bytes)
 from ._constants import EPS_MIN
+from ._validation import physical_memory
 from .io import open_keys
 
 
 def _default_max_memory() -> int | None:
     """Half the machine's physical memory (None where the platform does not say)."""
-    with contextlib.suppress(AttributeError, ValueError, OSError):
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    return None
+    mem = physical_memory()
+    return None if mem is None else mem // 2
 
 
 def _progress(total: int, quiet: bool, desc: str):

@@ -290,11 +290,12 @@ def like_input(result: np.ndarray, template):
 
 
 # ------------------------------------------------------------ memory
-def _physical_memory() -> int:
+def physical_memory() -> int | None:
+    """Bytes of physical memory, or None where the platform does not say."""
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
-        return MAX_STATE_BYTES
+        return None
 
 
 def check_state_size(d: int, *, caller: str, matrices: int = 1) -> None:
@@ -303,7 +304,7 @@ def check_state_size(d: int, *, caller: str, matrices: int = 1) -> None:
     The limit is the machine's physical memory (and never above ``MAX_STATE_BYTES``).
     """
     need = matrices * d * d * 8
-    limit = min(_physical_memory(), MAX_STATE_BYTES)
+    limit = min(physical_memory() or MAX_STATE_BYTES, MAX_STATE_BYTES)
     if need > limit:
         raise ValueError(f"{caller}: d={d} needs {need:,} bytes for its d x d float64 state, more than the "
                          f"{limit:,} bytes of memory available. Reduce d (e.g. project the keys) or split "
