@@ -34,6 +34,7 @@ from ._topk import top_k
 from ._validation import check_dim, check_keys, check_matrix_2d
 from .leverage import leverage_scores
 from .query_sketch import QuerySketch
+from .softmax_scores import key_norm, keydiff
 
 __all__ = ["ShiftInvariantSketch", "shift_invariant_leverage", "key_norm_scores", "keydiff_scores",
            "expected_logit_scores", "rope_rotations", "query_span_leverage", "query_span_basis", "budget_split", "select",
@@ -86,8 +87,7 @@ def key_norm_scores(K) -> np.ndarray:
     -------
     norms : ndarray of shape (n,), float64, the Euclidean norm of each key
     """
-    K = np.asarray(check_matrix_2d(K, caller="key_norm_scores"), dtype=np.float64)
-    return np.linalg.norm(K, axis=1)
+    return key_norm(check_matrix_2d(K, caller="key_norm_scores"))
 
 
 def keydiff_scores(K) -> np.ndarray:
@@ -114,8 +114,7 @@ def keydiff_scores(K) -> np.ndarray:
     """
     K, _ = scale_by_max(check_matrix_2d(K, caller="keydiff_scores"))
     norms = np.maximum(np.linalg.norm(K, axis=1), NORM_FLOOR)
-    anchor = (K / norms[:, None]).mean(axis=0)
-    return -(K @ anchor) / (norms * max(float(np.linalg.norm(anchor)), NORM_FLOOR))
+    return keydiff(K, (K / norms[:, None]).mean(axis=0), norms)
 
 
 # --------------------------------------------------------------------------- query-statistics scores

@@ -161,7 +161,7 @@ def unit_sum(K) -> np.ndarray:
     return (K[nrm > 0] / nrm[nrm > 0, None]).sum(axis=0)
 
 
-def keydiff(K, anchor_sum) -> np.ndarray:
+def keydiff(K, anchor_sum, norms=None) -> np.ndarray:
     """KeyDiff (Park et al. 2025) against a given anchor: ``-cos(k_j, anchor)``.
 
     Parameters
@@ -170,6 +170,8 @@ def keydiff(K, anchor_sum) -> np.ndarray:
     anchor_sum : array_like of shape (d,)
         With ``unit_sum(all keys)`` this is kvpress ``KeyDiffPress``'s score; a
         streaming selector passes the running sum over every key seen.
+    norms : ndarray of shape (n,), optional
+        ``||k_j||`` when the caller has them already.
 
     Returns
     -------
@@ -179,10 +181,11 @@ def keydiff(K, anchor_sum) -> np.ndarray:
     K = np.asarray(K, np.float64)
     a = np.asarray(anchor_sum, np.float64)
     na = float(np.linalg.norm(a))
-    nrm = np.linalg.norm(K, axis=1)
     if na == 0.0:
         return np.zeros(K.shape[0])
-    return -(K @ a) / (np.maximum(nrm, NORM_FLOOR) * na)
+    nrm = np.linalg.norm(K, axis=1) if norms is None else norms
+    # the one KeyDiff formula (selectors.keydiff_scores calls this): both norms floored at NORM_FLOOR
+    return -(K @ a) / (np.maximum(nrm, NORM_FLOOR) * max(na, NORM_FLOOR))
 
 
 def budget_plan(budget: int, *, causal: bool, recent_fraction: float = RECENT_FRACTION,
