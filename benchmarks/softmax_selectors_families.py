@@ -74,6 +74,7 @@ VARIANTS = {
     "observed_no_decay": (True, dict(rule="observed", sinks=0, recent=0)),
     "observed_all_queries": (True, dict(rule="observed", sinks=0, recent=0, half_life=128.0, query_buffer=1 << 20)),
     "observed+sinks4": (True, dict(rule="observed", sinks=4, recent=0, half_life=128.0)),
+    "observed_newest_buffer": (True, dict(rule="observed", sinks=0, recent=0, half_life=128.0, query_sample="newest")),
     "small_norm+sinks+recent25%": (False, dict(rule="small_norm", recent_fraction=0.25)),
     "keydiff+sinks+recent50%": (False, dict(rule="keydiff", recent_fraction=0.5)),
     "large_norm+sinks1": (False, dict(rule="large_norm", sinks=1, recent=0)),

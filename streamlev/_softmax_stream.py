@@ -21,8 +21,23 @@ from .softmax_scores import budget_plan, expired_before, key_norm, keydiff, obse
 __all__ = ["SoftmaxSelector", "RULES", "QUERY_RULES", "KEY_RULES"]
 
 QUERY_RULES = ("observed", "mean_query")
+QUERY_SAMPLES = ("newest", "uniform")
 KEY_RULES = ("small_norm", "large_norm", "keydiff")
 RULES = QUERY_RULES + KEY_RULES
+
+
+def _priority(seed: int, ordinals) -> np.ndarray:
+    """Seeded pseudo-random uint64 priority of each query ordinal (splitmix64 finalizer).
+
+    A fixed function of (seed, ordinal): the ``query_buffer`` smallest priorities
+    of a stream are a uniform sample of its queries that does not depend on how
+    the stream was cut into blocks or merged (bottom-k sampling).
+    """
+    with np.errstate(over="ignore"):
+        z = (np.asarray(ordinals, np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def _pos_real(x, name, caller):
@@ -79,7 +94,19 @@ class SoftmaxSelector(Sketch):
     half_life : float > 0 or None
         ``"observed"`` in a causal model: query age weighting (None: equal weights).
     query_buffer : int >= 1, default 512
-        Observed query positions ``"observed"`` keeps (the newest).
+        Observed query positions ``"observed"`` keeps.
+    query_sample : {"newest", "uniform"} or None
+        Which ``query_buffer`` positions are kept: the newest (causal default:
+        recent queries predict the next ones), or a uniform sample of every query
+        position seen (bidirectional default: the queries of an encoder have no
+        order, and keeping the newest biases the sample to the end of the input).
+        The uniform sample keeps the positions whose seeded hash priority is
+        smallest, so it is the same however the stream is cut into blocks or merged.
+    seed : int >= 0, default 0
+        Seed of the ``"uniform"`` sample (serialized).
+    query_offset : int >= 0, default 0
+        ``"uniform"`` only: ordinal of the first query position this selector
+        will see (for :meth:`merge`, like ``offset`` for keys).
     scale : float, default ``1/sqrt(d)``
         Logit scale of the model.
     offset : int >= 0, default 0
@@ -91,6 +118,11 @@ class SoftmaxSelector(Sketch):
     id. Queries passed to :meth:`update` with m rows are the queries at the last
     m positions seen after the block is added (causal), or queries that see
     every held key (bidirectional).
+
+    With ``query_sample="uniform"`` the buffered query positions are numbered
+    by arrival (``query_offset``, ``query_offset + 1``, ... over every update),
+    since a bidirectional model's queries have no position that matters to the
+    score.
 
     Memory: ``budget`` keys plus, for ``"observed"``, ``g * query_buffer``
     queries. Time per update: ``O(g * query_buffer * (held + block) * d)``.
@@ -114,8 +146,9 @@ class SoftmaxSelector(Sketch):
     def __init__(self, d: int, budget: int, *, rule: str = "observed", causal: bool = False,
                  window: int | None = None, sinks: int | None = None, recent: int | None = None,
                  recent_fraction: float = RECENT_FRACTION, rope_theta: float | None = None,
-                 half_life: float | None = None, query_buffer: int = QUERY_BUFFER, scale: float | None = None,
-                 offset: int = 0):
+                 half_life: float | None = None, query_buffer: int = QUERY_BUFFER,
+                 query_sample: str | None = None, seed: int = 0, scale: float | None = None, offset: int = 0,
+                 query_offset: int = 0):
         super().__init__()
         c = "SoftmaxSelector"
         self._d = check_dim(d, caller=c)
@@ -142,10 +175,21 @@ class SoftmaxSelector(Sketch):
         if self._half_life is not None and not self._causal:
             raise ValueError(f"{c}: half_life needs causal=True (queries of a bidirectional model have no order).")
         self._qcap = _int_param(query_buffer, "query_buffer", 1, c)
+        if query_sample is None:
+            query_sample = "newest" if self._causal else "uniform"
+        if query_sample not in QUERY_SAMPLES:
+            raise ValueError(f"{c}: query_sample must be one of {QUERY_SAMPLES} or None; got {query_sample!r}.")
+        if query_sample == "uniform" and self._causal:
+            raise ValueError(f"{c}: query_sample='uniform' needs causal=False (a causal model's next queries are "
+                             "best predicted by its newest ones); use 'newest'.")
+        self._qsample = query_sample
+        self._seed = _int_param(seed, "seed", 0, c)
+        self._qoffset = _int_param(query_offset, "query_offset", 0, c)
         self._scale = _pos_real(scale, "scale", c) or 1.0 / np.sqrt(self._d)
         self._offset = _int_param(offset, "offset", 0, c)
         self._n = 0
         self._nq = 0
+        self._nqp = 0  # query positions seen (the next query's ordinal under "uniform")
         self._ids = np.zeros(0, np.int64)
         self._K = np.zeros((0, self._d))
         self._Qb = np.zeros((0, 0, self._d))  # (g, buffered, d) newest observed queries ("observed")
@@ -163,6 +207,10 @@ class SoftmaxSelector(Sketch):
     rope_theta = property(lambda self: self._theta, doc="RoPE base used to move queries, or None.")
     half_life = property(lambda self: self._half_life, doc="Query half-life of ``observed`` (None: no decay).")
     query_buffer = property(lambda self: self._qcap, doc="Observed query positions kept.")
+    query_sample = property(lambda self: self._qsample, doc="Which query positions the buffer keeps.")
+    seed = property(lambda self: self._seed, doc="Seed of the uniform query sample.")
+    query_offset = property(lambda self: self._qoffset, doc="Ordinal of the first query position (uniform sample).")
+    query_positions = property(lambda self: self._nqp, doc="Number of query positions seen.")
     scale = property(lambda self: self._scale, doc="Logit scale.")
     offset = property(lambda self: self._offset, doc="Position of the first key.")
     n_queries = property(lambda self: self._nq, doc="Number of query vectors seen (heads x positions).")
@@ -301,10 +349,15 @@ class SoftmaxSelector(Sketch):
         return np.asarray(Q, np.float64)
 
     def _push_queries(self, Q, qpos):
-        """Append observed queries to the buffer (the newest ``query_buffer`` positions stay)."""
+        """Append observed queries to the buffer; keep the newest or the uniform sample of ``query_buffer``."""
         Qb = Q if not self._Qb.shape[1] else np.concatenate([self._Qb, Q], axis=1)
         pos = np.concatenate([self._qb_pos, qpos])
-        return Qb[:, -self._qcap:], pos[-self._qcap:]
+        if pos.size <= self._qcap:
+            return Qb, pos
+        if self._qsample == "newest":
+            return Qb[:, -self._qcap:], pos[-self._qcap:]
+        keep = np.sort(np.lexsort((pos, _priority(self._seed, pos)))[:self._qcap])  # ordinals stay ascending
+        return Qb[:, keep], pos[keep]
 
     @transactional
     def update(self, keys, queries=None, *, return_changes: bool = False):
@@ -344,12 +397,13 @@ class SoftmaxSelector(Sketch):
             new_ids = np.arange(start, n_end, dtype=np.int64)
             ids = np.concatenate([self._ids, new_ids])
             Kc = np.vstack([self._K, K])
-            Qb, qb_pos, qsum, nq = self._Qb, self._qb_pos, self._qsum, self._nq
+            Qb, qb_pos, qsum, nq, nqp = self._Qb, self._qb_pos, self._qsum, self._nq, self._nqp
             if Q is not None and Q.shape[1]:
-                qpos = np.arange(n_end - Q.shape[1], n_end, dtype=np.int64)
-                Qb, qb_pos = self._push_queries(Q, qpos)
-                qsum, nq = qsum + Q.sum(axis=(0, 1)), nq + Q.shape[0] * Q.shape[1]
-            self._Qb, self._qb_pos, self._qsum, self._nq = Qb, qb_pos, qsum, nq
+                mq = Q.shape[1]
+                first = self._qoffset + nqp if self._qsample == "uniform" else n_end - mq
+                Qb, qb_pos = self._push_queries(Q, np.arange(first, first + mq, dtype=np.int64))
+                qsum, nq, nqp = qsum + Q.sum(axis=(0, 1)), nq + Q.shape[0] * mq, nqp + mq
+            self._Qb, self._qb_pos, self._qsum, self._nq, self._nqp = Qb, qb_pos, qsum, nq, nqp
             self._usum = self._usum + unit_sum(K)
             return self._cut(ids, Kc, m, before, new_ids, return_changes)
 
@@ -361,6 +415,11 @@ class SoftmaxSelector(Sketch):
         with ``offset=self.offset + self.n``). The union of both held sets is cut
         back to the budget by the rule, with the query buffers concatenated (the
         other's queries are the newer ones) and the running statistics added.
+        With ``query_sample="uniform"`` the other's query ordinals are shifted the
+        same way (``query_offset``) and the union re-sampled: when the other was
+        built with ``query_offset=self.query_offset + self.query_positions`` the
+        buffer is exactly the one a single stream would hold; otherwise the
+        other's queries were sampled under other ordinals and are under-represented.
         Stated difference from one stream: keys evicted inside either segment are
         gone, and each segment's evictions were decided without the other's keys
         and queries. ``other`` is not changed.
@@ -369,7 +428,7 @@ class SoftmaxSelector(Sketch):
         ----------
         other : SoftmaxSelector
             Same parameters (d, budget, rule, causal, window, sinks, recent,
-            rope_theta, half_life, query_buffer, scale).
+            rope_theta, half_life, query_buffer, query_sample, seed, scale).
         return_changes : bool, default False
             Return a :class:`~streamlev.sketch.Changes` (``added``: the other's
             ids, shifted, held after the call; ``evicted``: this selector's ids
@@ -385,18 +444,21 @@ class SoftmaxSelector(Sketch):
             mine, theirs = self._params(), other._params()
             if mine != theirs:
                 raise ValueError(f"{caller}: parameters differ (d, budget, rule, causal, window, sinks, recent, "
-                                 f"rope_theta, half_life, query_buffer, scale): {mine} here, {theirs} in the other.")
+                                 f"rope_theta, half_life, query_buffer, query_sample, seed, scale): {mine} here, "
+                                 f"{theirs} in the other.")
             if self._Qb.shape[1] and other._Qb.shape[1] and self._Qb.shape[0] != other._Qb.shape[0]:
                 raise ValueError(f"{caller}: the selectors saw queries of {self._Qb.shape[0]} and "
                                  f"{other._Qb.shape[0]} heads.")
             shift = self._offset + self._n - other._offset
-            o_ids, o_K, o_Qb, o_pos = other._ids + shift, other._K, other._Qb, other._qb_pos + shift
+            qshift = self._qoffset + self._nqp - other._qoffset if self._qsample == "uniform" else shift
+            o_ids, o_K, o_Qb, o_pos = other._ids + shift, other._K, other._Qb, other._qb_pos + qshift
             o_usum, o_qsum, o_nq, o_n = other._usum, other._qsum, other._nq, other._n
             before = self._ids.copy()
             ids, Kc = np.concatenate([self._ids, o_ids]), np.vstack([self._K, o_K])
             if o_Qb.shape[1]:
                 self._Qb, self._qb_pos = self._push_queries(o_Qb, o_pos)
             self._usum, self._qsum, self._nq = self._usum + o_usum, self._qsum + o_qsum, self._nq + o_nq
+            self._nqp += other._nqp
             return self._cut(ids, Kc, o_n, before, o_ids, return_changes)
 
     def _cut(self, ids, K, m, before, new_ids, return_changes):
@@ -411,13 +473,13 @@ class SoftmaxSelector(Sketch):
 
     def _params(self):
         return (self._d, self._budget, self._rule, self._causal, self._window, self._sinks, self._recent,
-                self._theta, self._half_life, self._qcap, self._scale)
+                self._theta, self._half_life, self._qcap, self._qsample, self._seed, self._scale)
 
     def _snapshot(self):
-        return (self._n, self._nq, self._ids, self._K, self._Qb, self._qb_pos, self._usum, self._qsum)
+        return (self._n, self._nq, self._nqp, self._ids, self._K, self._Qb, self._qb_pos, self._usum, self._qsum)
 
     def _restore(self, snap):
-        self._n, self._nq, self._ids, self._K, self._Qb, self._qb_pos, self._usum, self._qsum = snap
+        self._n, self._nq, self._nqp, self._ids, self._K, self._Qb, self._qb_pos, self._usum, self._qsum = snap
 
     @property
     def is_empty(self) -> bool:
@@ -436,7 +498,9 @@ class SoftmaxSelector(Sketch):
                 "offset": np.int64(self._offset), "n": np.int64(self._n), "nq": np.int64(self._nq),
                 "heads": np.int64(self._Qb.shape[0]), "ids": self._ids, "keys": self._K,
                 "queries": self._Qb.reshape(-1, self._d), "query_pos": self._qb_pos,
-                "usum": self._usum, "qsum": self._qsum})
+                "usum": self._usum, "qsum": self._qsum, "query_sample": np.int64(QUERY_SAMPLES.index(self._qsample)),
+                "seed": np.int64(self._seed), "query_positions": np.int64(self._nqp),
+                "query_offset": np.int64(self._qoffset)})
 
     @classmethod
     def _from_bytes(cls, data) -> SoftmaxSelector:
@@ -446,15 +510,22 @@ class SoftmaxSelector(Sketch):
             "query_buffer": ((), "i8"), "scale": ((), "f8"), "offset": ((), "i8"), "n": ((), "i8"),
             "nq": ((), "i8"), "heads": ((), "i8"), "ids": (("r",), "i8"), "keys": (("r", "d"), "f8"),
             "queries": ((None, "d"), "f8"),
-            "query_pos": (("w",), "i8"), "usum": (("d",), "f8"), "qsum": (("d",), "f8")})
+            "query_pos": (("w",), "i8"), "usum": (("d",), "f8"), "qsum": (("d",), "f8")},
+            optional={"query_sample": ((), "i8"), "seed": ((), "i8"), "query_positions": ((), "i8"),
+                      "query_offset": ((), "i8")})
         rule = int(f["rule"])
+        qs = int(f.get("query_sample", 0))  # bytes written before the uniform sample existed kept the newest
+        if not 0 <= qs < len(QUERY_SAMPLES):
+            raise ValueError("SoftmaxSelector.from_bytes: corrupt parameters (query_sample).")
         if not 0 <= rule < len(RULES) or int(f["causal"]) not in (0, 1) or int(f["window"]) < 0:
             raise ValueError("SoftmaxSelector.from_bytes: corrupt parameters.")
         try:
             sk = cls(int(f["d"]), int(f["budget"]), rule=RULES[rule], causal=bool(int(f["causal"])),
                      window=int(f["window"]) or None, sinks=int(f["sinks"]), recent=int(f["recent"]),
                      rope_theta=float(f["rope_theta"]) or None, half_life=float(f["half_life"]) or None,
-                     query_buffer=int(f["query_buffer"]), scale=float(f["scale"]), offset=int(f["offset"]))
+                     query_buffer=int(f["query_buffer"]), query_sample=QUERY_SAMPLES[qs],
+                     seed=int(f.get("seed", 0)), scale=float(f["scale"]), offset=int(f["offset"]),
+                     query_offset=int(f.get("query_offset", 0)))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"SoftmaxSelector.from_bytes: corrupt parameters ({exc}).") from None
         n, nq, ids, qpos, g = int(f["n"]), int(f["nq"]), f["ids"], f["query_pos"], int(f["heads"])
@@ -467,7 +538,10 @@ class SoftmaxSelector(Sketch):
         arrays = [f[k] for k in ("keys", "queries", "usum", "qsum")]
         if not all(np.isfinite(a).all() for a in arrays):
             raise ValueError("SoftmaxSelector.from_bytes: state contains NaN or Inf.")
-        sk._n, sk._nq, sk._ids, sk._K = n, nq, ids.copy(), f["keys"].copy()
+        nqp = int(f.get("query_positions", nq // g if g else 0))
+        if nqp < w or (sk._qsample == "uniform" and w and (qpos[0] < sk._qoffset or qpos[-1] >= sk._qoffset + nqp)):
+            raise ValueError("SoftmaxSelector.from_bytes: inconsistent state (query positions).")
+        sk._n, sk._nq, sk._nqp, sk._ids, sk._K = n, nq, nqp, ids.copy(), f["keys"].copy()
         sk._Qb = f["queries"].reshape(g, w, sk._d).copy()
         sk._qb_pos, sk._usum, sk._qsum = qpos.copy(), f["usum"].copy(), f["qsum"].copy()
         return sk

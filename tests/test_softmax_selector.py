@@ -85,6 +85,68 @@ def test_query_buffer_keeps_the_newest_queries():
     assert np.array_equal(ids, np.arange(40)) and np.allclose(sc, ref, rtol=1e-10, atol=1e-15)
 
 
+def _splitmix_priority(seed, ordinal):
+    """The uniform sample's priority of one query ordinal, in plain Python integers (mod 2^64)."""
+    m = (1 << 64) - 1
+    z = ((ordinal + 1) * 0x9E3779B97F4A7C15 + seed) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def _bottom_k(seed, n, k):
+    return sorted(sorted(range(n), key=lambda i: (_splitmix_priority(seed, i), i))[:k])
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_uniform_query_buffer_is_the_bottom_k_sample_however_the_stream_is_cut(seed):
+    rng = np.random.default_rng(seed)
+    n, g, d, W = 90, 2, 5, 11
+    K = rng.standard_normal((n, d))
+    Q = rng.standard_normal((g, n, d))
+    want = _bottom_k(seed, n, W)
+    one = SoftmaxSelector(d, n, query_buffer=W, seed=seed).update(K, Q)
+    cuts = np.sort(rng.choice(np.arange(1, n), 6, replace=False))
+    parts = np.split(np.arange(n), cuts)
+    streamed = SoftmaxSelector(d, n, query_buffer=W, seed=seed)
+    for p in parts:  # keys and queries in blocks, queries also alone (m = 0 keys)
+        streamed.update(K[p[:1]], Q[:, p[:1]]).update(np.zeros((0, d)), Q[:, p[1:]]).update(K[p[1:]])
+    a = SoftmaxSelector(d, n, query_buffer=W, seed=seed)
+    b = SoftmaxSelector(d, n, query_buffer=W, seed=seed, offset=40, query_offset=40)
+    a.update(K[:40], Q[:, :40]).merge(b.update(K[40:], Q[:, 40:]))
+    for sk in (one, streamed, a):
+        assert sk.query_sample == "uniform" and sk._qb_pos.tolist() == want
+        assert np.array_equal(sk._Qb, Q[:, want])
+    ref = _reference_observed(K, Q[:, want], False, None, buffer=W)  # its score is the offline rule on the sample
+    assert np.allclose(one.held_scores()[1], ref, rtol=1e-10, atol=1e-15)
+    assert np.array_equal(one.kept(), streamed.kept()) and np.array_equal(one.kept(), a.kept())  # budget >= n
+
+
+def test_uniform_query_buffer_covers_the_whole_input():
+    # 4096 query positions, 512 kept: a uniform sample has about 128 in each quarter (newest would have 0, 0, 0, 512)
+    d = 2
+    sk = SoftmaxSelector(d, 4, seed=3).update(np.ones((1, d)), np.ones((4096, d)))
+    counts = np.bincount(sk._qb_pos // 1024, minlength=4)
+    assert sk._qb_pos.size == 512 and np.all(np.abs(counts - 128) < 40), counts
+    newest = SoftmaxSelector(d, 4, query_sample="newest").update(np.ones((1, d)), np.ones((4096, d)))
+    assert newest._qb_pos.tolist() == list(range(-511, 1))  # the last 512 of positions 1 - 4096 .. 0
+
+
+def test_bytes_without_the_sample_fields_load_as_newest():
+    from streamlev import _format
+
+    K, Q = _data(n=12, d=3, g=1)
+    sk = SoftmaxSelector(3, 4, query_sample="newest", query_buffer=5).update(K, Q)
+    old = {  # the fields written before the uniform sample existed
+        "d": 3, "budget": 4, "rule": RULES.index("observed"), "causal": 0, "window": 0, "sinks": 0, "recent": 0,
+        "rope_theta": 0.0, "half_life": 0.0, "query_buffer": 5, "scale": sk.scale, "offset": 0, "n": 12, "nq": 12,
+        "heads": 1, "ids": sk.kept(), "keys": sk.retained()[1], "queries": Q[0, -5:], "query_pos": np.arange(7, 12),
+        "usum": sk._usum, "qsum": Q.sum(axis=(0, 1))}
+    back = SoftmaxSelector.from_bytes(_format.dump("SoftmaxSelector", old))
+    assert back.query_sample == "newest" and back.seed == 0 and back == sk
+    assert back.update(K[:3], Q[:, :3]) == sk.update(K[:3], Q[:, :3])
+
+
 def test_select_softmax_key_defaults_equal_reference():
     K, _ = _data(seed=3)
     n = len(K)
@@ -264,7 +326,9 @@ def test_bad_input_leaves_state_unchanged(keys, queries, exc):
 
 @pytest.mark.parametrize("kw", [dict(budget=0), dict(rule="nope"), dict(window=5), dict(sinks=3, recent=3),
                                 dict(half_life=4.0), dict(scale=-1.0), dict(recent_fraction=1.0),
-                                dict(d=5, rope_theta=10.0), dict(query_buffer=0), dict(rope_theta=float("nan"))])
+                                dict(d=5, rope_theta=10.0), dict(query_buffer=0), dict(rope_theta=float("nan")),
+                                dict(query_sample="oldest"), dict(causal=True, query_sample="uniform"),
+                                dict(seed=-1)])
 def test_bad_parameters(kw):
     args = dict(d=4, budget=5)
     args.update(kw)
