@@ -127,10 +127,17 @@ class Session:
             self.cache = DynamicCache(config=model.config)
         elif method.startswith("sl_"):
             base = method[:-4] if method.endswith("_win") else method
+            vn = base.endswith("_vn")  # the rule with value-norm weighing (score * ||v||)
+            base = base[:-3] if vn else base
             obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?", base)
             if obs:  # observed attention: W queries, every st-th position, half-life h (default W st / 4)
                 W, st = int(obs[1]), int(obs[2] or 1)
-                sel = slh.selectors.ObservedAttention(buffer=W, half_life=float(obs[3] or W * st / 4), stride=st)
+                sel = slh.selectors.ObservedAttention(buffer=W, half_life=float(obs[3] or W * st / 4), stride=st,
+                                                      value_norm=vn)
+            elif vn and base in ("sl_default", "sl_append"):
+                sel = slh.selectors.ExpectedAttention(value_norm=True)
+            elif vn and base in ("sl_observed", "sl_observed_append"):
+                sel = slh.selectors.ObservedAttention(value_norm=True)
             else:
                 sel = None
             sel = sel or {"sl_default": "expected_attention", "sl_keydiff": "keydiff", "sl_append": "expected_attention",
@@ -299,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--continuation", type=int, default=64)
     ap.add_argument("--docs", type=int, default=1)
+    ap.add_argument("--topics", default=",".join(PPL_TOPICS),
+                    help="comma list of pydoc_data.topics keys for perplexity / KL (the first --docs long enough)")
     ap.add_argument("--budgets", default="0.0625,0.125,0.25")
     ap.add_argument("--methods", default=",".join(SL_METHODS + ["kv_" + p for p in PRESSES]))
     ap.add_argument("--passkey-methods", default=None, help="default: the same as --methods")
@@ -323,7 +332,7 @@ def main(argv=None) -> int:
     result = dict(model=a.model, context=a.context, continuation=a.continuation, budgets=budgets, methods=methods,
                   torch=torch.__version__, threads=a.threads, ppl=[], passkey=[], overhead=[])
     if "ppl" not in skip:
-        for name, ids in texts(tok, a.context + a.continuation, PPL_TOPICS)[: a.docs]:
+        for name, ids in texts(tok, a.context + a.continuation, a.topics.split(","))[: a.docs]:
             log(f"[{a.model}] perplexity / KL on pydoc_data.topics[{name!r}]")
             for r in run_ppl(model, ids, a.context, budgets, methods, log):
                 result["ppl"].append(dict(r, doc=name))

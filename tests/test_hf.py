@@ -491,3 +491,31 @@ def test_query_hooks_buffer_pre_rope_queries_as_batch_heads_tokens_dim(kind, lla
     finally:
         h.remove()
         cache.detach()
+
+
+@pytest.mark.parametrize("selector", ["expected_attention", "observed"])
+def test_value_norm_weighs_scores_by_the_value_norm(selector, llama):
+    cls = slh.selectors.SELECTORS[selector]
+    plain, weighed = cls(), cls(value_norm=True)
+    score = torch.tensor([[[0.5, -1.0, 2.0]]], dtype=torch.float64)
+    v = torch.tensor([[[[3.0, 4.0], [0.0, 1.0], [0.0, 0.0]]]], dtype=torch.float64)
+    assert torch.equal(plain.weigh(score, v), score)
+    want = score + torch.log(torch.tensor([5.0, 1.0, 1e-30])) if weighed.log_domain else score * torch.tensor([5.0, 1.0, 0.0])
+    torch.testing.assert_close(weighed.weigh(score, v), want.to(score.dtype))
+    # inside a forward pass: a token whose value is zero in every layer adds nothing to any output; it is never kept
+    hooks = [layer.self_attn.v_proj.register_forward_hook(
+        lambda mod, inp, out: out.index_fill(1, torch.tensor([10]), 0.0) if out.shape[1] > 10 else out)
+        for layer in llama.model.layers]
+    try:
+        seen = {}
+        for sel in (weighed, plain):
+            cache = slh.make_cache(llama, 12, sel).attach(llama)
+            try:
+                list(_decode(llama, cache, _ids(40, seed=5), 4))
+            finally:
+                cache.detach()
+            seen[sel.value_norm] = [bool((layer.kept_positions() == 10).any()) for layer in cache.layers]
+        assert not any(seen[True]) and any(seen[False])  # without the weighing the rule keeps it somewhere
+    finally:
+        for h in hooks:
+            h.remove()

@@ -201,7 +201,7 @@ class CompressedLayer(CacheLayerMixin):
         t_next = t0 + m
         if m > 1 or self.score is None or self.selector.rescore:
             self._stats(force=True)
-            score = self.selector.score(self.state, k, p, t_next, normalize=True)
+            score = self.selector.weigh(self.selector.score(self.state, k, p, t_next, normalize=True), v)
             target, horizon = (self.cap, 1) if m > 1 or self.score is None else \
                 (self.cap + 1 - self.evict_every, self.evict_every)
         else:
@@ -211,8 +211,9 @@ class CompressedLayer(CacheLayerMixin):
             B, G = score.shape[:2]
             u = int(new[0, 0].sum())
             kn = k[new.unsqueeze(-1).expand_as(k)].view(B, G, u, -1)
-            score.masked_scatter_(new, self.selector.score(self.state, kn, p[new].view(B, G, u), t_next,
-                                                           normalize=False).to(score.dtype))
+            vn = v[new.unsqueeze(-1).expand_as(v)].view(B, G, u, -1)
+            sn = self.selector.score(self.state, kn, p[new].view(B, G, u), t_next, normalize=False)
+            score.masked_scatter_(new, self.selector.weigh(sn, vn).to(score.dtype))
             target, horizon = self.cap + 1 - self.evict_every, self.evict_every
         eff = self._protected(p, score, t_next, horizon)
         keep = max(0, min(target, int((eff > _NEG).sum(-1).min())))
@@ -240,8 +241,8 @@ class CompressedLayer(CacheLayerMixin):
             return self._append(k, v, key_states, value_states, new_pos, torch.ones(m, dtype=torch.bool, device=self.device))
         self._stats(force=True)
         t_next = self.cumulative_length
-        s = self.selector.score(self.state, k, torch.cat([self.pos, new_pos], dim=-1), t_next,
-                                normalize=self.threshold is None)[:, :, n:]  # scored among the held keys
+        s = self.selector.weigh(self.selector.score(self.state, k, torch.cat([self.pos, new_pos], dim=-1), t_next,
+                                                    normalize=self.threshold is None), v)[:, :, n:]  # among the held
         s = s.amax(dim=1)[0]  # token score: best over key/value heads, (m,)
         pos = new_pos[0, 0]
         if self.threshold is None:  # first block that overflows: a one-shot selection inside it

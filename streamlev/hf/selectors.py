@@ -46,6 +46,8 @@ class Selector:
     name = "base"
     uses_queries = False
     rescore = False  # True: scores depend on the candidate set and the latest queries; rescore all at every eviction
+    value_norm = False  # True: weigh each key's (attention-share) score by the norm of its value
+    log_domain = False  # scores are logarithms of attention shares (weighing adds log ||v||)
 
     def __init__(self, *, sinks: int = SINKS, recent_fraction: float = 0.0):
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
@@ -65,6 +67,17 @@ class Selector:
 
     def new_state(self, info) -> dict:
         return {"info": info}
+
+    def weigh(self, score: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Scores (B, G, n) times ``||v||`` of the values (B, G, n, dv) when ``value_norm`` is set.
+
+        A key's share of the attention output is ``a_j v_j``: dropping it moves the
+        output by about ``a_j ||v_j||``, not ``a_j``.
+        """
+        if not self.value_norm:
+            return score
+        vn = torch.linalg.vector_norm(values.float(), dim=-1).to(score.dtype)
+        return score + torch.log(vn.clamp_min(1e-30)) if self.log_domain else score * vn
 
     def observe_keys(self, state: dict, keys: torch.Tensor) -> None:
         """Fold newly arrived keys (B, G, m, d) into running key statistics (all keys seen, kept or not)."""
@@ -161,11 +174,13 @@ class ExpectedAttention(Selector):
 
     name = "expected_attention"
     uses_queries = True
+    log_domain = True
 
     def __init__(self, *, sinks: int = SINKS, recent_fraction: float = 0.0, positions: int = 16,
                  horizon: int = 512, covariance: bool = True, cov_rank: int | None = 8,
-                 decode_queries: bool = False):
+                 decode_queries: bool = False, value_norm: bool = False):
         super().__init__(sinks=sinks, recent_fraction=recent_fraction)
+        self.value_norm = bool(value_norm)
         if positions < 1 or horizon < positions:
             raise ValueError(f"ExpectedAttention: need 1 <= positions <= horizon, got {positions}, {horizon}.")
         if cov_rank is not None and (isinstance(cov_rank, bool) or int(cov_rank) < 1):
@@ -177,7 +192,7 @@ class ExpectedAttention(Selector):
     def __repr__(self):
         return (f"ExpectedAttention(sinks={self.sinks}, recent_fraction={self.recent_fraction}, "
                 f"positions={self.positions}, horizon={self.horizon}, covariance={self.covariance}, "
-                f"cov_rank={self.cov_rank}, decode_queries={self.decode_queries})")
+                f"cov_rank={self.cov_rank}, decode_queries={self.decode_queries}, value_norm={self.value_norm})")
 
     def new_state(self, info):
         return {"info": info, "n": 0, "sum": None, "sq": None, "mu": None, "cov": None, "z": None}
@@ -279,8 +294,9 @@ class ObservedAttention(Selector):
     rescore = True
 
     def __init__(self, *, sinks: int = 0, recent_fraction: float = 0.0, buffer: int = 512,
-                 half_life: float = 128.0, stride: int = 1):
+                 half_life: float = 128.0, stride: int = 1, value_norm: bool = False):
         super().__init__(sinks=sinks, recent_fraction=recent_fraction)
+        self.value_norm = bool(value_norm)
         if int(buffer) < 1 or not float(half_life) > 0 or int(stride) < 1:
             raise ValueError(f"ObservedAttention: need buffer >= 1, half_life > 0 and stride >= 1, got {buffer}, "
                              f"{half_life}, {stride}.")
@@ -288,7 +304,7 @@ class ObservedAttention(Selector):
 
     def __repr__(self):
         return (f"ObservedAttention(buffer={self.buffer}, half_life={self.half_life}, stride={self.stride}, "
-                f"sinks={self.sinks})")
+                f"sinks={self.sinks}, value_norm={self.value_norm})")
 
     def new_state(self, info):
         return {"info": info, "q": None, "p": None}
