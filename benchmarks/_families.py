@@ -96,6 +96,7 @@ FAMILY_FILES = {
     "SmolLM2": "smollm2_qkv.npz",
     "ViT-S/14 224px": "vit224.npz",
     "ViT-S/14 448px": "vit448.npz",
+    "ViT-S/14 518px": "vit518.npz",  # added later, to confirm the uniform query sample on inputs not used to choose it
     "Gemma3-270M": "gemma3_qkv.npz",
 }
 CAUSAL = {"SmolLM2", "Gemma3-270M"}

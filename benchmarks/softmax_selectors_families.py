@@ -34,7 +34,7 @@ Usage::
 
 The data files are written by ``examples/extract_keys.py`` (MiniLM),
 ``examples/extract_decoder_keys.py`` (SmolLM2), ``examples/extract_vit_keys.py``
-(ViT, 224 and 448 px) and ``examples/extract_gemma3_keys.py`` (Gemma 3); see
+(ViT, 224, 448 and 518 px) and ``examples/extract_gemma3_keys.py`` (Gemma 3); see
 ``docs/softmax_selectors.md`` for the exact commands.
 """
 
@@ -63,7 +63,7 @@ from streamlev.softmax_scores import observed_attention  # noqa: E402
 from streamlev.softmax_selector import QUERY_BUFFER, QUERY_HALF_LIFE, SoftmaxSelector, default_selector  # noqa: E402
 
 TUNING = ("MiniLM", "SmolLM2")  # every rule and constant was chosen on these two families
-CONFIRMATION = ("ViT-S/14 224px", "ViT-S/14 448px", "Gemma3-270M")
+CONFIRMATION = ("ViT-S/14 224px", "ViT-S/14 448px", "ViT-S/14 518px", "Gemma3-270M")
 KEY_PEERS = ("kvpress_knorm", "knorm_large", "kvpress_keydiff", "kvpress_streamingllm", "random", "leverage",
              "ti_leverage")
 QUERY_PEERS = ("mean_query", "kvpress_eap", "kvpress_eap_novnorm", "snapkv", "tova")
@@ -131,6 +131,10 @@ def peer_sets(g, Bs, kv):
         "ti_leverage": shift_invariant_leverage(K),
     }
     scores["knorm_large"] = -scores["kvpress_knorm"]
+    # analysis rows, not peers: the keys themselves, and their negatives, as stand-in queries (bidirectional models
+    # compute q and k from the same tokens; which sign the real queries follow is what a key-only rule cannot know)
+    scores["keys_as_queries"] = _attention(K[None], K)[0].mean(0)
+    scores["negated_keys_as_queries"] = _attention(-K[None], K)[0].mean(0)
     Qs = g.Qseen
     gq, m = Qs.shape[0], Qs.shape[1]
     scores["mean_query"] = K @ Qs.reshape(-1, d).mean(0)

@@ -34,6 +34,7 @@ Example::
 
     python examples/extract_vit_keys.py --out /tmp/vit224.npz --size 224
     python examples/extract_vit_keys.py --out /tmp/vit448.npz --size 448
+    python examples/extract_vit_keys.py --out /tmp/vit518.npz --size 518
 """
 
 from __future__ import annotations

@@ -31,11 +31,12 @@ def default_selector(d: int, budget: int, *, queries: bool, causal: bool = False
                      rope_theta: float | None = None, scale: float | None = None) -> SoftmaxSelector:
     """The documented default :class:`SoftmaxSelector` of each class (``docs/softmax_selectors.md``).
 
-    * query class (``queries=True``): ``rule="observed"`` -- mean attention of the
-      newest 512 observed queries over the held keys, pooled (mean) over the
-      group's query heads, no forced sinks or recent keys; causal models move
-      each query to the next position by RoPE (``rope_theta``) and weight it by
-      ``2^(-age / 128)`` (``QUERY_HALF_LIFE``);
+    * query class (``queries=True``): ``rule="observed"`` -- mean attention of
+      512 observed query positions over the held keys, pooled (mean) over the
+      group's query heads, no forced sinks or recent keys; causal models keep the
+      newest 512, move each query to the next position by RoPE (``rope_theta``)
+      and weight it by ``2^(-age / 128)`` (``QUERY_HALF_LIFE``); bidirectional
+      models keep a seeded uniform sample of every query seen (``query_sample="uniform"``);
     * key-only class, causal: ``rule="small_norm"`` with ``min(4, budget // 4)`` sinks
       and the ``floor(0.5 * budget)`` most recent keys (``KEY_RECENT_FRACTION``);
     * key-only class, bidirectional: ``rule="keydiff"`` (the running mean key direction).
