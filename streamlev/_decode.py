@@ -30,26 +30,29 @@ NO_IDS = np.zeros(0, np.int64)
 class DecodeState:
     """Rank-one bookkeeping between two exact refreshes (plain numbers; copied by snapshots)."""
 
-    __slots__ = ("steps", "kappa", "kappa_sm", "fro2_ref", "fro2_now")
+    __slots__ = ("steps", "kappa", "kappa_sm", "smax2", "fro2_ref", "fro2_now")
 
     def __init__(self):
         self.steps = 0  # rank-one steps since the last exact refresh
         self.kappa = math.inf  # condition estimate of R at the last exact refresh
         self.kappa_sm = None  # its 2-norm condition number, computed when the rank-one path first needs it
+        self.smax2 = None  # sigma_max(R)^2 at that refresh, when the SVD gave kappa_sm
         self.fro2_ref = 0.0  # ||R||_F^2 at that refresh
         self.fro2_now = 0.0  # ||R||_F^2 now, tracked by the rank-one path
 
     def state(self) -> tuple:
-        return self.steps, self.kappa, self.kappa_sm, self.fro2_ref, self.fro2_now
+        return self.steps, self.kappa, self.kappa_sm, self.smax2, self.fro2_ref, self.fro2_now
 
     def set(self, s: tuple) -> None:
-        self.steps, self.kappa, self.kappa_sm, self.fro2_ref, self.fro2_now = s
+        self.steps, self.kappa, self.kappa_sm, self.smax2, self.fro2_ref, self.fro2_now = s
 
     def refreshed(self, kappa: float, fro2: float) -> None:
-        self.steps, self.kappa, self.kappa_sm = 0, kappa, None
+        self.steps, self.kappa, self.kappa_sm, self.smax2 = 0, kappa, None, None
         self.fro2_ref = self.fro2_now = fro2
 
     def rescaled(self, shift: int) -> None:
+        if self.smax2 is not None:
+            self.smax2 = float(np.ldexp(self.smax2, 2 * shift))
         self.fro2_ref = float(np.ldexp(self.fro2_ref, 2 * shift))
         self.fro2_now = float(np.ldexp(self.fro2_now, 2 * shift))
 
@@ -67,21 +70,25 @@ class DecodeStep:
         k = ds.kappa_sm
         if k is None:
             k = ds.kappa
-            if self._d <= C.SVD_MAX_D and k <= C.KAPPA_DECODE:
+            if self._d <= C.SVD_MAX_D and k <= C.KAPPA_DECODE * self._d:  # estimate <= kappa_1 <= d kappa_2
                 sv = sla.svdvals(self._f.R, check_finite=False)
                 k = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
+                ds.smax2 = float(sv[0]) ** 2
             ds.kappa_sm = k
         return k
 
     def _decode_kappa2(self):
         """A bound on kappa(R)^2 now when the rank-one path may run, else None."""
         ds = self._dec
-        if self._n < self._d or (self._pending and not ds.steps) or not ds.kappa <= C.KAPPA_DECODE:
+        limit = C.KAPPA_DECODE * (self._d if self._d <= C.SVD_MAX_D else 1)  # the SVD decides below d KAPPA_DECODE
+        if self._n < self._d or (self._pending and not ds.steps) or not ds.kappa <= limit:
             return None
         # sigma_min never decreases when rows are added and sigma_max^2 grows by at most the added
-        # squared norm, while sigma_max^2 >= ||R||_F^2 / d: a bound on kappa^2 from O(1) numbers.
+        # squared norm (Weyl), so kappa^2 <= kappa_ref^2 (1 + added / sigma_max^2): O(1) numbers. Without
+        # the SVD's sigma_max, ||R||_F^2 / d <= sigma_max^2 stands in (up to d times looser).
         k = self._decode_kappa()
-        kappa2 = k * k * (1.0 + self._d * (ds.fro2_now - ds.fro2_ref) / ds.fro2_ref)
+        smax2 = ds.smax2 if ds.smax2 is not None else ds.fro2_ref / self._d
+        kappa2 = k * k * (1.0 + (ds.fro2_now - ds.fro2_ref) / smax2)
         return kappa2 if kappa2 <= C.KAPPA_DECODE * C.KAPPA_DECODE else None
 
     def _decode_ready(self) -> bool:

@@ -291,7 +291,8 @@ class DecodeEngine(EngineQueries, Sketch):
         R = st.R[s]
         fro2 = float(np.einsum("ij,ij->", R, R))
         smax2 = fro2 / self._d  # a lower bound on sigma_max^2, when no SVD is taken
-        if self._d <= SVD_MAX_D and kappa <= KAPPA_DECODE:
+        # kappa is a 1-norm estimate, <= kappa_1 <= d kappa_2: only above d KAPPA_DECODE is kappa_2 surely too large
+        if self._d <= SVD_MAX_D and kappa <= KAPPA_DECODE * self._d:
             sv = sla.svdvals(R, check_finite=False)
             kappa = float(sv[0] / sv[-1]) if sv[-1] > 0 else np.inf
             smax2 = float(sv[0]) ** 2
