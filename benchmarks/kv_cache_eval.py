@@ -15,8 +15,11 @@ Passkey retrieval: a sentence "The pass key is NNNNN." is placed at several dept
 text; after the (compressed) context the question "What is the pass key? The pass key is" is fed as
 one block and 6 tokens are decoded greedily; a hit is the key appearing in them.
 
-Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (expected attention of the pre-RoPE query
-statistics), ``sl_keydiff`` (key-only default), ``sl_append`` (default rule, append-only admission),
+Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (the library default: observed attention of 64
+queries, one per 8 positions, times the value norm; before 2026-12-01 this name meant expected attention),
+``sl_expected`` (expected attention of the pre-RoPE query statistics), ``sl_obs<W>s<S>[_vn]`` (observed
+attention of W queries one per S positions, ``_vn``: times ``||v||``), ``sl_keydiff`` (key-only default),
+``sl_append`` (default rule, append-only admission),
 ``sl_leverage`` (guarantee mode, full-attention models only); kvpress 0.5.5 presses run as their own
 code through their hooks: ``kv_<press>`` = ``PrefillDecodingPress(prefilling_press=P(compression_ratio=
 1 - B/N), decoding_press=DecodingPress(base_press=P(), compression_interval=k, target_size=B - k))`` with
@@ -65,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PPL_TOPICS = ["typesseq", "typesmapping"]
 PASSKEY_FILLER = ["execmodel", "import", "assignment", "comparisons"]
 PRESSES = ["streaming_llm", "knorm", "keydiff", "expected_attention", "snapkv", "tova"]
-SL_METHODS = ["sl_default", "sl_keydiff", "sl_append", "sl_leverage"]
+SL_METHODS = ["sl_default", "sl_expected", "sl_keydiff", "sl_append", "sl_leverage"]
 EXTRA_METHODS = ["sl_default_exact"]  # the default rule with the exact (full-rank) covariance
 
 
@@ -134,13 +137,13 @@ class Session:
                 W, st = int(obs[1]), int(obs[2] or 1)
                 sel = slh.selectors.ObservedAttention(buffer=W, half_life=float(obs[3] or W * st / 4), stride=st,
                                                       value_norm=vn)
-            elif vn and base in ("sl_default", "sl_append"):
+            elif vn and base == "sl_expected":
                 sel = slh.selectors.ExpectedAttention(value_norm=True)
             elif vn and base in ("sl_observed", "sl_observed_append"):
                 sel = slh.selectors.ObservedAttention(value_norm=True)
             else:
                 sel = None
-            sel = sel or {"sl_default": "expected_attention", "sl_keydiff": "keydiff", "sl_append": "expected_attention",
+            sel = sel or {"sl_default": "default", "sl_expected": "expected_attention", "sl_keydiff": "keydiff", "sl_append": "default",
                    "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None),
                    "sl_observed": "observed", "sl_keys": "keys", "sl_observed_append": "observed"}[base]
             mode = "append_only" if base.endswith("append") else "evict"

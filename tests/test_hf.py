@@ -79,7 +79,7 @@ def test_budget_covering_the_context_gives_bit_identical_outputs(which, selector
 
 
 # ------------------------------------------------------------------ budgets, sinks, windows
-@pytest.mark.parametrize("selector", ["default", "keydiff", "knorm", "streaming"])
+@pytest.mark.parametrize("selector", ["expected_attention", "keydiff", "knorm", "streaming"])
 def test_cache_stays_within_budget_and_keeps_sinks(selector, llama):
     budget = 16
     cache = slh.make_cache(llama, budget, selector).attach(llama)
@@ -360,7 +360,7 @@ def test_compress_restores_the_model_and_memory_is_below_the_full_cache(llama):
 
 def test_query_statistics_shrink_to_mean_and_factor_after_the_prompt(gemma):
     """Gemma-size heads: the d x d second moments are dropped once the prompt is compressed."""
-    cache = slh.make_cache(gemma, 6, "default").attach(gemma)
+    cache = slh.make_cache(gemma, 6, "expected_attention").attach(gemma)
     try:
         list(_decode(gemma, cache, _ids(40), 3))
         for layer in cache.layers:
@@ -425,7 +425,7 @@ def test_observed_attention_rejects_bad_settings(bad):
         slh.selectors.ObservedAttention(**bad)
 
 
-@pytest.mark.parametrize("selector", ["observed", "keys"])
+@pytest.mark.parametrize("selector", ["default", "observed", "keys"])
 def test_issue16_defaults_run_within_budget(selector, llama, gemma):
     for model in (llama, gemma):
         cache = slh.make_cache(model, 10, selector).attach(model)

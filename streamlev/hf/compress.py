@@ -132,7 +132,9 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
         Keys kept per layer and key/value head; a float in (0, 1] is a fraction of
         the prompt length of each call.
     selector : str or Selector, default "default"
-        ``"default"`` / ``"expected_attention"`` (query statistics), ``"observed"``
+        ``"default"`` (observed attention of 64 queries spread over the last 512
+        positions, weighted by the value norm: :func:`streamlev.hf.selectors.default_selector`),
+        ``"expected_attention"`` (Gaussian query statistics), ``"observed"``
         (the issue-16 query default: observed attention of the newest 512 queries),
         ``"keys"`` (the issue-16 key-only default), ``"keydiff"``, ``"knorm"``,
         ``"streaming"``, ``"leverage"`` (guarantee mode), or a
