@@ -30,29 +30,42 @@ NO_IDS = np.zeros(0, np.int64)
 class DecodeState:
     """Rank-one bookkeeping between two exact refreshes (plain numbers; copied by snapshots)."""
 
-    __slots__ = ("steps", "kappa", "kappa_sm", "smax2", "fro2_ref", "fro2_now")
+    __slots__ = ("steps", "kappa", "kappa_sm", "smax2", "dead", "phantom", "fro2_ref", "fro2_now")
 
     def __init__(self):
         self.steps = 0  # rank-one steps since the last exact refresh
         self.kappa = math.inf  # condition estimate of R at the last exact refresh
         self.kappa_sm = None  # its 2-norm condition number, computed when the rank-one path first needs it
         self.smax2 = None  # sigma_max(R)^2 at that refresh, when the SVD gave kappa_sm
+        self.dead = None  # indices of coordinates no key has touched (zero row and column of R), or None
+        self.phantom = 0.0  # diagonal stand-in for those coordinates during a rank-one step (sigma_max)
         self.fro2_ref = 0.0  # ||R||_F^2 at that refresh
         self.fro2_now = 0.0  # ||R||_F^2 now, tracked by the rank-one path
 
     def state(self) -> tuple:
-        return self.steps, self.kappa, self.kappa_sm, self.smax2, self.fro2_ref, self.fro2_now
+        return (self.steps, self.kappa, self.kappa_sm, self.smax2, self.dead, self.phantom, self.fro2_ref,
+                self.fro2_now)
 
     def set(self, s: tuple) -> None:
-        self.steps, self.kappa, self.kappa_sm, self.smax2, self.fro2_ref, self.fro2_now = s
+        (self.steps, self.kappa, self.kappa_sm, self.smax2, self.dead, self.phantom, self.fro2_ref,
+         self.fro2_now) = s
 
     def refreshed(self, kappa: float, fro2: float) -> None:
-        self.steps, self.kappa, self.kappa_sm, self.smax2 = 0, kappa, None, None
+        self.steps, self.kappa, self.kappa_sm, self.smax2, self.dead = 0, kappa, None, None, None
         self.fro2_ref = self.fro2_now = fro2
+
+    def invalidate(self) -> None:
+        """R was changed by the general path: no rank-one step until the next :meth:`refreshed`.
+
+        (The path runs only while ``steps > 0`` or nothing is pending; the bounds, the untouched
+        coordinates and ||R||_F^2 kept here describe the R of the last refresh plus rank-one steps.)
+        """
+        self.steps, self.kappa_sm, self.smax2, self.dead = 0, None, None, None
 
     def rescaled(self, shift: int) -> None:
         if self.smax2 is not None:
             self.smax2 = float(np.ldexp(self.smax2, 2 * shift))
+            self.phantom = float(np.ldexp(self.phantom, shift))
         self.fro2_ref = float(np.ldexp(self.fro2_ref, 2 * shift))
         self.fro2_now = float(np.ldexp(self.fro2_now, 2 * shift))
 
@@ -70,23 +83,35 @@ class DecodeStep:
         k = ds.kappa_sm
         if k is None:
             k = ds.kappa
-            if self._d <= C.SVD_MAX_D and k <= C.KAPPA_DECODE * self._d:  # estimate <= kappa_1 <= d kappa_2
-                sv = sla.svdvals(self._f.R, check_finite=False)
+            # estimate <= kappa_1 <= d kappa_2; an infinite estimate may be coordinates no key touched
+            if self._d <= C.SVD_MAX_D and (k <= C.KAPPA_DECODE * self._d or math.isinf(k)):
+                R = self._f.R
+                dead = dead_coordinates(R)
+                if dead is not None and dead.size:
+                    live = np.setdiff1d(np.arange(self._d), dead)
+                    R = R[np.ix_(live, live)]
+                sv = sla.svdvals(R, check_finite=False) if dead is not None and R.size else np.zeros(1)
                 k = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
                 ds.smax2 = float(sv[0]) ** 2
+                ds.dead, ds.phantom = (dead, float(sv[0])) if dead is not None and dead.size else (None, 0.0)
             ds.kappa_sm = k
         return k
 
     def _decode_kappa2(self):
         """A bound on kappa(R)^2 now when the rank-one path may run, else None."""
         ds = self._dec
-        limit = C.KAPPA_DECODE * (self._d if self._d <= C.SVD_MAX_D else 1)  # the SVD decides below d KAPPA_DECODE
-        if self._n < self._d or (self._pending and not ds.steps) or not ds.kappa <= limit:
+        if self._d <= C.SVD_MAX_D:  # the SVD decides below d KAPPA_DECODE, and on untouched coordinates
+            far = not (ds.kappa <= C.KAPPA_DECODE * self._d or math.isinf(ds.kappa))
+        else:
+            far = not ds.kappa <= C.KAPPA_DECODE
+        if self._n < self._d or (self._pending and not ds.steps) or far:
             return None
         # sigma_min never decreases when rows are added and sigma_max^2 grows by at most the added
         # squared norm (Weyl), so kappa^2 <= kappa_ref^2 (1 + added / sigma_max^2): O(1) numbers. Without
         # the SVD's sigma_max, ||R||_F^2 / d <= sigma_max^2 stands in (up to d times looser).
         k = self._decode_kappa()
+        if not k < math.inf:
+            return None
         smax2 = ds.smax2 if ds.smax2 is not None else ds.fro2_ref / self._d
         kappa2 = k * k * (1.0 + (ds.fro2_now - ds.fro2_ref) / smax2)
         return kappa2 if kappa2 <= C.KAPPA_DECODE * C.KAPPA_DECODE else None
@@ -104,7 +129,7 @@ class DecodeStep:
         if not self._decode_ready():
             return False
         X, e = self._f.prepare(K, self._n > 0, "LevSketch.update")  # everything that can fail, before changes
-        if e != self._f.e:
+        if e != self._f.e or self._touches_dead(X):
             return False
         for i in range(K.shape[0]):
             self._decode_one(X[i], int(ids[i]), None if V is None else V[i : i + 1])
@@ -114,11 +139,16 @@ class DecodeStep:
         """Inside the block path: fold a small scaled chunk key by key when the rank-one path may run."""
         if self._pending and self._n >= self._d:
             self._rescore()  # one exact refresh, then the rank-one path can take over
-        if not self._decode_ready():
+        if not self._decode_ready() or self._touches_dead(X):
             return False
         for i in range(X.shape[0]):
             self._decode_one(X[i], int(ids[i]), None if V is None else V[i : i + 1])
         return True
+
+    def _touches_dead(self, X) -> bool:
+        """Whether a key of X has a nonzero on a coordinate no key has touched (the rank-one path refuses it)."""
+        dead = self._dec.dead
+        return dead is not None and bool(X[:, dead].any())
 
     def _decode_one(self, x, nid, V, lo=0.0, hi=math.inf):
         """Fold one key (scaled float64) in with the rank-one path; returns the ids evicted (int64 array).
@@ -138,13 +168,40 @@ class DecodeStep:
         v = self._v
         R = self._f.R
         rows, ds = self._rows, self._dec
-        rho, tau_x, xx = fold_key(R, x, self._w, v, lo, hi)
-        if rho < 0.0:
-            return None  # refused by the kernel's range check: nothing changed
-        r = rows.r
-        lowest = math.inf
-        if r:
-            lowest = lower_scores(rows.score, rows.K[:r] @ _factor.solve_upper(R, v), r, 1.0 / (rho * rho))
+        dead = ds.dead
+        if dead is not None:
+            if x[dead].any():
+                return None  # the key touches an untouched coordinate: the general path refactors
+            # A zero row and column of R stand for a coordinate no key has touched. A positive diagonal
+            # there (sigma_max, so kappa is the live block's) makes R invertible and changes nothing
+            # else: every Givens rotation and solve sees x_j = 0 on it. It is removed right after.
+            R[dead, dead] = ds.phantom
+        try:
+            rho, tau_x, xx = fold_key(R, x, self._w, v, lo, hi)
+            if rho < 0.0:
+                return None  # refused by the kernel's range check: nothing changed
+            r = rows.r
+            lowest = math.inf
+            if r:
+                lowest = lower_scores(rows.score, rows.K[:r] @ _factor.solve_upper(R, v), r, 1.0 / (rho * rho))
+            gone = self._decide_one(x, nid, V, tau_x, xx, lowest)
+        finally:
+            if dead is not None:
+                R[dead, dead] = 0.0
+        if (ds.steps >= max(32, d) and self._margin() > C.MARGIN_REFRESH) or ds.steps >= C.REFRESH_STEPS \
+                or self._margin() >= 1.0:
+            more = self._rescore()
+            if more.size:
+                gone = np.concatenate([gone, more])
+        return gone
+
+    def _margin(self) -> float:
+        kappa2 = self._decode_kappa2()
+        return 1.0 if kappa2 is None else min(1.0, 64.0 * self._dec.steps * C.U * kappa2 * self._d)
+
+    def _decide_one(self, x, nid, V, tau_x, xx, lowest):
+        """After the fold: append the new key if it is heavy, drop retained keys that fell below eps."""
+        d, R, rows, ds = self._d, self._f.R, self._rows, self._dec
         self._n += 1
         steps = ds.steps = ds.steps + 1
         ds.fro2_now += xx
@@ -168,11 +225,22 @@ class DecodeStep:
                 low = np.concatenate([low, near[tau_near < eps]])
             if low.size:
                 gone = rows.drop(low)
-        if (margin > C.MARGIN_REFRESH and steps >= max(32, d)) or steps >= C.REFRESH_STEPS or margin >= 1.0:
-            more = self._rescore()
-            if more.size:
-                gone = np.concatenate([gone, more])
         return gone
+
+
+def dead_coordinates(R: np.ndarray):
+    """Indices of coordinates no key has touched (zero row and column of R), or None if R is singular otherwise.
+
+    Keys with an identically zero coordinate (real Gemma 3 keys have 4-8 of 256) make K^T K singular,
+    and the rank-one path would refuse every key. Leverage is unchanged by such a coordinate
+    (K^T K is block diagonal with a zero block, and a key that does not touch it has no component
+    there), so the path can run on the others as long as new keys do not touch it either.
+    """
+    diag = np.diagonal(R)
+    zero = np.flatnonzero(diag == 0.0)
+    if zero.size and (R[zero].any() or R[:, zero].any()):
+        return None
+    return zero
 
 
 def plan_one(sk, keys, ids, values, *, check_range: bool):

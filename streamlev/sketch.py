@@ -277,6 +277,7 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
         if m <= C.DECODE_MAX_ROWS and self._decode_chunk(X, ids, V):
             return
         kappa = self._f.fold(X, self._workers)
+        self._dec.invalidate()  # R changed outside the rank-one path: it waits for the next exact refresh
         self._n += m
         tau_new = _factor.score_rows(self._f.R, X, self._rtol, kappa=kappa, below=self._eps * (1.0 - 1e-9),
                                      workers=self._workers)

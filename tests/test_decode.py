@@ -1,6 +1,8 @@
 """The one-key (decode) path: its kernel against float64 references, and its wrapper against the general path."""
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 import streamlev as sl
@@ -216,3 +218,41 @@ def test_rank_one_path_runs_when_only_the_one_norm_estimate_exceeds_the_limit():
         if i % 40 == 0 or i == 699:
             assert_matches_reference(sk, K[: i + 1])
     assert len(calls) < 40  # mostly rank-one steps (before: a general-path refresh for each of the 399 keys)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "ill_conditioned", "low_rank"])
+def test_untouched_coordinates_keep_the_rank_one_path_and_the_exact_set(kind):
+    # real Gemma 3 keys have coordinates that are exactly zero in every key (4-8 of 256): K^T K is singular,
+    # yet leverage only involves the other coordinates; a later key that touches one must still be exact
+    d = 24
+    dead = [3, 10, 17]
+    K = make_keys(kind, 500, d, 4, **({"cond": 1e3} if kind == "ill_conditioned" else {}))
+    K[:, dead] = 0.0
+    K[450, 10] = 2.5  # touches an untouched coordinate
+    sk = sl.LevSketch(d, eps=0.08).update(K[:60])
+    calls = []
+    rescore = sk._rescore
+    sk._rescore = lambda *a, **k: calls.append(1) or rescore(*a, **k)
+    for i in range(60, 500):
+        ch = sk.update(K[i], return_changes=True)
+        if i % 37 == 0 or i in (449, 450, 451, 499):
+            assert_matches_reference(sk, K[: i + 1])
+        assert ch.evicted.size == 0 or ch.evicted.max() <= i
+    if kind != "low_rank":  # a low-rank stream is singular in a rotated basis: no untouched coordinate
+        assert len(calls) < 60  # rank-one steps, not one refresh per key (390 before)
+
+
+@settings(deadline=None, max_examples=40)
+@given(d=st.integers(3, 12), seed=st.integers(0, 10**6), scale=st.sampled_from([1e-80, 1.0, 1e80]),
+       touch=st.integers(-1, 120))
+def test_untouched_coordinates_property(d, seed, scale, touch):
+    rng = np.random.default_rng(seed)
+    dead = rng.choice(d, size=rng.integers(1, d), replace=False)
+    K = rng.standard_normal((130, d)) * rng.uniform(0.2, 5.0, (130, 1)) * scale
+    K[:, dead] = 0.0
+    if touch >= 0:
+        K[touch, dead[0]] = scale
+    sk = sl.LevSketch(d, eps=float(rng.uniform(0.05, 0.5)))
+    for i in range(130):
+        sk.update(K[i])
+    assert_matches_reference(sk, K)
