@@ -86,7 +86,7 @@ class DecodeStep:
             # estimate <= kappa_1 <= d kappa_2; an infinite estimate may be coordinates no key touched
             if self._d <= C.SVD_MAX_D and (k <= C.KAPPA_DECODE * self._d or math.isinf(k)):
                 R = self._f.R
-                dead = dead_coordinates(R)
+                dead = _factor.dead_coordinates(R)
                 if dead is not None and dead.size:
                     live = np.setdiff1d(np.arange(self._d), dead)
                     R = R[np.ix_(live, live)]
@@ -226,21 +226,6 @@ class DecodeStep:
             if low.size:
                 gone = rows.drop(low)
         return gone
-
-
-def dead_coordinates(R: np.ndarray):
-    """Indices of coordinates no key has touched (zero row and column of R), or None if R is singular otherwise.
-
-    Keys with an identically zero coordinate (real Gemma 3 keys have 4-8 of 256) make K^T K singular,
-    and the rank-one path would refuse every key. Leverage is unchanged by such a coordinate
-    (K^T K is block diagonal with a zero block, and a key that does not touch it has no component
-    there), so the path can run on the others as long as new keys do not touch it either.
-    """
-    diag = np.diagonal(R)
-    zero = np.flatnonzero(diag == 0.0)
-    if zero.size and (R[zero].any() or R[:, zero].any()):
-        return None
-    return zero
 
 
 def plan_one(sk, keys, ids, values, *, check_range: bool):

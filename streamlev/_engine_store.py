@@ -59,7 +59,7 @@ class Store:
     """Plain arrays of S stacked sketches; see :mod:`streamlev._kernels.batched_decode` for the layout."""
 
     FIELDS = ("R", "KT", "ids", "tau", "V", "r", "n", "e", "steps", "kappa", "fro2_ref", "fro2_now", "smax2",
-              "id_lo", "id_hi")
+              "id_lo", "id_hi", "dead", "phantom")
 
     def __init__(self, **arrays):
         for k in self.FIELDS:
@@ -74,7 +74,7 @@ class Store:
         return cls(R=np.zeros((S, d, d)), KT=np.zeros((S, d, cap), dt), ids=np.zeros((S, cap), np.int64),
                    tau=np.zeros((S, cap)), V=np.zeros((S, cap, dv), dt), r=z(), n=z(), e=np.full(S, e0, np.int64), steps=z(),
                    kappa=np.full(S, np.inf), fro2_ref=z(np.float64), fro2_now=z(np.float64), smax2=z(np.float64), id_lo=z(),
-                   id_hi=np.full(S, -1, np.int64), kind=kind)
+                   id_hi=np.full(S, -1, np.int64), dead=np.zeros((S, d), bool), phantom=z(np.float64), kind=kind)
 
     @property
     def S(self) -> int:

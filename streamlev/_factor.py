@@ -22,7 +22,8 @@ from scipy.linalg import blas, lapack
 
 from . import _parallel
 
-__all__ = ["blas_threads", "update_factor", "score_rows", "cond_estimate", "ridge_lambda", "KAPPA_GRAM", "KAPPA_CHOLQR2"]
+__all__ = ["blas_threads", "update_factor", "score_rows", "cond_estimate", "ridge_lambda", "dead_coordinates",
+           "KAPPA_GRAM", "KAPPA_CHOLQR2"]
 
 _CONTROLLER = None
 
@@ -240,3 +241,18 @@ def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None
     Y = blas.dtrsm(1.0, R, X.T, side=0, lower=0, trans_a=1)  # R^{-T} X^T, (d, m), X.T is F-ordered
     tau = np.einsum("ij,ij->j", Y, Y)
     return np.minimum(tau, 1.0)
+
+
+def dead_coordinates(R: np.ndarray):
+    """Indices of coordinates no key has touched (zero row and column of R), or None if R is singular otherwise.
+
+    Keys with an identically zero coordinate (real Gemma 3 keys have 4-8 of 256) make K^T K singular,
+    and the rank-one path would refuse every key. Leverage is unchanged by such a coordinate
+    (K^T K is block diagonal with a zero block, and a key that does not touch it has no component
+    there), so the path can run on the others as long as new keys do not touch it either.
+    """
+    diag = np.diagonal(R)
+    zero = np.flatnonzero(diag == 0.0)
+    if zero.size and (R[zero].any() or R[:, zero].any()):
+        return None
+    return zero

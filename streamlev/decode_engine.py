@@ -229,22 +229,49 @@ class DecodeEngine(EngineQueries, Sketch):
         start = np.zeros(S, np.int64)
         status = np.zeros(S, np.int64)
         half = self._kind == "float16"
-        while True:
-            decode_block(*st.kernel_args(), self._eps, X64, Xst, nid, XVst, half, _LIMITS, start, status,
-                         added, ev_ids, ev_cnt)
-            stopped = np.flatnonzero(status != DONE)
-            if not stopped.size:
-                return
-            for s in stopped.tolist():
-                if status[s] == REFRESH:
-                    self._refresh(s, nid[s], added[s], ev_ids, ev_cnt)
-                elif status[s] == GROW:
-                    st.grow(int(st.r[s]) + 1)
-                else:
-                    self._general(s, int(start[s]), X64, nid, XV64, added, ev_ids, ev_cnt)
-                    start[s] = t
-            if (start >= t).all():
-                return
+        # Sketches with coordinates no key has touched: a key that touches one goes the general way;
+        # for the others a positive diagonal there (see _decode.py) lets the compiled step run.
+        for s in np.flatnonzero(st.dead.any(axis=1)).tolist():
+            if X64[s][:, st.dead[s]].any():
+                self._general(s, 0, X64, nid, XV64, added, ev_ids, ev_cnt)
+                start[s] = t
+        phantom = np.flatnonzero(st.dead.any(axis=1) & (start < t))
+        self._phantoms(phantom, True)
+        try:
+            while True:
+                decode_block(*st.kernel_args(), self._eps, X64, Xst, nid, XVst, half, _LIMITS, start, status,
+                             added, ev_ids, ev_cnt)
+                stopped = np.flatnonzero(status != DONE)
+                if not stopped.size:
+                    return
+                for s in stopped.tolist():
+                    if status[s] == GROW:
+                        st.grow(int(st.r[s]) + 1)
+                        continue
+                    on = s in phantom
+                    if on:
+                        self._phantoms([s], False)
+                    if status[s] == REFRESH:
+                        self._refresh(s, nid[s], added[s], ev_ids, ev_cnt)
+                        if on and st.dead[s].any():  # still untouched (the block's keys were checked)
+                            self._phantoms([s], True)
+                        else:
+                            phantom = phantom[phantom != s]
+                    else:
+                        phantom = phantom[phantom != s]
+                        self._general(s, int(start[s]), X64, nid, XV64, added, ev_ids, ev_cnt)
+                        start[s] = t
+                if (start >= t).all():
+                    return
+        finally:
+            self._phantoms(phantom, False)
+
+    def _phantoms(self, sketches, on: bool):
+        """Put (or take back) the stand-in diagonal on the untouched coordinates of these sketches' R."""
+        st = self._st
+        for s in np.asarray(sketches, np.int64).tolist():
+            j = np.flatnonzero(st.dead[s])
+            st.R[s, j, j] = st.phantom[s] if on else 0.0
 
     def _general(self, s, j0, X64, nid, XV64, added, ev_ids, ev_cnt):
         """Keys j0.. of sketch s through LevSketch itself (first keys, rescaling, ill-conditioning, blocks)."""
@@ -291,11 +318,21 @@ class DecodeEngine(EngineQueries, Sketch):
         R = st.R[s]
         fro2 = float(np.einsum("ij,ij->", R, R))
         smax2 = fro2 / self._d  # a lower bound on sigma_max^2, when no SVD is taken
-        # kappa is a 1-norm estimate, <= kappa_1 <= d kappa_2: only above d KAPPA_DECODE is kappa_2 surely too large
-        if self._d <= SVD_MAX_D and kappa <= KAPPA_DECODE * self._d:
-            sv = sla.svdvals(R, check_finite=False)
+        st.dead[s] = False
+        # kappa is a 1-norm estimate, <= kappa_1 <= d kappa_2: only above d KAPPA_DECODE is kappa_2 surely too large;
+        # an infinite one may be coordinates no key touched (as LevSketch's rank-one path, _decode.py)
+        if self._d <= SVD_MAX_D and (kappa <= KAPPA_DECODE * self._d or np.isinf(kappa)):
+            dead = _factor.dead_coordinates(R)
+            Rl = R
+            if dead is not None and dead.size:
+                live = np.setdiff1d(np.arange(self._d), dead)
+                Rl = R[np.ix_(live, live)]
+            sv = sla.svdvals(Rl, check_finite=False) if dead is not None and Rl.size else np.zeros(1)
             kappa = float(sv[0] / sv[-1]) if sv[-1] > 0 else np.inf
             smax2 = float(sv[0]) ** 2
+            if dead is not None and dead.size and np.isfinite(kappa):
+                st.dead[s, dead] = True
+                st.phantom[s] = float(sv[0])
         st.kappa[s], st.smax2[s] = kappa, smax2
         st.steps[s] = 0
         st.fro2_ref[s] = st.fro2_now[s] = fro2

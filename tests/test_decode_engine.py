@@ -234,3 +234,33 @@ def _long_stream(S, d, eps, n):
         np.testing.assert_array_equal(eng.universal_set(head=s), sl.universal_set(K[s].astype(np.float64), eps))
         _, tau = eng.scores(head=s)
         assert np.all(tau >= eps)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_untouched_coordinates_take_the_compiled_step_and_stay_exact(dtype, monkeypatch):
+    # real Gemma 3 keys have coordinates that are exactly zero in every key; a key that later touches one
+    # (sketch 1, token 250; sketch 2 inside a 3-key block) must go the general way and stay exact
+    S, d, eps, n = 3, 12, 0.12, 420
+    K = _heavy(S, n, d, 5)
+    K[:, :, [2, 7, 9]] = 0.0
+    K[1, 250, 7] = 1.5
+    K[2, 301, 2] = -0.75
+    eng = DecodeEngine(S, d, eps, dtype=dtype)
+    sks = [sl.LevSketch(d, eps) for _ in range(S)]
+    Kst = _stored(K, dtype)
+    general = []
+    orig = DecodeEngine._general
+    monkeypatch.setattr(DecodeEngine, "_general", lambda self, s, *a: general.append(s) or orig(self, s, *a))
+    pos = 0
+    for m in [40] + [1] * 240 + [3] * 20 + [1] * 80:
+        eng.update(K[:, pos : pos + m])
+        for s in range(S):
+            sks[s].update(Kst[s, pos : pos + m])
+        pos += m
+        R = eng._st.R
+        assert not R[:, [2, 7, 9], [2, 7, 9]][eng._st.dead[:, [2, 7, 9]]].any()  # no stand-in left behind
+    for s in range(S):
+        np.testing.assert_array_equal(eng.universal_set(head=s), sks[s].universal_set())
+        assert_matches_reference(_Slot(eng, s), Kst[s, :pos], eps_list=[eps])
+    assert len(general) < 30  # the prefill and the two touching keys, not every token (1,023 before)
+    assert eng.to_bytes() == DecodeEngine.from_bytes(eng.to_bytes()).to_bytes()
