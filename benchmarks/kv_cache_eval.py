@@ -269,6 +269,57 @@ def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0
     return rows
 
 
+COPY_WORDS = ("amber basalt cedar delta ember falcon garnet harbor indigo juniper kettle lantern meadow nickel "
+              "orchid pepper quartz raven saffron timber umber velvet walnut yarrow zephyr").split()
+
+
+def copy_prompt(tok, filler_ids, n_ctx: int, depth: float, rng):
+    """A sentence of 8 random words placed at ``depth`` of the filler; the cue repeats it up to the third word."""
+    words = rng.sample(COPY_WORDS, 8)
+    needle = tok(" The code words are: " + " ".join(words) + ".", add_special_tokens=False).input_ids
+    cue = tok(" The code words are: " + " ".join(words[:3]), add_special_tokens=False).input_ids
+    answer = tok(" " + " ".join(words[3:]), add_special_tokens=False).input_ids
+    body = filler_ids[1: n_ctx - len(needle)]
+    at = int(depth * len(body))
+    return [tok.bos_token_id] + body[:at] + needle + body[at:], cue, answer
+
+
+def run_copy(model, tok, filler, n_ctx, depths, budgets, methods, log, trials=4, seed=1):
+    """Retrieval by copying: after the context and the cue, greedy decoding must reproduce the rest of the
+    8-word sequence seen once, far back (what induction heads do); a hit is an exact token match."""
+    import random
+
+    rows = []
+    rng = random.Random(seed)
+    for depth in depths:
+        for trial in range(trials):
+            ctx, cue, answer = copy_prompt(tok, filler, n_ctx, depth, rng)
+            for frac in [1.0] + list(budgets):
+                B = max(1, int(frac * len(ctx)))
+                for meth in (["full"] if frac == 1.0 else methods):
+                    s = None
+                    try:
+                        s = Session(model, meth, B, len(ctx) + len(cue) + len(answer))
+                        s.feed(ctx)
+                        logits = s.feed(cue)
+                        out = []
+                        for _ in range(len(answer)):
+                            out.append(int(logits.argmax()))
+                            logits = s.feed([out[-1]])
+                    except Exception as e:
+                        log(f"  copy {meth} B={B}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                        rows.append(dict(method=meth, budget=B, frac=frac, depth=depth, trial=trial, error=str(e)[:200]))
+                        continue
+                    finally:
+                        if s is not None:
+                            s.close()
+                    hit = out == answer
+                    rows.append(dict(method=meth, budget=B, frac=frac, depth=depth, trial=trial, hit=hit,
+                                     tokens_right=int(sum(a == b for a, b in zip(out, answer))), n_tokens=len(answer)))
+                    log(f"  copy depth={depth} trial={trial} {meth:24s} B={B:5d} hit={hit} {tok.decode(out)!r}")
+    return rows
+
+
 def run_overhead(model, ids, n_ctx, frac, steps, log, method="sl_default"):
     """Decode-step time of a streamlev method at budget B vs a DynamicCache holding B keys; alternating."""
     import torch
@@ -315,10 +366,11 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(SL_METHODS + ["kv_" + p for p in PRESSES]))
     ap.add_argument("--passkey-methods", default=None, help="default: the same as --methods")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--copy-trials", type=int, default=4, help="random sequences per depth for the copy task")
     ap.add_argument("--overhead-steps", type=int, default=40)
     ap.add_argument("--overhead-method", default="sl_default", help="comma list of streamlev methods")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: ppl,passkey,overhead")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ppl,passkey,overhead,copy")
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
     import torch
@@ -333,7 +385,7 @@ def main(argv=None) -> int:
         methods = [m for m in methods if not m.startswith("sl_leverage")]
     skip = set(a.skip.split(","))
     result = dict(model=a.model, context=a.context, continuation=a.continuation, budgets=budgets, methods=methods,
-                  torch=torch.__version__, threads=a.threads, ppl=[], passkey=[], overhead=[])
+                  torch=torch.__version__, threads=a.threads, ppl=[], passkey=[], overhead=[], copy=[])
     if "ppl" not in skip:
         for name, ids in texts(tok, a.context + a.continuation, a.topics.split(","))[: a.docs]:
             log(f"[{a.model}] perplexity / KL on pydoc_data.topics[{name!r}]")
@@ -354,6 +406,14 @@ def main(argv=None) -> int:
         pk_methods = [m for m in (a.passkey_methods or ",".join(methods)).split(",") if m in methods]
         result["passkey"] = run_passkey(model, tok, filler, a.context, [float(x) for x in a.depths.split(",")],
                                         budgets, pk_methods, log)
+    if "copy" not in skip:
+        import pydoc_data.topics as t
+
+        filler = [tok.bos_token_id] + tok(" ".join(t.topics[n] for n in PASSKEY_FILLER),
+                                          add_special_tokens=False).input_ids
+        pk_methods = [m for m in (a.passkey_methods or ",".join(methods)).split(",") if m in methods]
+        result["copy"] = run_copy(model, tok, filler, a.context, [float(x) for x in a.depths.split(",")], budgets,
+                                  pk_methods, log, trials=a.copy_trials)
     Path(a.json).write_text(json.dumps(result, indent=1))
     log(f"wrote {a.json}")
     return 0
