@@ -118,6 +118,8 @@ class TorchDecodeEngine:
         self._id_lo, self._id_hi = np.zeros(S, np.int64), np.full(S, -1, np.int64)
         self._steps = 0
         self._ready = False
+        self._dead = torch.zeros(S, d, **f8)  # 1.0 on coordinates no key had touched at the last refresh
+        self._tainted = torch.zeros(S, dtype=torch.bool, device=dev)  # a key touched one since: keep everything
 
     # ------------------------------------------------------------ properties
     @property
@@ -253,7 +255,10 @@ class TorchDecodeEngine:
         self._steps += 1
         self._fro2 += (x * x).sum(1)
         k2 = self._k2 * (1.0 + (self._fro2 - self._fro2_ref) / self._smax2)  # as DecodeEngine (Weyl)
-        bad = ~(k2 <= KAPPA_DECODE**2)
+        # A key on a coordinate no key had touched makes the inverse Gram (built with a stand-in there)
+        # wrong for this sketch until the next exact refresh: until then it keeps every key (a superset).
+        self._tainted |= (x.abs() * self._dead).sum(1) > 0
+        bad = ~(k2 <= KAPPA_DECODE**2) | self._tainted
         margin = torch.where(bad, 1.0, torch.clamp(64.0 * self._steps * _U * k2 * d, max=1.0))
         fresh = torch.where(bad, 1.0, torch.minimum(margin, 64.0 * _U * k2 * d))
         # Drop only keys certainly below eps; keys inside the band stay until the next exact refresh.
@@ -330,15 +335,24 @@ class TorchDecodeEngine:
 
     def _after_refresh(self):
         R = self._R
-        sv = torch.linalg.svdvals(R)
+        # Coordinates no key has touched (zero row and column of R; real Gemma 3 keys have 4-8 of 256) get
+        # sigma_max(R) on the diagonal: kappa is then the other coordinates', and keys that do not touch
+        # them see the same inverse Gram on the rest (as DecodeEngine, streamlev/_decode.py).
+        nz = R != 0
+        dead = ~nz.any(2) & ~nz.any(1)
+        smax = torch.linalg.matrix_norm(R, ord=2)
+        Rp = R + torch.diag_embed(dead * smax.unsqueeze(1))
+        sv = torch.linalg.svdvals(Rp)
         kappa = torch.where(sv[:, -1] > 0, sv[:, 0] / sv[:, -1], torch.full_like(sv[:, 0], math.inf))
         self._k2 = kappa * kappa
         self._smax2 = sv[:, 0] * sv[:, 0]
         self._fro2 = self._fro2_ref = (R * R).sum((1, 2))
+        self._dead = dead.to(torch.float64)
+        self._tainted = torch.zeros_like(self._tainted)
         self._steps = 0
         ok = bool((self._n >= self._d).all()) and bool((kappa <= KAPPA_DECODE).all())
         if ok:
-            self._Ginv = torch.cholesky_inverse(R, upper=True)
+            self._Ginv = torch.cholesky_inverse(Rp, upper=True)
         self._ready = ok
 
     def refresh(self):

@@ -75,3 +75,26 @@ def test_torch_bad_input_changes_nothing():
             b.update(**kw)
         assert all(torch.equal(x, y) for x, y in zip(state, (b._R, b._K, b._ids, b._valid, b._tau)))
         np.testing.assert_array_equal(b.n, n)
+
+
+def test_torch_engine_with_untouched_coordinates_never_misses_a_key(monkeypatch):
+    # real Gemma 3 keys have coordinates that are exactly zero in every key; one sketch later gets a key there
+    S, d, eps, n = 3, 10, 0.15, 260
+    K = _keys(S, n, d, 3)
+    K[:, :, [1, 6]] = 0.0
+    K[2, 150, 6] = 2.0
+    Kt = torch.from_numpy(K)
+    a = DecodeEngine(S, d, eps, dtype="float32")
+    b = TorchDecodeEngine(S, d, eps, dtype="float32", refresh_every=40)
+    exact = []
+    orig = TorchDecodeEngine._exact_step
+    monkeypatch.setattr(TorchDecodeEngine, "_exact_step", lambda self, *x: exact.append(1) or orig(self, *x))
+    a.update(Kt[:, :12])
+    b.update(Kt[:, :12])
+    for i in range(12, n):
+        a.update(Kt[:, i])
+        b.update(Kt[:, i], check_finite=False)
+        assert (b.keep_mask(n).numpy() >= a.keep_mask(n)).all()  # no false negatives between refreshes
+    b.update(Kt[:, :0])
+    np.testing.assert_array_equal(b.keep_mask(n).numpy(), a.keep_mask(n))
+    assert len(exact) <= 2  # the prefill, not every token (the rank-one step runs with the untouched coordinates)
