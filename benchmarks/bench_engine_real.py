@@ -10,7 +10,7 @@ stored layer of an archive written by ``examples/extract_gemma3_keys.py`` (or an
 
 Usage::
 
-    python benchmarks/bench_engine_real.py --data DIR/gemma3_qkv.npz [--eps 0.1] [--repeats 3]
+    python benchmarks/bench_engine_real.py --data DIR/gemma3_qkv.npz [--eps 0.1] [--repeats 3] [--torch cpu]
 """
 
 from __future__ import annotations
@@ -48,6 +48,26 @@ def run(K, eps, prefill, tokens):
     return t_eng, t_loop, same
 
 
+def run_torch(K, eps, prefill, tokens, device):
+    import torch
+
+    from streamlev.torch_engine import TorchDecodeEngine
+
+    S, _, d = K.shape
+    Kt = torch.from_numpy(K).to(device)
+    eng = TorchDecodeEngine(S, d, eps, device=device)
+    eng.update(Kt[:, :prefill])
+    eng.update(Kt[:, prefill])
+    if device != "cpu":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for j in range(prefill + 1, prefill + tokens):
+        eng.update(Kt[:, j], check_finite=False)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (tokens - 1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="a load_qkv archive (e.g. gemma3_qkv.npz)")
@@ -55,6 +75,7 @@ def main(argv=None):
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch", default=None, metavar="DEVICE", help="also time TorchDecodeEngine on DEVICE (cpu, cuda)")
     a = ap.parse_args(argv)
     s = load_qkv(a.data, dtype=np.float32)
     n = a.prefill + a.tokens
@@ -68,6 +89,9 @@ def main(argv=None):
     print(f"  DecodeEngine (float32)   {te:.3f} ms/token")
     print(f"  LevSketch loop           {tl:.3f} ms/token   ({tl / te:.2f}x the engine)")
     print(f"  same universal sets: {all(r[2] for r in res)}")
+    if a.torch:
+        tt = statistics.median(run_torch(K, a.eps, a.prefill, a.tokens, a.torch) for _ in range(a.repeats)) * 1e3
+        print(f"  TorchDecodeEngine ({a.torch})  {tt:.3f} ms/token")
 
 
 if __name__ == "__main__":
