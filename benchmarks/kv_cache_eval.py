@@ -146,7 +146,7 @@ class Session:
             sel = sel or {"sl_default": "default", "sl_expected": "expected_attention", "sl_keydiff": "keydiff", "sl_append": "default",
                    "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None),
                    "sl_observed": "observed", "sl_keys": "keys", "sl_observed_append": "observed",
-                   "sl_streaming": "streaming"}[base]
+                   "sl_streaming": "streaming", "sl_expected_append": "expected_attention"}[base]
             mode = "append_only" if base.endswith("append") else "evict"
             sliding = "window" if method.endswith("_win") else "compress"
             self.cache = slh.make_cache(model, budget, sel, mode=mode, sliding=sliding).attach(model)
