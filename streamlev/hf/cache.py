@@ -160,7 +160,7 @@ class CompressedLayer(CacheLayerMixin):
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.pos = torch.cat([self.pos, new_pos], dim=-1)
-            if self.score is not None:
+            if self.score is not None and not self.selector.rescore:  # a rescoring rule never reads old scores
                 self.score = torch.cat([self.score, torch.full(new_pos.shape, _POS, device=self.device)], dim=-1)
             return self.keys, self.values
         return self._evict(key_states, value_states, new_pos, t0)
