@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.linalg as sla
 
 from . import _constants as C
 from . import _factor
@@ -85,15 +84,9 @@ class DecodeStep:
             k = ds.kappa
             # estimate <= kappa_1 <= d kappa_2; an infinite estimate may be coordinates no key touched
             if self._d <= C.SVD_MAX_D and (k <= C.KAPPA_DECODE * self._d or math.isinf(k)):
-                R = self._f.R
-                dead = _factor.dead_coordinates(R)
-                if dead is not None and dead.size:
-                    live = np.setdiff1d(np.arange(self._d), dead)
-                    R = R[np.ix_(live, live)]
-                sv = sla.svdvals(R, check_finite=False) if dead is not None and R.size else np.zeros(1)
-                k = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
-                ds.smax2 = float(sv[0]) ** 2
-                ds.dead, ds.phantom = (dead, float(sv[0])) if dead is not None and dead.size else (None, 0.0)
+                k, smax, dead = _factor.live_condition(self._f.R)
+                ds.smax2 = smax * smax
+                ds.dead, ds.phantom = (dead, smax) if dead.size else (None, 0.0)
             ds.kappa_sm = k
         return k
 

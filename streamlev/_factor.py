@@ -18,12 +18,12 @@ import contextlib
 import math
 
 import numpy as np
-from scipy.linalg import blas, lapack
+from scipy.linalg import blas, lapack, svdvals
 
 from . import _parallel
 
 __all__ = ["blas_threads", "update_factor", "score_rows", "cond_estimate", "ridge_lambda", "dead_coordinates",
-           "KAPPA_GRAM", "KAPPA_CHOLQR2"]
+           "live_condition", "KAPPA_GRAM", "KAPPA_CHOLQR2"]
 
 _CONTROLLER = None
 
@@ -256,3 +256,23 @@ def dead_coordinates(R: np.ndarray):
     if zero.size and (R[zero].any() or R[:, zero].any()):
         return None
     return zero
+
+
+def live_condition(R: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """``(kappa, sigma_max, dead)``: the 2-norm condition number and largest singular value of R on the
+    coordinates some key touched (one SVD), and the untouched ones (:func:`dead_coordinates`).
+
+    kappa is inf (and sigma_max 0) when R is singular otherwise or no coordinate was touched; dead is
+    then empty.
+    """
+    dead = dead_coordinates(R)
+    if dead is None:
+        return math.inf, 0.0, np.zeros(0, np.int64)
+    if dead.size:
+        live = np.setdiff1d(np.arange(R.shape[0]), dead)
+        R = R[np.ix_(live, live)]
+    if not R.size:
+        return math.inf, 0.0, np.zeros(0, np.int64)
+    sv = svdvals(R, check_finite=False)
+    kappa = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
+    return kappa, float(sv[0]), dead

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg as sla
 
 from . import _factor, _format
 from ._constants import (DECODE_MAX_ROWS, DEFAULT_RTOL, KAPPA_DECODE, MARGIN_REFRESH, NO_DATA_EXP, REFRESH_STEPS,
@@ -322,17 +321,11 @@ class DecodeEngine(EngineQueries, Sketch):
         # kappa is a 1-norm estimate, <= kappa_1 <= d kappa_2: only above d KAPPA_DECODE is kappa_2 surely too large;
         # an infinite one may be coordinates no key touched (as LevSketch's rank-one path, _decode.py)
         if self._d <= SVD_MAX_D and (kappa <= KAPPA_DECODE * self._d or np.isinf(kappa)):
-            dead = _factor.dead_coordinates(R)
-            Rl = R
-            if dead is not None and dead.size:
-                live = np.setdiff1d(np.arange(self._d), dead)
-                Rl = R[np.ix_(live, live)]
-            sv = sla.svdvals(Rl, check_finite=False) if dead is not None and Rl.size else np.zeros(1)
-            kappa = float(sv[0] / sv[-1]) if sv[-1] > 0 else np.inf
-            smax2 = float(sv[0]) ** 2
-            if dead is not None and dead.size and np.isfinite(kappa):
+            kappa, smax, dead = _factor.live_condition(R)
+            smax2 = smax * smax
+            if dead.size and np.isfinite(kappa):
                 st.dead[s, dead] = True
-                st.phantom[s] = float(sv[0])
+                st.phantom[s] = smax
         st.kappa[s], st.smax2[s] = kappa, smax2
         st.steps[s] = 0
         st.fro2_ref[s] = st.fro2_now[s] = fro2
