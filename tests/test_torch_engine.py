@@ -14,6 +14,19 @@ def _keys(S, n, d, seed):
     return (rng.standard_normal((S, n, d)) * rng.lognormal(0.0, 1.0, (S, n, 1))).astype(np.float32)
 
 
+def _side_by_side(a, b, Kt, prefill):
+    """Feed the numpy engine a and the torch engine b the same keys, token by token after a prefill block;
+    b's kept set must contain a's after every token; a final empty update refreshes b exactly."""
+    n = Kt.shape[1]
+    a.update(Kt[:, :prefill])
+    b.update(Kt[:, :prefill])
+    for i in range(prefill, n):
+        a.update(Kt[:, i])
+        b.update(Kt[:, i], check_finite=False)
+        assert (b.keep_mask(n).numpy() >= a.keep_mask(n)).all()  # no false negatives between refreshes
+    b.update(Kt[:, :0])
+
+
 @pytest.mark.parametrize("dtype,cond", [("float16", 1), ("bfloat16", 1), ("float32", 1), ("float32", 1e3)])
 def test_torch_engine_equals_numpy_engine(dtype, cond):
     S, d, eps, n = 3, 8, 0.15, 300
@@ -21,13 +34,7 @@ def test_torch_engine_equals_numpy_engine(dtype, cond):
     Kt = torch.from_numpy(K).to(getattr(torch, dtype))  # the numpy engine gets the same rounded keys
     a = DecodeEngine(S, d, eps, dtype=dtype)
     b = TorchDecodeEngine(S, d, eps, dtype=dtype, refresh_every=40)
-    a.update(Kt[:, :5])
-    b.update(Kt[:, :5])
-    for i in range(5, n):
-        a.update(Kt[:, i])
-        b.update(Kt[:, i], check_finite=False)
-        assert (b.keep_mask(n).numpy() >= a.keep_mask(n)).all()  # no false negatives between refreshes
-    b.update(Kt[:, :0])
+    _side_by_side(a, b, Kt, 5)
     for s in range(S):
         ia, ta = a.scores(head=s)
         ib, tb = b.scores(head=s)
@@ -89,12 +96,6 @@ def test_torch_engine_with_untouched_coordinates_never_misses_a_key(monkeypatch)
     exact = []
     orig = TorchDecodeEngine._exact_step
     monkeypatch.setattr(TorchDecodeEngine, "_exact_step", lambda self, *x: exact.append(1) or orig(self, *x))
-    a.update(Kt[:, :12])
-    b.update(Kt[:, :12])
-    for i in range(12, n):
-        a.update(Kt[:, i])
-        b.update(Kt[:, i], check_finite=False)
-        assert (b.keep_mask(n).numpy() >= a.keep_mask(n)).all()  # no false negatives between refreshes
-    b.update(Kt[:, :0])
+    _side_by_side(a, b, Kt, 12)
     np.testing.assert_array_equal(b.keep_mask(n).numpy(), a.keep_mask(n))
     assert len(exact) <= 2  # the prefill, not every token (the rank-one step runs with the untouched coordinates)
