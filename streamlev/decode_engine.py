@@ -230,11 +230,12 @@ class DecodeEngine(EngineQueries, Sketch):
         half = self._kind == "float16"
         # Sketches with coordinates no key has touched: a key that touches one goes the general way;
         # for the others a positive diagonal there (see _decode.py) lets the compiled step run.
-        for s in np.flatnonzero(st.dead.any(axis=1)).tolist():
+        has_dead = st.dead.any(axis=1)
+        for s in np.flatnonzero(has_dead).tolist():
             if X64[s][:, st.dead[s]].any():
                 self._general(s, 0, X64, nid, XV64, added, ev_ids, ev_cnt)
                 start[s] = t
-        phantom = np.flatnonzero(st.dead.any(axis=1) & (start < t))
+        phantom = np.flatnonzero(has_dead & (start < t))
         self._phantoms(phantom, True)
         try:
             while True:
