@@ -42,7 +42,10 @@ def default_selector(d: int, budget: int, *, queries: bool, causal: bool = False
     * key-only class, bidirectional: ``rule="keydiff"`` (the running mean key direction).
 
     Every rule and constant was chosen on MiniLM and SmolLM2 only, and confirmed
-    on a ViT (two resolutions) and on Gemma 3 (``benchmarks/softmax_selectors_families.py``).
+    on a ViT (two resolutions) and on Gemma 3 (``benchmarks/softmax_selectors_families.py``),
+    except the uniform query sample of bidirectional models: it was introduced after the
+    ViT at 448 px showed the cost of keeping the newest queries, and confirmed on the ViT at
+    518 px, which was not used to choose it.
 
     Parameters
     ----------
