@@ -177,6 +177,8 @@ class CompressedLayer(CacheLayerMixin):
     def _protected(self, pos, score, t_query, horizon=1):
         """Effective scores: +inf for sinks and recent keys, -inf for keys that leave the window within ``horizon``."""
         sinks, recent = self.selector.split(self.budget)
+        if not (sinks or recent or self.is_sliding):
+            return score
         keep = pos < sinks
         if recent:
             keep = keep | (pos > t_query - 1 - recent)
@@ -216,7 +218,8 @@ class CompressedLayer(CacheLayerMixin):
             score.masked_scatter_(new, self.selector.weigh(sn, vn).to(score.dtype))
             target, horizon = self.cap + 1 - self.evict_every, self.evict_every
         eff = self._protected(p, score, t_next, horizon)
-        keep = max(0, min(target, int((eff > _NEG).sum(-1).min())))
+        # only a sliding window marks keys with _NEG; elsewhere every candidate may be kept (n + m > target)
+        keep = max(0, min(target, int((eff > _NEG).sum(-1).min()))) if self.is_sliding else target
         idx = eff.topk(keep, dim=-1).indices.sort(dim=-1).values
         self.keys = k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
         self.values = v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))

@@ -320,25 +320,27 @@ class ObservedAttention(Selector):
         if state["q"] is not None:
             q, pos = torch.cat([state["q"], q], dim=2), torch.cat([state["p"], pos])
         state["q"], state["p"] = q[:, :, -self.buffer:], pos[-self.buffer:]
+        w = torch.exp2(-(state["p"].max() - state["p"]).float() / self.half_life)  # (W,): fixed until new queries
+        state["w"] = w / w.sum()
 
     def score(self, state, keys, positions, t_next, *, normalize):
         info = state["info"]
         if state["q"] is None:
             raise RuntimeError("ObservedAttention: no query has been observed for this layer; the cache must be "
                                "attached to the model (streamlev.hf.compress or StreamlevCache.attach).")
-        q, p = state["q"], state["p"]
+        q = state["q"]
         B, G, n, d = keys.shape
         r = info.num_heads // G
         ang = float(t_next) * info.inv_freq
-        ang = torch.cat([ang, ang]).float().to(q.device)
-        qn = (q * ang.cos() + _rotate_half(q) * ang.sin()) * info.rope_scale  # R_n q
-        logits = info.scaling * torch.einsum("bgrwd,bgnd->bgrwn", qn.view(B, G, r, -1, d), keys.float())
+        ang = torch.cat([ang, ang]).to(q.device)
+        s = info.scaling * info.rope_scale  # logit scale folded into the (d,) rotation, not the logits
+        qn = q * (s * ang.cos()).float() + _rotate_half(q) * (s * ang.sin()).float()  # s R_n q
+        logits = torch.einsum("bgrwd,bgnd->bgrwn", qn.view(B, G, r, -1, d), keys.float())
         if info.sliding_window is not None and positions is not None:
             gone = positions < t_next - info.sliding_window + 1  # not visible from position n
             logits = logits.masked_fill(gone[:, :, None, None, :], float("-inf"))
-        w = torch.exp2(-(p.max() - p).float() / self.half_life)  # (W,)
         P = torch.softmax(logits, dim=-1)
-        return torch.einsum("bgrwn,w->bgn", P, w) / (r * w.sum())
+        return torch.einsum("bgrwn,w->bgn", P, state["w"]) / r
 
 
 def default_selector() -> ObservedAttention:
