@@ -82,8 +82,7 @@ class DecodeStep:
         k = ds.kappa_sm
         if k is None:
             k = ds.kappa
-            # estimate <= kappa_1 <= d kappa_2; an infinite estimate may be coordinates no key touched
-            if self._d <= C.SVD_MAX_D and (k <= C.KAPPA_DECODE * self._d or math.isinf(k)):
+            if self._d <= C.SVD_MAX_D:  # (_decode_kappa2 has ruled out an estimate that proves kappa too large)
                 k, smax, dead = _factor.live_condition(self._f.R)
                 ds.smax2 = smax * smax
                 ds.dead, ds.phantom = (dead, smax) if dead.size else (None, 0.0)
@@ -177,23 +176,21 @@ class DecodeStep:
             lowest = math.inf
             if r:
                 lowest = lower_scores(rows.score, rows.K[:r] @ _factor.solve_upper(R, v), r, 1.0 / (rho * rho))
-            gone = self._decide_one(x, nid, V, tau_x, xx, lowest)
+            gone, margin = self._decide_one(x, nid, V, tau_x, xx, lowest)
         finally:
             if dead is not None:
                 R[dead, dead] = 0.0
-        if (ds.steps >= max(32, d) and self._margin() > C.MARGIN_REFRESH) or ds.steps >= C.REFRESH_STEPS \
-                or self._margin() >= 1.0:
+        if (margin > C.MARGIN_REFRESH and ds.steps >= max(32, d)) or ds.steps >= C.REFRESH_STEPS or margin >= 1.0:
             more = self._rescore()
             if more.size:
                 gone = np.concatenate([gone, more])
         return gone
 
-    def _margin(self) -> float:
-        kappa2 = self._decode_kappa2()
-        return 1.0 if kappa2 is None else min(1.0, 64.0 * self._dec.steps * C.U * kappa2 * self._d)
-
     def _decide_one(self, x, nid, V, tau_x, xx, lowest):
-        """After the fold: append the new key if it is heavy, drop retained keys that fell below eps."""
+        """After the fold: append the new key if it is heavy, drop retained keys that fell below eps.
+
+        Returns the ids dropped and the rounding margin of the scores after this step.
+        """
         d, R, rows, ds = self._d, self._f.R, self._rows, self._dec
         self._n += 1
         steps = ds.steps = ds.steps + 1
@@ -218,7 +215,7 @@ class DecodeStep:
                 low = np.concatenate([low, near[tau_near < eps]])
             if low.size:
                 gone = rows.drop(low)
-        return gone
+        return gone, margin
 
 
 def plan_one(sk, keys, ids, values, *, check_range: bool):
