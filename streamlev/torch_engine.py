@@ -340,12 +340,13 @@ class TorchDecodeEngine:
         # them see the same inverse Gram on the rest (as DecodeEngine, streamlev/_decode.py).
         nz = R != 0
         dead = ~nz.any(2) & ~nz.any(1)
-        smax = torch.linalg.matrix_norm(R, ord=2)
+        sv = torch.linalg.svdvals(R)  # descending; an untouched coordinate adds a zero at the end
+        smax = sv[:, 0]
+        smin = sv.gather(1, (self._d - 1 - dead.sum(1)).clamp_min(0).unsqueeze(1)).squeeze(1)  # of the others
+        kappa = torch.where(smin > 0, smax / smin, torch.full_like(smax, math.inf))
         Rp = R + torch.diag_embed(dead * smax.unsqueeze(1))
-        sv = torch.linalg.svdvals(Rp)
-        kappa = torch.where(sv[:, -1] > 0, sv[:, 0] / sv[:, -1], torch.full_like(sv[:, 0], math.inf))
         self._k2 = kappa * kappa
-        self._smax2 = sv[:, 0] * sv[:, 0]
+        self._smax2 = smax * smax
         self._fro2 = self._fro2_ref = (R * R).sum((1, 2))
         self._dead = dead.to(torch.float64)
         self._tainted = torch.zeros_like(self._tainted)

@@ -7,8 +7,9 @@ keeps every layer's KV cache within ``budget`` keys per key/value head, at
 prefill and while decoding (:mod:`streamlev.hf.cache`). Selectors
 (:mod:`streamlev.hf.selectors`): the default (observed attention of 64 recent
 queries weighted by the value norm), expected attention under a Gaussian model
-of the pre-RoPE queries, the issue-16 defaults ``"observed"`` and ``"keys"``, KeyDiff, and the guarantee mode ``selector="leverage"`` (the
-exact |x|^2 universal set). Measured end to end in ``docs/kv_cache.md``.
+of the pre-RoPE queries, the issue-16 defaults ``"observed"`` and ``"keys"``,
+KeyDiff, and the guarantee mode ``selector="leverage"`` (the exact |x|^2
+universal set). Measured end to end in ``docs/kv_cache.md``.
 ``mode="append_only"`` decides keep or skip once per arriving token and never
 rewrites the cache. Needs ``pip install 'streamlev[hf]'`` (torch, transformers).
 """
