@@ -22,7 +22,7 @@ from scipy.linalg import blas, lapack, svdvals
 
 from . import _parallel
 
-__all__ = ["blas_threads", "update_factor", "score_rows", "cond_estimate", "ridge_lambda", "dead_coordinates",
+__all__ = ["blas_threads", "gram", "update_factor", "score_rows", "cond_estimate", "ridge_lambda", "dead_coordinates",
            "live_condition", "KAPPA_GRAM", "KAPPA_CHOLQR2"]
 
 _CONTROLLER = None
@@ -119,7 +119,8 @@ def _chol(G: np.ndarray):
         return None, False
 
 
-def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False, workers: int = 1):
+def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False, workers: int = 1,
+                  gram: np.ndarray | None = None):
     """Return the upper-triangular R' (non-negative diagonal) with R'^T R' = R^T R + B^T B.
 
     Parameters
@@ -131,34 +132,38 @@ def update_factor(R: np.ndarray, B: np.ndarray, *, return_kappa: bool = False, w
     workers : int, default=1
         Threads for the Gram matrix of a large B (see :mod:`streamlev._parallel`);
         only the summation order of B^T B changes.
+    gram : ndarray of shape (d, d), optional
+        B^T B when the caller already has it (taken over and modified).
 
     Returns
     -------
     ndarray of shape (d, d), C-contiguous; R and B are not modified.
     """
     if return_kappa:
-        Rn, kappa = _update(R, B, workers)
+        Rn, kappa = _update(R, B, workers, gram)
         return Rn, (cond_estimate(Rn) if kappa is None else kappa)
-    return _update(R, B, workers)[0]
+    return _update(R, B, workers, gram)[0]
 
 
-def _gram(B: np.ndarray) -> np.ndarray:
-    return B.T @ B  # gemm: measured 2-3x faster than syrk here, despite twice the flops
+def gram(B: np.ndarray) -> np.ndarray:
+    """B^T B of float64 rows B, shape (d, d); one gemm, measured 2-3x faster than syrk here despite twice the flops."""
+    return B.T @ B
 
 
-def _update(R, B, workers=1):
+def _update(R, B, workers=1, G=None):
     if B.shape[0] == 0:
         return R.copy(), None
-    grams = _parallel.map_rows(_gram, B, _parallel.parts(B.shape[0], B.shape[1] ** 2, workers))
-    G = grams[0]
-    for Gi in grams[1:]:
-        G += Gi
+    if G is None:
+        grams = _parallel.map_rows(gram, B, _parallel.parts(B.shape[0], B.shape[1] ** 2, workers))
+        G = grams[0]
+        for Gi in grams[1:]:
+            G += Gi
     G += R.T @ R
     R1, ok = _chol(G)
     if ok:
         kappa = cond_estimate(R1)
         if kappa <= KAPPA_GRAM:
-            return _positive_diagonal(R1), kappa
+            return R1, kappa  # numpy's Cholesky: zeros outside the triangle, positive diagonal
         if kappa <= KAPPA_CHOLQR2:
             # CholeskyQR2: re-orthogonalise Q1 = [R; B] R1^{-1} once more.
             Q1b = blas.dtrsm(1.0, R1, np.asfortranarray(B), side=1, lower=0)
@@ -182,7 +187,7 @@ def ridge_lambda(R: np.ndarray, rtol: float) -> float:
 
 
 def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None = None,
-               below: float | None = None, workers: int = 1) -> np.ndarray:
+               below: float | None = None, workers: int = 1, sq: np.ndarray | None = None) -> np.ndarray:
     """Leverage ``x^T (R^T R + lam I)^{-1} x`` of each row of X.
 
     Parameters
@@ -195,6 +200,9 @@ def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None
         Rows whose certified upper bound on tau is below this value may get that
         bound (< ``below``) instead of their exact score; callers that only keep
         rows with tau >= ``below`` lose nothing and skip most of the work.
+    sq : ndarray of shape (m,), optional
+        ||x||^2 of each row, when the caller has them (the bound above needs them;
+        any rounding within a relative 1e-13 is covered by its margin).
 
     Returns
     -------
@@ -224,7 +232,7 @@ def score_rows(R: np.ndarray, X: np.ndarray, rtol: float, *, kappa: float | None
                 # an O(m d) certificate that most keys of a long stream cannot reach `below`.
                 aR = np.abs(Ri)
                 inv2 = min(float(np.einsum("ij,ij->", Ri, Ri)), float(aR.sum(0).max() * aR.sum(1).max()))
-                ub = np.einsum("ij,ij->i", X, X) * (inv2 * (1.0 + 1e-12))
+                ub = (np.einsum("ij,ij->i", X, X) if sq is None else sq) * (inv2 * (1.0 + 1e-12))
                 rows = np.flatnonzero(ub >= below)
                 tau[:] = np.minimum(ub, 1.0)
             if rows.size:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from scipy.linalg import cython_blas
 
-__all__ = ["MIN_WORK", "MIN_WORK_TRMM", "parts", "map_rows", "upper_t_sq_norms"]
+__all__ = ["MIN_WORK", "MIN_WORK_TRMM", "parts", "map_ranges", "map_rows", "upper_t_sq_norms"]
 
 MIN_WORK = 2048 * 64 * 64  # multiply-adds (rows * d * d) per part below which splitting was slower
 MIN_WORK_TRMM = 1024 * 64 * 64 // 2  # the same for a triangular multiply (d^2 / 2 per row)
@@ -60,20 +60,24 @@ def parts(m: int, work_per_row: int, workers: int, min_work: int = MIN_WORK) -> 
     return int(max(1, min(workers, m, (m * work_per_row) // min_work)))
 
 
-def map_rows(fn, X, k: int) -> list:
-    """``[fn(X[a:b]) for the k contiguous row blocks of X]``, in row order; block 0 in the caller's thread.
+def map_ranges(fn, m: int, k: int) -> list:
+    """``[fn(a, b) for the k contiguous ranges [a, b) of range(m)]``, in order; the first in the caller's thread.
 
-    ``fn`` must release the GIL for the split to pay (BLAS calls do) and must not
-    touch shared state. With ``k == 1`` this is just ``[fn(X)]``.
+    ``fn`` must release the GIL for the split to pay (BLAS calls and numba ``nogil``
+    kernels do) and may only write to its own range of shared output arrays.
     """
     if k <= 1:
-        return [fn(X)]
-    m = X.shape[0]
+        return [fn(0, m)]
     cuts = [m * i // k for i in range(k + 1)]
     pool = _pool(k - 1)
-    futures = [pool.submit(fn, X[cuts[i]:cuts[i + 1]]) for i in range(1, k)]
-    first = fn(X[: cuts[1]])
+    futures = [pool.submit(fn, cuts[i], cuts[i + 1]) for i in range(1, k)]
+    first = fn(0, cuts[1])
     return [first] + [f.result() for f in futures]
+
+
+def map_rows(fn, X, k: int) -> list:
+    """``[fn(X[a:b]) for the k contiguous row blocks of X]``, in row order (see :func:`map_ranges`)."""
+    return map_ranges(lambda a, b: fn(X[a:b]), X.shape[0], k)
 
 
 # The C signature scipy's capsule declares for dtrmm (its double type is a typedef ending in "_d");

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _factor
+from . import _factor, _parallel
 from ._constants import CHUNK_ROWS, MAX_SCALE_EXP, NO_DATA_EXP, SAFE_EXP
 from ._kernels.rank_one import abs_max
+from ._kernels.row_norms import row_sq_norms
 from ._scaling import pow2_exponent
 
 __all__ = ["ScaledFactor", "check_scaled_state"]
 
 _TINY = np.finfo(np.float64).tiny
+
+
+def _abs_max(B: np.ndarray) -> float:
+    """max |B| (NaN if B holds a NaN): two reductions on the caller's dtype, no temporaries."""
+    return float(np.maximum(np.max(B), -np.min(B)))
 
 
 class ScaledFactor:
@@ -63,27 +69,78 @@ class ScaledFactor:
         if B.shape[0] == 1:
             amax = abs_max(B[0].astype(np.float64, copy=False))  # one numba call on the decode path
         else:
-            hi, lo = float(np.max(B)), float(np.min(B))  # two reductions on the caller's dtype, no temporaries
-            amax = max(hi, -lo)
+            amax = _abs_max(B)
+        e = self._exponent(B, amax, has_data, caller)
+        if amax == 0.0:
+            return np.zeros(B.shape), self.e
+        if e == 0:
+            return np.ascontiguousarray(B, dtype=np.float64), e  # no copy for C-ordered float64 input
+        return self._scaled(B, B.astype(np.float64), e, amax, caller), e
+
+    def prepare_block(self, B: np.ndarray, has_data: bool, caller: str, workers: int = 1):
+        """:meth:`prepare` for a block of rows, on ``workers`` threads, with what scoring and folding need next.
+
+        Returns ``(X, e, sq, gram)``. ``sq`` holds the squared row norms of X. ``gram`` is
+        X^T X summed over the same row parts as :func:`streamlev._factor.update_factor`
+        takes, so folding it gives the same R bit for bit; it is None when the block is
+        too small to split. Each part widens its rows, takes their norms and its share
+        of X^T X in one go, so the second thread starts while the rows are still in cache.
+        """
+        m, d = B.shape
+        if m < 2:
+            X, e = self.prepare(B, has_data, caller)
+            return X, e, np.einsum("ij,ij->i", X, X), None
+        own = B.dtype == np.float64 and B.flags.c_contiguous  # used as it is, as prepare does
+        X = B if own else np.empty((m, d))
+        sq = np.empty(m)
+        k = _parallel.parts(m, d * d, workers)
+
+        def part(a, b):
+            hi, lo = np.max(B[a:b]), np.min(B[a:b])
+            if not own:
+                X[a:b] = B[a:b]
+            row_sq_norms(X[a:b], sq[a:b])
+            if k == 1:
+                return hi, lo, None
+            with np.errstate(over="ignore", invalid="ignore"):  # such a Gram has e != 0 and is dropped below
+                return hi, lo, _factor.gram(X[a:b])
+
+        res = _parallel.map_ranges(part, m, k)
+        amax = float(np.maximum(np.max([r[0] for r in res]), -np.min([r[1] for r in res])))  # NaN propagates
+        e = self._exponent(B, amax, has_data, caller)
+        if amax == 0.0:
+            return np.zeros(B.shape), self.e, np.zeros(m), None
+        if e != 0:  # rare: scale, and let the fold take X^T X at the new scale
+            X = self._scaled(B, X.copy() if own else X, e, amax, caller)
+            return X, e, np.einsum("ij,ij->i", X, X), None
+        gram = None
+        if k > 1:
+            gram = res[0][2]
+            for r in res[1:]:
+                gram += r[2]
+        return X, 0, sq, gram
+
+    def _exponent(self, B: np.ndarray, amax: float, has_data: bool, caller: str) -> int:
+        """The exponent e of a block whose largest magnitude is amax; raises for NaN/Inf or an unsafe range."""
         if not np.isfinite(amax):  # NaN or Inf anywhere propagates into max/min
             bad = int((~np.isfinite(B)).any(axis=1).sum())
             raise ValueError(f"{caller}: keys contain NaN or Inf in {bad} rows of a chunk of {B.shape[0]}. "
                              "Remove or fix those rows; the sketch was left unchanged.")
         if amax == 0.0:
-            return np.zeros(B.shape), self.e
+            return self.e
         be = pow2_exponent(amax)
-        e = max(self.e, be if (abs(be) > SAFE_EXP or not self.keep_unscaled) else 0)
         if has_data and be > self.e + 1000 and self._tiny_after(self.e - be):
             raise ValueError(f"{caller}: new keys are too large relative to earlier keys for float64 "
                              f"(block max {amax:.3g} vs sketch scale 2^{self.e}); rescale the input.")
-        if e == 0:
-            return np.ascontiguousarray(B, dtype=np.float64), e  # no copy for C-ordered float64 input
-        X = B.astype(np.float64)
+        return max(self.e, be if (abs(be) > SAFE_EXP or not self.keep_unscaled) else 0)
+
+    def _scaled(self, B: np.ndarray, X: np.ndarray, e: int, amax: float, caller: str) -> np.ndarray:
+        """X (a float64 copy of B) times 2**-e, in place; raises if a nonzero row of B vanished."""
         np.ldexp(X, -e, out=X)
-        if be < e - 1000 and np.any(np.any(B != 0, axis=1) & ~np.any(X != 0, axis=1)):
+        if pow2_exponent(amax) < e - 1000 and np.any(np.any(B != 0, axis=1) & ~np.any(X != 0, axis=1)):
             raise ValueError(f"{caller}: keys are too small relative to earlier keys for float64 "
                              f"(block max {amax:.3g} vs sketch scale 2^{self.e}); rescale the input.")
-        return X, e
+        return X
 
     def _tiny_after(self, shift: int) -> bool:
         diag = np.abs(np.diag(self.R))
@@ -109,9 +166,10 @@ class ScaledFactor:
         self.e = new_e
         return rows, shift
 
-    def fold(self, X: np.ndarray, workers: int = 1) -> float:
-        """R^T R += X^T X for scaled rows X (``workers`` threads for a large X); returns cond of the new R."""
-        self.R, kappa = _factor.update_factor(self.R, X, return_kappa=True, workers=workers)
+    def fold(self, X: np.ndarray, workers: int = 1, gram: np.ndarray | None = None) -> float:
+        """R^T R += X^T X for scaled rows X (``workers`` threads for a large X, or X^T X given as ``gram``);
+        returns cond of the new R."""
+        self.R, kappa = _factor.update_factor(self.R, X, return_kappa=True, workers=workers, gram=gram)
         return kappa
 
     def score_original(self, K: np.ndarray, rtol: float, chunk: int = CHUNK_ROWS) -> np.ndarray:

@@ -270,17 +270,21 @@ class LevSketch(DecodeStep, heavy.HeavyEntries, KeySketch):
             self._dec.rescaled(shift)
 
     def _fold(self, B, ids, V):
-        X, e = self._f.prepare(B, self._n > 0, "LevSketch.update")
+        m = B.shape[0]
+        if m <= C.DECODE_MAX_ROWS:
+            X, e = self._f.prepare(B, self._n > 0, "LevSketch.update")
+            sq = gram = None
+        else:
+            X, e, sq, gram = self._f.prepare_block(B, self._n > 0, "LevSketch.update", self._workers)
         if e > self._f.e:
             self._rescale(e)
-        m = X.shape[0]
         if m <= C.DECODE_MAX_ROWS and self._decode_chunk(X, ids, V):
             return
-        kappa = self._f.fold(X, self._workers)
+        kappa = self._f.fold(X, self._workers, gram)
         self._dec.invalidate()  # R changed outside the rank-one path: it waits for the next exact refresh
         self._n += m
         tau_new = _factor.score_rows(self._f.R, X, self._rtol, kappa=kappa, below=self._eps * (1.0 - 1e-9),
-                                     workers=self._workers)
+                                     workers=self._workers, sq=sq)
         keep = tau_new >= self._eps
         self._rows.append(X[keep], ids[keep], tau_new[keep], None if V is None else V[keep], V)
         self._pending += m

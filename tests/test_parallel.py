@@ -38,8 +38,8 @@ def test_split_gram_update_reproduces_the_gram_matrix(cond):
 def test_levsketch_with_two_workers_matches_one_and_the_reference(kind, monkeypatch):
     K = make_keys(kind, 12288, 128, 7)
     splits = []
-    real = _parallel.map_rows
-    monkeypatch.setattr(_parallel, "map_rows", lambda fn, X, k: splits.append(k) or real(fn, X, k))
+    real = _parallel.map_ranges
+    monkeypatch.setattr(_parallel, "map_ranges", lambda fn, m, k: splits.append(k) or real(fn, m, k))
     sks = {w: sl.LevSketch(128, 0.01, workers=w) for w in (1, 2)}
     for s in range(0, K.shape[0], 4096):
         for sk in sks.values():
@@ -70,8 +70,8 @@ def test_split_scoring_matches_the_serial_scoring_to_rounding(d, m, split, monke
     kappa = _factor.cond_estimate(R)
     assert kappa <= _factor.KAPPA_GRAM  # the explicit-inverse path, the one that is split
     splits = []
-    real = _parallel.map_rows
-    monkeypatch.setattr(_parallel, "map_rows", lambda fn, X, k: splits.append(k) or real(fn, X, k))
+    real = _parallel.map_ranges
+    monkeypatch.setattr(_parallel, "map_ranges", lambda fn, m, k: splits.append(k) or real(fn, m, k))
     one = _factor.score_rows(R, X, 1e-13, kappa=kappa)
     assert splits == []
     two = _factor.score_rows(R, X, 1e-13, kappa=kappa, workers=2)
