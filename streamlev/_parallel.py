@@ -29,6 +29,10 @@ __all__ = ["MIN_WORK", "MIN_WORK_TRMM", "parts", "map_ranges", "map_rows", "uppe
 
 MIN_WORK = 2048 * 64 * 64  # multiply-adds (rows * d * d) per part below which splitting was slower
 MIN_WORK_TRMM = 1024 * 64 * 64 // 2  # the same for a triangular multiply (d^2 / 2 per row)
+# A pool thread starts its part 15-25 us after the caller starts the first (measured on 2 vCPUs: the
+# wake-up of an idle thread), and the caller then waits for it; a 12% larger first part shortened that
+# wait (LevSketch blocks of 4,096 x 64: 38.6-39.5% -> 40.6-41.8% of the two-thread dgemm rate).
+CALLER_HEAD = 0.12
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _LOCK = threading.Lock()
@@ -60,6 +64,15 @@ def parts(m: int, work_per_row: int, workers: int, min_work: int = MIN_WORK) -> 
     return int(max(1, min(workers, m, (m * work_per_row) // min_work)))
 
 
+def _cuts(m: int, k: int) -> list:
+    """Borders of k non-empty contiguous ranges of range(m) (k <= m), the caller's (first) one CALLER_HEAD larger."""
+    first = m * (1.0 + CALLER_HEAD) / (k + CALLER_HEAD)
+    cuts = [0] + [int(first + (m - first) * i / (k - 1)) for i in range(k - 1)] + [m]
+    for i in range(1, k):
+        cuts[i] = min(max(cuts[i], cuts[i - 1] + 1), m - (k - i))
+    return cuts
+
+
 def map_ranges(fn, m: int, k: int) -> list:
     """``[fn(a, b) for the k contiguous ranges [a, b) of range(m)]``, in order; the first in the caller's thread.
 
@@ -68,7 +81,7 @@ def map_ranges(fn, m: int, k: int) -> list:
     """
     if k <= 1:
         return [fn(0, m)]
-    cuts = [m * i // k for i in range(k + 1)]
+    cuts = _cuts(m, k)
     pool = _pool(k - 1)
     futures = [pool.submit(fn, cuts[i], cuts[i + 1]) for i in range(1, k)]
     first = fn(0, cuts[1])

@@ -21,6 +21,18 @@ def test_map_rows_keeps_row_order_and_small_calls_stay_serial():
     assert _parallel.parts(10**6, 128 * 128, 3) == 3
 
 
+def test_ranges_are_non_empty_ordered_and_the_callers_is_the_largest():
+    for m in range(2, 80):
+        for k in range(2, m + 1):
+            cuts = _parallel._cuts(m, k)
+            sizes = np.diff(cuts)
+            assert cuts[0] == 0 and cuts[-1] == m and len(sizes) == k and sizes.min() >= 1
+            assert sizes[0] >= sizes[1:].max() - 1
+    seen = []
+    _parallel.map_ranges(lambda a, b: seen.append((a, b)), 4096, 2)
+    assert sorted(seen) == [(0, 2163), (2163, 4096)]  # the pool thread starts later: the caller takes more
+
+
 @pytest.mark.parametrize("cond", [1e1, 1e3, 1e6, 1e12])  # Gram, CholeskyQR2, Householder, Householder
 def test_split_gram_update_reproduces_the_gram_matrix(cond):
     K = make_keys("ill_conditioned", 8192, 128, 2, cond=cond)
