@@ -137,7 +137,7 @@ def run_shape(name, eps, tokens, slow_tokens, torch_device, torch_only):
     out["bytes"] = eng.nbytes / S
     st = eng._st
     out["bytes_values"] = (eng.nbytes + st.KT.size * 2) / S  # the same engine holding fp16 values of width d
-    out["in_use"] = 8 * d * d + float(eng.num_retained.mean()) * (4 * d + 16)  # factor + fp16 key, value, id, score
+    out["in_use"] = 4 * d * (d + 1) + float(eng.num_retained.mean()) * (4 * d + 16)  # packed factor + fp16 key, value, id, score
     out["kv_fp16"] = n * d * 2 * 2  # keys and values (value width d) in fp16
     out["retained_fp16"] = float(eng.num_retained.mean()) * d * 2 * 2 + 8 * d * d
     out["levsketch_bytes"] = singles[0].nbytes
@@ -159,7 +159,7 @@ def memory(heads=32, d=128, eps=0.05, prefill=PREFILL, tokens=300):
     r = float(eng.num_retained.mean())
     print(f"one layer: {heads} heads, d={d}, eps={eps}, {prefill + tokens} tokens with fp16 values; mean retained {r:.0f}")
     print(f"  MultiHeadSketch {mh.nbytes / 1e6:.1f} MB; DecodeEngine(fp16) {eng.nbytes / 1e6:.1f} MB "
-          f"(in use {heads * (8 * d * d + r * (4 * d + 16)) / 1e6:.1f} MB); fp16 KV cache "
+          f"(in use {heads * (4 * d * (d + 1) + r * (4 * d + 16)) / 1e6:.1f} MB); fp16 KV cache "
           f"{heads * (prefill + tokens) * d * 4 / 1e6:.1f} MB; target (fp16 retained keys+values + factor) "
           f"{heads * (8 * d * d + r * 4 * d) / 1e6:.1f} MB")
 

@@ -1,13 +1,16 @@
 """Stacked state of many exact p=2 sketches, with keys and payloads in a narrow storage precision.
 
 One concept: the arrays of :class:`streamlev.DecodeEngine` (growable buffers,
-copies, byte counts) and the exact conversion between the storage precision
+copies, byte counts; each factor packed to its upper triangle, half the memory
+of a (d, d) array) and the exact conversion between the storage precision
 and float64. bfloat16 has no numpy dtype, so it is held as its uint16 bits;
 float16 is held as numpy float16 and handed to kernels as uint16 bits (numba
 has no CPU float16).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -55,6 +58,12 @@ def kernel_view(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
+@functools.lru_cache(maxsize=8)
+def _triu(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major indices of the upper triangle: the packed order of the kernels' ``row_tail``."""
+    return np.triu_indices(d)
+
+
 class Store:
     """Plain arrays of S stacked sketches; see :mod:`streamlev._kernels.batched_decode` for the layout."""
 
@@ -71,7 +80,7 @@ class Store:
         """Empty buffers; ``e0`` is the scale exponent of a sketch that has seen nothing."""
         dt = STORAGE[kind]
         z = lambda dtype=np.int64: np.zeros(S, dtype)  # noqa: E731
-        return cls(R=np.zeros((S, d, d)), KT=np.zeros((S, d, cap), dt), ids=np.zeros((S, cap), np.int64),
+        return cls(R=np.zeros((S, d * (d + 1) // 2)), KT=np.zeros((S, d, cap), dt), ids=np.zeros((S, cap), np.int64),
                    tau=np.zeros((S, cap)), V=np.zeros((S, cap, dv), dt), r=z(), n=z(), e=np.full(S, e0, np.int64), steps=z(),
                    kappa=np.full(S, np.inf), fro2_ref=z(np.float64), fro2_now=z(np.float64), smax2=z(np.float64), id_lo=z(),
                    id_hi=np.full(S, -1, np.int64), dead=np.zeros((S, d), bool), phantom=z(np.float64), kind=kind)
@@ -108,6 +117,26 @@ class Store:
         tau[:, :cap] = self.tau
         self.KT, self.V, self.ids, self.tau = KT, V, ids, tau
 
+    @property
+    def d(self) -> int:
+        return self.KT.shape[1]
+
+    def factor(self, s: int) -> np.ndarray:
+        """R of sketch s as a full (d, d) upper-triangular array (a new array)."""
+        d = self.d
+        R = np.zeros((d, d))
+        R[_triu(d)] = self.R[s]
+        return R
+
+    def set_factor(self, s: int, R: np.ndarray) -> None:
+        """Store the upper triangle of the (d, d) array R as sketch s's factor."""
+        self.R[s] = R[_triu(self.d)]
+
+    def diagonal_slots(self, j: np.ndarray) -> np.ndarray:
+        """Positions of the diagonal entries (j, j) in a packed factor."""
+        j = np.asarray(j, np.int64)
+        return j * self.d - (j * (j - 1)) // 2
+
     def kernel_args(self):
         """The arrays in the order the decode kernel takes them (float16 as uint16 bits)."""
         return (self.R, kernel_view(self.KT), self.ids, self.tau, kernel_view(self.V), self.r, self.n, self.e,
@@ -127,7 +156,7 @@ def slot_fields(st: Store, s: int, d: int, eps: float, rtol: float, has_v: bool)
     order = np.argsort(st.ids[s, :r], kind="stable")
     fields = {"d": np.int64(d), "eps": np.float64(eps), "p": np.float64(2.0), "rtol": np.float64(rtol),
               "n": np.int64(st.n[s]), "scale_exp": np.int64(st.e[s]),
-              "id_range": np.array([st.id_lo[s], st.id_hi[s]], np.int64), "R": st.R[s],
+              "id_range": np.array([st.id_lo[s], st.id_hi[s]], np.int64), "R": st.factor(s),
               "ids": st.ids[s, :r][order], "keys": st.keys64(s)[order]}
     if has_v:
         fields["values"] = st.values64(s)[order]

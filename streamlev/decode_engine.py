@@ -270,8 +270,7 @@ class DecodeEngine(EngineQueries, Sketch):
         """Put (or take back) the stand-in diagonal on the untouched coordinates of these sketches' R."""
         st = self._st
         for s in np.asarray(sketches, np.int64).tolist():
-            j = np.flatnonzero(st.dead[s])
-            st.R[s, j, j] = st.phantom[s] if on else 0.0
+            st.R[s, st.diagonal_slots(np.flatnonzero(st.dead[s]))] = st.phantom[s] if on else 0.0
 
     def _general(self, s, j0, X64, nid, XV64, added, ev_ids, ev_cnt):
         """Keys j0.. of sketch s through LevSketch itself (first keys, rescaling, ill-conditioning, blocks)."""
@@ -295,9 +294,10 @@ class DecodeEngine(EngineQueries, Sketch):
         """Exact scores of sketch s's retained keys (as LevSketch's rescore); drop those below eps."""
         st = self._st
         r = int(st.r[s])
-        kappa = _factor.cond_estimate(st.R[s])
+        R = st.factor(s)
+        kappa = _factor.cond_estimate(R)
         if r:
-            tau = _factor.score_rows(st.R[s], st.keys64(s), self._rtol, kappa=kappa)
+            tau = _factor.score_rows(R, st.keys64(s), self._rtol, kappa=kappa)
             st.tau[s, :r] = tau
             keep = tau >= self._eps[s]
             if not keep.all():
@@ -310,12 +310,14 @@ class DecodeEngine(EngineQueries, Sketch):
                 st.r[s] = k
                 if ev_ids is not None:
                     self._record_evicted(s, gone, nid_row, added_row, ev_ids, ev_cnt)
-        self._set_refreshed(s, kappa)
+        self._set_refreshed(s, kappa, R)
 
-    def _set_refreshed(self, s, kappa):
-        """Rank-one bookkeeping after exact scores: 2-norm condition number and sigma_max^2 (one SVD)."""
+    def _set_refreshed(self, s, kappa, R):
+        """Rank-one bookkeeping after exact scores: 2-norm condition number and sigma_max^2 (one SVD).
+
+        R is sketch s's factor as a full (d, d) array (``Store.factor``).
+        """
         st = self._st
-        R = st.R[s]
         fro2 = float(np.einsum("ij,ij->", R, R))
         smax2 = fro2 / self._d  # a lower bound on sigma_max^2, when no SVD is taken
         st.dead[s] = False
@@ -355,8 +357,8 @@ class DecodeEngine(EngineQueries, Sketch):
             st.V[s, :r] = Vst
         st.r[s], st.n[s], st.e[s] = r, int(f["n"]), int(f["scale_exp"])
         st.id_lo[s], st.id_hi[s] = (int(v) for v in f["id_range"])
-        st.R[s] = f["R"]
-        self._set_refreshed(s, _factor.cond_estimate(st.R[s]))
+        st.set_factor(s, f["R"])
+        self._set_refreshed(s, _factor.cond_estimate(f["R"]), f["R"])
 
     @classmethod
     def from_sketches(cls, sketches, *, dtype="float64") -> DecodeEngine:

@@ -257,10 +257,49 @@ def test_untouched_coordinates_take_the_compiled_step_and_stay_exact(dtype, monk
         for s in range(S):
             sks[s].update(Kst[s, pos : pos + m])
         pos += m
-        R = eng._st.R
-        assert not R[:, [2, 7, 9], [2, 7, 9]][eng._st.dead[:, [2, 7, 9]]].any()  # no stand-in left behind
+        diag = eng._st.R[:, eng._st.diagonal_slots([2, 7, 9])]
+        assert not diag[eng._st.dead[:, [2, 7, 9]]].any()  # no stand-in left behind
     for s in range(S):
         np.testing.assert_array_equal(eng.universal_set(head=s), sks[s].universal_set())
         assert_matches_reference(_Slot(eng, s), Kst[s, :pos], eps_list=[eps])
     assert len(general) < 30  # the prefill and the two touching keys, not every token (1,023 before)
     assert eng.to_bytes() == DecodeEngine.from_bytes(eng.to_bytes()).to_bytes()
+
+
+@pytest.mark.parametrize("d", [1, 5, 8, 17, 64])
+def test_packed_factor_kernels_equal_the_full_layout_bit_for_bit(d):
+    from streamlev._kernels.batched_decode import back_solve, forward_score
+    from streamlev._kernels.rank_one import fold_key
+
+    rng = np.random.default_rng(d)
+    R = np.linalg.qr(rng.standard_normal((3 * d, d)) * np.logspace(-3, 3, d), mode="r")
+    R *= np.sign(np.diag(R))[:, None]
+    P = R[np.triu_indices(d)].copy()
+    x = rng.standard_normal(d)
+    outs = []
+    for F in (R.copy(), P.copy()):
+        w, v, u, y = np.empty(d), np.empty(d), np.empty(d), np.empty(d)
+        rho = fold_key(F, x, w, v, 1e-300, 1e300)
+        back_solve(F, v.copy(), u)
+        k = x.copy()
+        outs.append((F, rho, v.copy(), u.copy(), forward_score(F, k, y)))
+    (Rf, *full), (Pf, *packed) = outs
+    assert np.array_equal(Rf[np.triu_indices(d)], Pf) and not np.tril(Rf, -1).any()
+    for a, b in zip(full, packed):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(Rf.T @ Rf, R.T @ R + np.outer(x, x), rtol=1e-12, atol=1e-12 * np.abs(R).max() ** 2)
+
+
+def test_engine_factor_is_packed_and_round_trips_through_levsketch():
+    rng = np.random.default_rng(4)
+    K = rng.standard_normal((3, 300, 16))
+    eng = DecodeEngine(3, 16, 0.1, dtype="float64").update(K[:, :100])
+    for i in range(100, 300):
+        eng.update(K[:, i])
+    assert eng._st.R.shape == (3, 16 * 17 // 2)
+    for s in range(3):
+        sk = sl.LevSketch(16, 0.1).update(K[s])
+        R = eng._st.factor(s)
+        G = K[s].T @ K[s]
+        np.testing.assert_allclose(R.T @ R, G, rtol=0, atol=1e-12 * np.abs(G).max())
+        np.testing.assert_array_equal(eng.universal_set(head=s), sk.universal_set())

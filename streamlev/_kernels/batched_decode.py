@@ -7,7 +7,8 @@ and that the loop over sketches and tokens runs without Python.
 
 Layout (S sketches, key dimension d, capacity ``cap`` retained keys each):
 
-* ``R`` (S, d, d) float64: upper-triangular factors, R^T R = K^T K.
+* ``R`` (S, d (d + 1) / 2) float64: upper-triangular factors, R^T R = K^T K,
+  each packed row after row (``rank_one.row_tail``; a full (S, d, d) stack works too).
 * ``KT`` (S, d, cap): retained keys stored *transposed* in the caller's
   precision, so the product with all retained keys is a sequence of
   contiguous axpy sweeps (which LLVM vectorizes without fastmath) rather than
@@ -32,7 +33,7 @@ from numba import types
 from numba.extending import overload
 
 from . import jit
-from .rank_one import abs_max, fold_key, lower_scores
+from .rank_one import abs_max, fold_key, lower_scores, row_tail
 
 DONE, GENERAL, REFRESH, GROW = 0, 1, 2, 3
 _U = 2.220446049250313e-16
@@ -135,13 +136,13 @@ def retained_products(Ks, u, n, c):
 
 @jit
 def back_solve(R, v, u):
-    """u = R^{-1} v for C-ordered upper-triangular R.
+    """u = R^{-1} v for upper-triangular R, full (d, d) or packed (see ``rank_one.row_tail``).
 
     Rows are solved eight at a time: one sweep over the solved tail of u feeds eight
     independent sums (one per row), so the loop is bound by throughput, not by the latency
     of one long chain of additions as a row-by-row dot product is.
     """
-    d = R.shape[0]
+    d = v.shape[0]
     i1 = d
     while i1 > 0:
         i0 = max(0, i1 - 8)
@@ -154,46 +155,54 @@ def back_solve(R, v, u):
         a6 = 0.0
         a7 = 0.0
         if i1 - i0 == 8:
-            R0, R1, R2, R3 = R[i0], R[i0 + 1], R[i0 + 2], R[i0 + 3]
-            R4, R5, R6, R7 = R[i0 + 4], R[i0 + 5], R[i0 + 6], R[i0 + 7]
-            for j in range(i1, d):
-                uj = u[j]
-                a0 += R0[j] * uj
-                a1 += R1[j] * uj
-                a2 += R2[j] * uj
-                a3 += R3[j] * uj
-                a4 += R4[j] * uj
-                a5 += R5[j] * uj
-                a6 += R6[j] * uj
-                a7 += R7[j] * uj
+            # row i0 + k from column i1 on: the tail of row i0 + k past its first 8 - k entries
+            R0, R1 = row_tail(R, i0, d)[8:], row_tail(R, i0 + 1, d)[7:]
+            R2, R3 = row_tail(R, i0 + 2, d)[6:], row_tail(R, i0 + 3, d)[5:]
+            R4, R5 = row_tail(R, i0 + 4, d)[4:], row_tail(R, i0 + 5, d)[3:]
+            R6, R7 = row_tail(R, i0 + 6, d)[2:], row_tail(R, i0 + 7, d)[1:]
+            for jj in range(d - i1):
+                uj = u[i1 + jj]
+                a0 += R0[jj] * uj
+                a1 += R1[jj] * uj
+                a2 += R2[jj] * uj
+                a3 += R3[jj] * uj
+                a4 += R4[jj] * uj
+                a5 += R5[jj] * uj
+                a6 += R6[jj] * uj
+                a7 += R7[jj] * uj
             acc = (a0, a1, a2, a3, a4, a5, a6, a7)
             for k in range(8):
                 u[i0 + k] = v[i0 + k] - acc[k]
         else:
             for i in range(i0, i1):
+                Ri = row_tail(R, i, d)
                 t = 0.0
                 for j in range(i1, d):
-                    t += R[i, j] * u[j]
+                    t += Ri[j - i] * u[j]
                 u[i] = v[i] - t
         for i in range(i1 - 1, i0 - 1, -1):  # the 8 x 8 triangle of the block itself
+            Ri = row_tail(R, i, d)
             t = u[i]
             for j in range(i + 1, i1):
-                t -= R[i, j] * u[j]
-            u[i] = t / R[i, i]
+                t -= Ri[j - i] * u[j]
+            u[i] = t / Ri[0]
         i1 = i0
 
 
 @jit
 def forward_score(R, k, y):
-    """||R^{-T} k||^2 (exact leverage of k without ridge); y is scratch, k is overwritten."""
-    d = R.shape[0]
+    """||R^{-T} k||^2 (exact leverage of k without ridge); y is scratch, k is overwritten.
+
+    R : upper triangular, full (d, d) or packed (see ``rank_one.row_tail``).
+    """
+    d = k.shape[0]
     s = 0.0
     for j in range(d):
-        yj = k[j] / R[j, j]
+        Rj = row_tail(R, j, d)
+        yj = k[j] / Rj[0]
         s += yj * yj
-        Rj = R[j]
         for i in range(j + 1, d):
-            k[i] -= yj * Rj[i]
+            k[i] -= yj * Rj[i - j]
     return s
 
 
@@ -251,7 +260,7 @@ def decode_block(R, KT, ids, tau, V, r, n, e, steps, kappa, fro2_ref, fro2_now, 
     added : (S, t) bool, set for new keys retained; ev_ids (S, >= r) int64 / ev_cnt (S,) int64:
         ids retained before the call and evicted by it (appended).
     """
-    S, d, cap = KT.shape
+    S, d, cap = KT.shape  # d from the keys: R may be packed
     t = X.shape[1]
     kappa_max, margin_refresh, refresh_steps, safe_lo, safe_hi = limits[0], limits[1], limits[2], limits[3], limits[4]
     k2_max = kappa_max * kappa_max

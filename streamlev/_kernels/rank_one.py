@@ -5,8 +5,32 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from . import jit
+
+
+def row_tail(R, i, d):  # pragma: no cover - replaced by the overload inside kernels
+    """Row i of an upper-triangular factor from its diagonal on: ``R[i, i:]``, length d - i.
+
+    R is either a full (d, d) C-contiguous array or the packed upper triangle, rows one
+    after the other (shape (d (d + 1) / 2,), the layout of ``R[np.triu_indices(d)]``),
+    which halves the memory of a factor. Every kernel below touches R only through
+    these contiguous row tails, so one source serves both layouts.
+    """
+    raise NotImplementedError
+
+
+@overload(row_tail, jit_options={"cache": True, "nogil": True})
+def _row_tail_impl(R, i, d):
+    if isinstance(R, types.Array) and R.ndim == 2:
+        return lambda R, i, d: R[i, i:]
+
+    def packed(R, i, d):
+        off = i * d - (i * (i - 1)) // 2
+        return R[off : off + d - i]
+    return packed
 
 
 @jit
@@ -56,14 +80,14 @@ def fold_key(R, x, w, v, lo, hi):
     v . v = 1 - rho^2, with no triangular solve.
 
     R : (d, d) float64 C-contiguous upper triangular, nonsingular, non-negative
-        diagonal; updated in place.
+        diagonal, or its packed upper triangle (see :func:`row_tail`); updated in place.
     x : (d,) float64 key (scaled), not modified.
     w, v : (d,) float64; w is scratch, v receives R'^{-T} x.
     lo, hi : x is folded in only if lo <= max|x_i| < hi (and x has no NaN);
         otherwise nothing is modified and rho = -1 is returned.
     Returns (rho, v . v, x . x).
     """
-    d = R.shape[0]
+    d = x.shape[0]
     xx = 0.0
     amax = 0.0
     for j in range(d):
@@ -84,8 +108,9 @@ def fold_key(R, x, w, v, lo, hi):
         if wi == 0.0:
             v[i] = 0.0
             continue
-        R[i, i], c, s = _rotation(R[i, i], wi)
-        _rotate(R[i, i + 1:], w[i + 1:], c, s)
+        Ri = row_tail(R, i, d)
+        Ri[0], c, s = _rotation(Ri[0], wi)
+        _rotate(Ri[1:], w[i + 1:], c, s)
         vi = s * rho
         v[i] = vi
         vv += vi * vi
