@@ -77,9 +77,10 @@ class DecodeEngine(EngineQueries, Sketch):
     ``universal_set(e, head=s)`` equals the offline set for every
     ``e >= eps_s``; ``num_retained[s] <= floor(d / eps_s)``.
 
-    Memory: per sketch the d x d float64 factor plus, per retained key, its
-    key and payload in ``dtype`` and an int64 id and float64 score (buffers
-    grow by 1.25x as needed); independent of the number of keys seen.
+    Memory: per sketch the upper triangle of the d x d float64 factor, packed
+    (``4 d (d + 1)`` bytes), plus, per retained key, its key and payload in
+    ``dtype`` and an int64 id and float64 score (buffers grow by 1.25x as
+    needed); independent of the number of keys seen.
 
     Errors: on bad input (NaN/Inf, wrong shape or dtype, a wrong number of
     sketches, repeated or reused ids) ``update`` raises before any sketch
