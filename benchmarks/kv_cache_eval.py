@@ -16,9 +16,12 @@ text; after the (compressed) context the question "What is the pass key? The pas
 one block and 6 tokens are decoded greedily; a hit is the key appearing in them.
 
 Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (the library default: observed attention of 64
-queries, one per 8 positions, times the value norm; before 2026-12-01 this name meant expected attention),
-``sl_expected`` (expected attention of the pre-RoPE query statistics), ``sl_obs<W>s<S>[_vn]`` (observed
-attention of W queries one per S positions, ``_vn``: times ``||v||``), ``sl_keydiff`` (key-only default),
+queries, one per 8 positions, times the value norm, 4 sinks and the newest quarter of the budget, =
+``sl_obs64s8_vn_r25``; before 2026-12-01 this name meant expected attention, and until the third session
+of that day the rule without sinks and recent quarter),
+``sl_expected`` (expected attention of the pre-RoPE query statistics), ``sl_obs<W>s<S>[h<H>][_vn][_r<P>]``
+(observed attention of W queries one per S positions, half-life H, ``_vn``: times ``||v||``, ``_r<P>``:
+4 sinks and P% of the budget for the newest keys), ``sl_keydiff`` (key-only default),
 ``sl_append`` (default rule, append-only admission),
 ``sl_leverage`` (guarantee mode, full-attention models only); kvpress 0.5.5 presses run as their own
 code through their hooks: ``kv_<press>`` = ``PrefillDecodingPress(prefilling_press=P(compression_ratio=
@@ -130,13 +133,16 @@ class Session:
             self.cache = DynamicCache(config=model.config)
         elif method.startswith("sl_"):
             base = method[:-4] if method.endswith("_win") else method
+            rec = re.search(r"_r(\d+)$", base)  # 4 sinks and this percentage of the budget for the newest keys
+            base = base[: rec.start()] if rec else base
             vn = base.endswith("_vn")  # the rule with value-norm weighing (score * ||v||)
             base = base[:-3] if vn else base
             obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?", base)
             if obs:  # observed attention: W queries, every st-th position, half-life h (default W st / 4)
                 W, st = int(obs[1]), int(obs[2] or 1)
                 sel = slh.selectors.ObservedAttention(buffer=W, half_life=float(obs[3] or W * st / 4), stride=st,
-                                                      value_norm=vn)
+                                                      value_norm=vn, sinks=4 if rec else 0,
+                                                      recent_fraction=int(rec[1]) / 100 if rec else 0.0)
             elif vn and base == "sl_expected":
                 sel = slh.selectors.ExpectedAttention(value_norm=True)
             elif vn and base in ("sl_observed", "sl_observed_append"):
