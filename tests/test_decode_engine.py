@@ -303,3 +303,21 @@ def test_engine_factor_is_packed_and_round_trips_through_levsketch():
         G = K[s].T @ K[s]
         np.testing.assert_allclose(R.T @ R, G, rtol=0, atol=1e-12 * np.abs(G).max())
         np.testing.assert_array_equal(eng.universal_set(head=s), sk.universal_set())
+
+
+@pytest.mark.parametrize("d,eps", [(16, 0.3), (32, 0.13)])  # eps >= 4 / (d - 1): the bound below always holds
+def test_memory_in_use_is_at_most_fp16_keys_values_and_a_full_factor(d, eps):
+    """Per sketch, in use: packed factor + (key, value, id, score) per retained key <= fp16 K, V + 8 d^2 bytes."""
+    S, n = 4, 600
+    rng = np.random.default_rng(d)
+    K = (rng.standard_normal((S, n, d)) * rng.lognormal(0.0, 1.0, (S, n, 1))).astype(np.float16)
+    V = rng.standard_normal((S, n, d)).astype(np.float16)
+    eng = DecodeEngine(S, d, eps, dtype="float16", value_dim=d).update(K[:, :200], values=V[:, :200])
+    for i in range(200, n):
+        eng.update(K[:, i], values=V[:, i])
+    st = eng._st
+    per_key = st.KT.dtype.itemsize * d + st.V.dtype.itemsize * d + st.ids.itemsize + st.tau.itemsize
+    for s in range(S):
+        r = int(eng.num_retained[s])
+        in_use = st.R[s].nbytes + r * per_key
+        assert r <= d / eps and in_use <= r * 2 * (d + d) + 8 * d * d
