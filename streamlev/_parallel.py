@@ -31,7 +31,7 @@ MIN_WORK = 2048 * 64 * 64  # multiply-adds (rows * d * d) per part below which s
 MIN_WORK_TRMM = 1024 * 64 * 64 // 2  # the same for a triangular multiply (d^2 / 2 per row)
 # A pool thread starts its part 15-25 us after the caller starts the first (measured on 2 vCPUs: the
 # wake-up of an idle thread), and the caller then waits for it; a 12% larger first part shortened that
-# wait (LevSketch blocks of 4,096 x 64: 38.6-39.5% -> 40.6-41.8% of the two-thread dgemm rate).
+# wait (LevSketch blocks of 4,096 x 64: 38.6-39.5% -> 40.1-42.9% of the two-thread dgemm rate, back to back).
 CALLER_HEAD = 0.12
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0

@@ -83,8 +83,9 @@ class ScaledFactor:
         Returns ``(X, e, sq, gram)``. ``sq`` holds the squared row norms of X. ``gram`` is
         X^T X summed over the same row parts as :func:`streamlev._factor.update_factor`
         takes, so folding it gives the same R bit for bit; it is None when the block is
-        too small to split. Each part widens its rows, takes their norms and its share
-        of X^T X in one go, so the second thread starts while the rows are still in cache.
+        too small to split. Each part widens its rows, takes their max/min, their norms
+        and its share of X^T X in one go, so all of that runs on both threads instead of
+        the copy and reductions running serially before a split Gram matrix.
         """
         m, d = B.shape
         if m < 2:
