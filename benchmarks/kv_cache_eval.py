@@ -16,9 +16,9 @@ text; after the (compressed) context the question "What is the pass key? The pas
 one block and 6 tokens are decoded greedily; a hit is the key appearing in them.
 
 Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (the library default: observed attention of 64
-queries, one per 8 positions, times the value norm, 4 sinks and the newest quarter of the budget, =
-``sl_obs64s8_vn_r25``; before 2026-12-01 this name meant expected attention, and until the third session
-of that day the rule without sinks and recent quarter),
+queries, one per 8 positions, times the value norm, 4 sinks and the newest half of the budget, =
+``sl_obs64s8_vn_r50``; before 2026-12-01 this name meant expected attention, and until the third session
+of that day the rule without sinks and recent half),
 ``sl_expected`` (expected attention of the pre-RoPE query statistics), ``sl_obs<W>s<S>[h<H>][_vn][_r<P>]``
 (observed attention of W queries one per S positions, half-life H, ``_vn``: times ``||v||``, ``_r<P>``:
 4 sinks and P% of the budget for the newest keys), ``sl_keydiff`` (key-only default),

@@ -15,12 +15,14 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-LABEL = {"sl_default": "streamlev default (observed, 64 queries / 8 positions, x ||v||, 4 sinks, 25% recent)",
+LABEL = {"sl_default": "streamlev default (observed, 64 queries / 8 positions, x ||v||, 4 sinks, 50% recent)",
          "sl_expected": "streamlev expected attention (rank-8)", "sl_obs64s8_vn": "streamlev observed 64/8 x ||v|| (the default before sinks + recent)",
-         "sl_obs64s8_vn_r25": "streamlev observed 64/8 x ||v||, 4 sinks, 25% recent (= default)",
+         "sl_obs64s8_vn_r25": "streamlev observed 64/8 x ||v||, 4 sinks, 25% recent",
+         "sl_obs64s8_vn_r50": "streamlev observed 64/8 x ||v||, 4 sinks, 50% recent (= default)",
          "sl_obs128s4_vn": "streamlev observed 128/4 x ||v||", "sl_obs128s4": "streamlev observed 128/4",
          "sl_observed_vn": "streamlev observed (#16) x ||v||", "sl_obs64s8_vn_win": "streamlev observed 64/8 x ||v||, sliding layers = window",
-         "sl_obs64s8_vn_r25_win": "streamlev default, sliding layers = window",
+         "sl_obs64s8_vn_r25_win": "streamlev observed 64/8 x ||v||, 4 sinks, 25% recent, sliding layers = window",
+         "sl_obs64s8_vn_r50_win": "streamlev default, sliding layers = window",
          "sl_obs128s4_vn_win": "streamlev observed 128/4 x ||v||, sliding layers = window",
          "sl_default_vn": "streamlev expected attention x ||v||",
          "sl_expected_win": "streamlev expected attention, sliding layers = window", "sl_default_exact": "streamlev expected attention, exact cov.",

@@ -133,7 +133,7 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
         the prompt length of each call.
     selector : str or Selector, default "default"
         ``"default"`` (observed attention of 64 queries spread over the last 512
-        positions, weighted by the value norm, plus 4 sinks and the newest quarter
+        positions, weighted by the value norm, plus 4 sinks and the newest half
         of the budget: :func:`streamlev.hf.selectors.default_selector`),
         ``"expected_attention"`` (Gaussian query statistics), ``"observed"``
         (the issue-16 query default: observed attention of the newest 512 queries),
