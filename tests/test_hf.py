@@ -79,7 +79,7 @@ def test_budget_covering_the_context_gives_bit_identical_outputs(which, selector
 
 
 # ------------------------------------------------------------------ budgets, sinks, windows
-@pytest.mark.parametrize("selector", ["expected_attention", "keydiff", "knorm", "streaming"])
+@pytest.mark.parametrize("selector", ["default", "expected_attention", "keydiff", "knorm", "streaming"])
 def test_cache_stays_within_budget_and_keeps_sinks(selector, llama):
     budget = 16
     cache = slh.make_cache(llama, budget, selector).attach(llama)
@@ -95,6 +95,19 @@ def test_cache_stays_within_budget_and_keeps_sinks(selector, llama):
     finally:
         cache.detach()
     assert step == 30
+
+
+def test_default_keeps_four_sinks_and_the_newest_half_of_the_budget_at_every_step(llama):
+    budget = 16  # 4 sinks and the 8 newest positions kept unconditionally, 4 slots chosen by the score
+    cache = slh.make_cache(llama, budget, "default").attach(llama)
+    try:
+        for _ in _decode(llama, cache, _ids(40), 30):
+            seen = cache.get_seq_length()
+            for layer in cache.layers:
+                held = set(layer.kept_positions()[0, 0].tolist())
+                assert set(range(4)) | set(range(seen - 8, seen)) <= held
+    finally:
+        cache.detach()
 
 
 @pytest.mark.parametrize("budget", [3, 5, 20])
