@@ -65,7 +65,8 @@ def _decode(model, cache, ids, steps):
 
 # ------------------------------------------------------------------ full budget == no compression
 @pytest.mark.parametrize("which", ["llama", "gemma"])
-@pytest.mark.parametrize("selector,mode", [("default", "evict"), ("keydiff", "evict"), ("default", "append_only")])
+@pytest.mark.parametrize("selector,mode", [("default", "evict"), ("keydiff", "evict"), ("default", "append_only"),
+                                           ("default", "prefill")])
 def test_budget_covering_the_context_gives_bit_identical_outputs(which, selector, mode, llama, gemma):
     model = llama if which == "llama" else gemma
     ids = _ids(30)
@@ -108,6 +109,33 @@ def test_default_keeps_four_sinks_and_the_newest_half_of_the_budget_at_every_ste
                 assert set(range(4)) | set(range(seen - 8, seen)) <= held
     finally:
         cache.detach()
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_prefill_mode_compresses_the_prompt_then_appends_every_decoded_token(which, llama, gemma):
+    model, budget, steps = (llama if which == "llama" else gemma), 12, 10
+    ids = _ids(40)
+    ref = slh.make_cache(model, budget, "default").attach(model)  # evict mode: the same prompt selection
+    with torch.no_grad():
+        model(ids, past_key_values=ref, use_cache=True)
+    ref.detach()
+    cache = slh.make_cache(model, budget, "default", mode="prefill").attach(model)
+    try:
+        for t, _ in enumerate(_decode(model, cache, ids, steps)):
+            for layer, first in zip(cache.layers, ref.layers):
+                pos = layer.kept_positions()[0, 0].tolist()
+                if layer.is_sliding:  # a compressed window still evicts (the window bounds it)
+                    assert len(pos) <= min(budget, 7) and min(pos) >= 40 + t - 7
+                    continue
+                assert pos == first.kept_positions()[0, 0].tolist() + list(range(40, 40 + t))
+    finally:
+        cache.detach()
+    assert t == steps
+
+
+def test_prefill_mode_is_for_softmax_selectors_only(llama):
+    with pytest.raises(ValueError, match="prefill"):
+        slh.make_cache(llama, 16, "leverage", mode="prefill")
 
 
 @pytest.mark.parametrize("budget", [3, 5, 20])

@@ -21,6 +21,9 @@ Per layer, three regimes (``mode="evict"``):
 
 ``mode="append_only"`` decides keep or skip once for each arriving token and
 never rewrites a kept entry (paged caches); see :class:`CompressedLayer`.
+``mode="prefill"`` compresses multi-token blocks only (the prompt, a question
+appended later) and appends decoded tokens to full-attention layers, which then
+grow past the budget: what kvpress's prefill presses do.
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ class CompressedLayer(CacheLayerMixin):
         layer keeps at most ``min(budget, window - 1)``, all inside its window.
     selector : Selector or None
         Scoring rule; None selects the guarantee mode (``eps`` required).
-    mode : {"evict", "append_only"}
+    mode : {"evict", "append_only", "prefill"}
+        ``"prefill"``: as ``"evict"`` for multi-token blocks, but a decoded token
+        is appended to a full-attention layer without eviction (it grows by one key
+        per token; sliding-window layers still keep ``cap``).
     eps : float, optional
         Guarantee mode threshold.
     sliding : {"compress", "window"}
@@ -64,7 +70,8 @@ class CompressedLayer(CacheLayerMixin):
 
     Notes
     -----
-    Guarantees (tested): at most ``budget`` kept keys per head between steps; the first
+    Guarantees (tested): at most ``budget`` kept keys per head between steps (in
+    ``"prefill"`` mode: after each multi-token block; decoded tokens add one each); the first
     ``sinks`` positions are kept while they are inside the layer's window;
     a sliding-window layer never holds a key its next query cannot see;
     ``append_only`` never changes an entry once written (decisions are per
@@ -156,7 +163,9 @@ class CompressedLayer(CacheLayerMixin):
         n = self.keys.shape[2]
         if self.queries and (len(self.queries) > self.stats_interval or self.state.get("frozen")):
             self._stats()  # bound the query buffer while nothing is evicted
-        if n + m <= self.cap:  # everything fits: exactly DynamicLayer (plus positions and placeholder scores)
+        # prefill mode: a decoded token on a full-attention layer is appended (the layer grows past the budget)
+        grow = self.mode == "prefill" and m == 1 and not self.is_sliding
+        if grow or n + m <= self.cap:  # everything fits: exactly DynamicLayer (plus positions and placeholder scores)
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.pos = torch.cat([self.pos, new_pos], dim=-1)

@@ -13,7 +13,7 @@ from .selectors import make_selector
 
 __all__ = ["compress", "make_cache", "resolve_budget"]
 
-MODES = ("evict", "append_only")
+MODES = ("evict", "append_only", "prefill")
 
 
 def resolve_budget(budget, context: int | None = None) -> int | float:
@@ -57,6 +57,9 @@ def _check_args(selector, mode, eps, sliding="compress"):
     if mode not in MODES:
         raise ValueError(f"streamlev.hf: mode must be one of {MODES}, got {mode!r}.")
     if selector == "leverage":
+        if mode == "prefill":
+            raise ValueError("streamlev.hf: mode='prefill' applies to the softmax selectors; the guarantee mode "
+                             "(selector='leverage') keeps the universal set of every key seen (mode='evict').")
         return None
     if eps is not None:
         raise ValueError("streamlev.hf: eps applies to the guarantee mode only (selector='leverage').")
@@ -140,7 +143,12 @@ def compress(model, budget, selector="default", *, mode: str = "evict", eps: flo
         ``"keys"`` (the issue-16 key-only default), ``"keydiff"``, ``"knorm"``,
         ``"streaming"``, ``"leverage"`` (guarantee mode), or a
         :class:`streamlev.hf.selectors.Selector`.
-    mode : {"evict", "append_only"}
+    mode : {"evict", "append_only", "prefill"}, default "evict"
+        ``"evict"`` keeps every layer within the budget at every step;
+        ``"append_only"`` decides keep or skip once per arriving token (paged
+        caches); ``"prefill"`` compresses multi-token blocks only and lets
+        full-attention layers grow by one key per decoded token (kvpress's
+        prefill presses).
     eps : float, optional
         Guarantee mode threshold (default ``head_dim / budget``).
     sliding : {"compress", "window"}, default "compress"
