@@ -460,6 +460,31 @@ def test_observed_attention_matches_a_direct_computation(llama, stride):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("pool", [3, 5])
+def test_observed_attention_pool_takes_the_best_score_of_each_keys_neighbours(llama, pool):
+    from streamlev.hf._model import inspect_model
+
+    info = inspect_model(llama)[0]
+    rng = np.random.default_rng(3)
+    Q = torch.from_numpy(rng.standard_normal((1, 4, 10, 16)))
+    K = torch.from_numpy(rng.standard_normal((1, 2, 12, 16)))
+    plain, pooled = (slh.selectors.ObservedAttention(buffer=10, pool=k) for k in (1, pool))
+    st1, st2 = plain.new_state(info), pooled.new_state(info)
+    plain.observe_queries(st1, [Q], 40)
+    pooled.observe_queries(st2, [Q], 40)
+    a = plain.score(st1, K, None, 40, normalize=True)[0].numpy()
+    got = pooled.score(st2, K, None, 40, normalize=True)[0].numpy()
+    h = pool // 2
+    want = np.stack([[a[g, max(0, j - h): j + h + 1].max() for j in range(12)] for g in range(2)])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("pool", [0, 2, -1])
+def test_observed_attention_pool_must_be_odd_and_positive(pool):
+    with pytest.raises(ValueError, match="pool must be an odd int >= 1"):
+        slh.selectors.ObservedAttention(pool=pool)
+
+
 @pytest.mark.parametrize("bad", [dict(buffer=0), dict(half_life=0.0), dict(stride=0)])
 def test_observed_attention_rejects_bad_settings(bad):
     with pytest.raises(ValueError, match="need buffer >= 1, half_life > 0 and stride >= 1"):

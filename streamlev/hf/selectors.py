@@ -287,6 +287,10 @@ class ObservedAttention(Selector):
     ``evict_every`` tokens, not every token (the reference rescores per update).
     Memory: ``buffer * H * d`` floats per layer. Cost per rescoring:
     ``O(H * buffer * n * d)``. ``stride=1`` (default) is the issue-16 rule.
+    ``pool=K`` (odd) replaces each score by the largest within the K
+    neighbouring held keys (in position order), so the neighbours of a heavy
+    key are kept with it, as SnapKV's pooling does; measured and not the
+    default (``docs/kv_cache.md``: it helps Gemma 3 and hurts SmolLM2).
     """
 
     name = "observed"
@@ -294,9 +298,12 @@ class ObservedAttention(Selector):
     rescore = True
 
     def __init__(self, *, sinks: int = 0, recent_fraction: float = 0.0, buffer: int = 512,
-                 half_life: float = 128.0, stride: int = 1, value_norm: bool = False):
+                 half_life: float = 128.0, stride: int = 1, value_norm: bool = False, pool: int = 1):
         super().__init__(sinks=sinks, recent_fraction=recent_fraction)
         self.value_norm = bool(value_norm)
+        if int(pool) < 1 or int(pool) % 2 == 0:
+            raise ValueError(f"ObservedAttention: pool must be an odd int >= 1, got {pool!r}.")
+        self.pool = int(pool)
         if int(buffer) < 1 or not float(half_life) > 0 or int(stride) < 1:
             raise ValueError(f"ObservedAttention: need buffer >= 1, half_life > 0 and stride >= 1, got {buffer}, "
                              f"{half_life}, {stride}.")
@@ -304,7 +311,8 @@ class ObservedAttention(Selector):
 
     def __repr__(self):
         return (f"ObservedAttention(buffer={self.buffer}, half_life={self.half_life}, stride={self.stride}, "
-                f"sinks={self.sinks}, value_norm={self.value_norm})")
+                f"sinks={self.sinks}, recent_fraction={self.recent_fraction}, value_norm={self.value_norm}, "
+                f"pool={self.pool})")
 
     def new_state(self, info):
         return {"info": info, "q": None, "p": None}
@@ -340,7 +348,11 @@ class ObservedAttention(Selector):
             gone = positions < t_next - info.sliding_window + 1  # not visible from position n
             logits = logits.masked_fill(gone[:, :, None, None, :], float("-inf"))
         P = torch.softmax(logits, dim=-1)
-        return torch.einsum("bgrwn,w->bgn", P, state["w"]) / r
+        score = torch.einsum("bgrwn,w->bgn", P, state["w"]) / r
+        if self.pool > 1:  # a key inherits the best score of its neighbours (held keys are in position order)
+            score = torch.nn.functional.max_pool1d(score.view(B * G, 1, n), self.pool, stride=1,
+                                                   padding=self.pool // 2).view(B, G, n)
+        return score
 
 
 def default_selector() -> ObservedAttention:
