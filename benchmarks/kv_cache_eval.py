@@ -19,9 +19,10 @@ Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (the library default:
 queries, one per 8 positions, times the value norm, 4 sinks and the newest half of the budget, =
 ``sl_obs64s8_vn_r50``; before 2026-12-01 this name meant expected attention, and until the third session
 of that day the rule without sinks and recent half),
-``sl_expected`` (expected attention of the pre-RoPE query statistics), ``sl_obs<W>s<S>[h<H>][_vn][_r<P>]``
+``sl_expected`` (expected attention of the pre-RoPE query statistics), ``sl_obs<W>s<S>[h<H>][p<K>][_vn][_r<P>]``
 (observed attention of W queries one per S positions, half-life H, ``_vn``: times ``||v||``, ``_r<P>``:
-4 sinks and P% of the budget for the newest keys), ``sl_keydiff`` (key-only default),
+4 sinks and P% of the budget for the newest keys; ``p<K>``: each score replaced by the
+largest within K neighbouring kept keys), ``sl_keydiff`` (key-only default),
 ``sl_append`` (default rule, append-only admission),
 ``sl_leverage`` (guarantee mode, full-attention models only); kvpress 0.5.5 presses run as their own
 code through their hooks: ``kv_<press>`` = ``PrefillDecodingPress(prefilling_press=P(compression_ratio=
@@ -37,6 +38,9 @@ not set). ``kv_<press>_full`` runs it the way kvpress treats ``Gemma3ForConditio
 ``PerLayerCompressionPress`` compresses the full-attention layers only, at prefill (its decoding form
 fails on the sliding layers too); streamlev's matching configuration is ``sl_<rule>_win``
 (``sliding="window"``: sliding layers keep their window, full-attention layers the budget).
+A suffix ``_pre`` before ``_win`` runs a streamlev rule in ``mode="prefill"``: the prompt is compressed to
+the budget and decoded tokens are appended (the cache grows by one key per token, as kvpress's
+prefill-only form does), the configuration that matches kvpress's memory on Gemma 3.
 
 ``sl_obs<W>`` is the observed-attention rule with a buffer of the newest W queries and half-life W/4 (the
 issue-16 rule is W=512, half-life 128: the oldest buffered query weighs 1/16 in both); ``sl_obs<W>s<s>``
@@ -101,8 +105,9 @@ def texts(tok, n_tokens: int, topics):
     import pydoc_data.topics as t
 
     out = []
-    for name in topics:
-        ids = [tok.bos_token_id] + tok(t.topics[name], add_special_tokens=False).input_ids
+    for name in topics:  # a pydoc_data.topics key, or the path of a text file (any name with a "/")
+        text = Path(name).read_text(encoding="utf-8", errors="replace") if "/" in name else t.topics[name]
+        ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
         if len(ids) >= n_tokens:
             out.append((name, ids[:n_tokens]))
     return out
@@ -133,16 +138,19 @@ class Session:
             self.cache = DynamicCache(config=model.config)
         elif method.startswith("sl_"):
             base = method[:-4] if method.endswith("_win") else method
+            pre = base.endswith("_pre")  # mode="prefill": compress the prompt, then grow (kvpress's prefill form)
+            base = base[:-4] if pre else base
             rec = re.search(r"_r(\d+)$", base)  # 4 sinks and this percentage of the budget for the newest keys
             base = base[: rec.start()] if rec else base
             vn = base.endswith("_vn")  # the rule with value-norm weighing (score * ||v||)
             base = base[:-3] if vn else base
-            obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?", base)
+            obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?(?:p(\d+))?", base)
             if obs:  # observed attention: W queries, every st-th position, half-life h (default W st / 4)
                 W, st = int(obs[1]), int(obs[2] or 1)
                 sel = slh.selectors.ObservedAttention(buffer=W, half_life=float(obs[3] or W * st / 4), stride=st,
                                                       value_norm=vn, sinks=4 if rec else 0,
-                                                      recent_fraction=int(rec[1]) / 100 if rec else 0.0)
+                                                      recent_fraction=int(rec[1]) / 100 if rec else 0.0,
+                                                      pool=int(obs[4] or 1))
             elif vn and base == "sl_expected":
                 sel = slh.selectors.ExpectedAttention(value_norm=True)
             elif vn and base in ("sl_observed", "sl_observed_append"):
@@ -153,7 +161,7 @@ class Session:
                    "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None),
                    "sl_observed": "observed", "sl_keys": "keys", "sl_observed_append": "observed",
                    "sl_streaming": "streaming", "sl_expected_append": "expected_attention"}[base]
-            mode = "append_only" if base.endswith("append") else "evict"
+            mode = "append_only" if base.endswith("append") else "prefill" if pre else "evict"
             sliding = "window" if method.endswith("_win") else "compress"
             self.cache = slh.make_cache(model, budget, sel, mode=mode, sliding=sliding).attach(model)
         else:
@@ -368,7 +376,8 @@ def main(argv=None) -> int:
     ap.add_argument("--continuation", type=int, default=64)
     ap.add_argument("--docs", type=int, default=1)
     ap.add_argument("--topics", default=",".join(PPL_TOPICS),
-                    help="comma list of pydoc_data.topics keys for perplexity / KL (the first --docs long enough)")
+                    help="comma list of pydoc_data.topics keys or text-file paths for perplexity / KL (the first --docs "
+                         "long enough)")
     ap.add_argument("--budgets", default="0.0625,0.125,0.25")
     ap.add_argument("--methods", default=",".join(SL_METHODS + ["kv_" + p for p in PRESSES]))
     ap.add_argument("--passkey-methods", default=None, help="default: the same as --methods")
