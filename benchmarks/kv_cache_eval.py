@@ -144,13 +144,13 @@ class Session:
             base = base[: rec.start()] if rec else base
             vn = base.endswith("_vn")  # the rule with value-norm weighing (score * ||v||)
             base = base[:-3] if vn else base
-            obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?(?:p(\d+))?", base)
+            obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?(?:p(\d+))?(x?)", base)
             if obs:  # observed attention: W queries, every st-th position, half-life h (default W st / 4)
                 W, st = int(obs[1]), int(obs[2] or 1)
                 sel = slh.selectors.ObservedAttention(buffer=W, half_life=float(obs[3] or W * st / 4), stride=st,
                                                       value_norm=vn, sinks=4 if rec else 0,
                                                       recent_fraction=int(rec[1]) / 100 if rec else 0.0,
-                                                      pool=int(obs[4] or 1))
+                                                      pool=int(obs[4] or 1), positional=bool(obs[5]))
             elif vn and base == "sl_expected":
                 sel = slh.selectors.ExpectedAttention(value_norm=True)
             elif vn and base in ("sl_observed", "sl_observed_append"):
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
                   torch=torch.__version__, threads=a.threads, ppl=[], passkey=[], overhead=[], copy=[])
     if "ppl" not in skip:
         for name, ids in texts(tok, a.context + a.continuation, a.topics.split(","))[: a.docs]:
-            log(f"[{a.model}] perplexity / KL on pydoc_data.topics[{name!r}]")
+            log(f"[{a.model}] perplexity / KL on {name!r}")
             for r in run_ppl(model, ids, a.context, budgets, methods, log):
                 result["ppl"].append(dict(r, doc=name))
         Path(a.json).write_text(json.dumps(result, indent=1))  # partial results survive an interrupted run

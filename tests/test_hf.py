@@ -479,6 +479,42 @@ def test_observed_attention_pool_takes_the_best_score_of_each_keys_neighbours(ll
     np.testing.assert_array_equal(got, want)
 
 
+def test_observed_attention_positional_prior_matches_a_direct_computation(llama):
+    from streamlev.hf._model import inspect_model
+
+    info = inspect_model(llama)[0]  # 4 query heads over 2 key/value heads, d = 16
+    rng = np.random.default_rng(4)
+    n, W = 12, 10  # a span longer than the distance to the sinks, so that leaving them out is exercised
+    Q = rng.standard_normal((1, 4, n, 16))  # pre-RoPE queries at positions 0..11
+    K = rng.standard_normal((1, 2, n, 16))  # post-RoPE keys at positions 0..11
+    sel = slh.selectors.ObservedAttention(buffer=W, stride=1, half_life=3.0, sinks=2, positional=True)
+    plain = slh.selectors.ObservedAttention(buffer=W, stride=1, half_life=3.0, sinks=2)
+    st, st0 = sel.new_state(info), plain.new_state(info)
+    sel.observe_queries(st, [torch.from_numpy(Q)], n)
+    plain.observe_queries(st0, [torch.from_numpy(Q)], n)
+    pos = torch.arange(n).expand(1, 2, n)
+    got = sel.score(st, torch.from_numpy(K), pos, n, normalize=True)[0].double().numpy()
+    content = plain.score(st0, torch.from_numpy(K), pos, n, normalize=True)[0].double().numpy()
+    theta = 1.0 / float(info.inv_freq[1]) ** (16 / 2)
+    qpos = np.arange(n - W, n)
+    w = 2.0 ** (-(qpos.max() - qpos) / 3.0)
+    w /= w.sum()
+    prof = np.zeros((2, W))  # span = buffer * stride = 10 distances
+    for g in range(2):
+        for h in (2 * g, 2 * g + 1):
+            for i, p in enumerate(qpos):
+                R = rope_rotations(16, [int(p)], theta)[0]
+                lg = info.scaling * K[0, g, : p + 1] @ (R @ Q[0, h, p])
+                a = np.exp(lg - lg.max())
+                a /= a.sum()
+                for j in range(2, p + 1):  # sinks (positions 0, 1) left out
+                    if p - j < W:
+                        prof[g, p - j] += w[i] * a[j] / 2
+    dist = n - np.arange(n)
+    want = 0.5 * content + 0.5 * np.where(dist < W, prof[:, np.minimum(dist, W - 1)], 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("pool", [0, 2, -1])
 def test_observed_attention_pool_must_be_odd_and_positive(pool):
     with pytest.raises(ValueError, match="pool must be an odd int >= 1"):
