@@ -32,6 +32,11 @@ def _rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def _scaled_rope(q, ang, scale):
+    """``scale * R q``: float32 queries (..., d) rotated by the angles ``ang`` (float64, (d,) or (m, d))."""
+    return q * (scale * ang.cos()).float() + _rotate_half(q) * (scale * ang.sin()).float()
+
+
 class Selector:
     """Base class: a per-layer state, running statistics and a score per key.
 
@@ -321,7 +326,7 @@ class ObservedAttention(Selector):
     def __repr__(self):
         return (f"ObservedAttention(buffer={self.buffer}, half_life={self.half_life}, stride={self.stride}, "
                 f"sinks={self.sinks}, recent_fraction={self.recent_fraction}, value_norm={self.value_norm}, "
-                f"pool={self.pool})")
+                f"pool={self.pool}, positional={self.positional})")
 
     def new_state(self, info):
         return {"info": info, "q": None, "p": None, "profile": None}
@@ -337,8 +342,7 @@ class ObservedAttention(Selector):
         r = info.num_heads // G
         ang = p[:, None].to(torch.float64) * info.inv_freq[None, :].to(p.device)
         ang = torch.cat([ang, ang], dim=-1)
-        sc = info.scaling * info.rope_scale
-        qr = q * (sc * ang.cos()).float() + _rotate_half(q) * (sc * ang.sin()).float()  # at their own positions
+        qr = _scaled_rope(q, ang, info.scaling * info.rope_scale)  # each at its own position
         logits = torch.einsum("bgrwd,bgnd->bgrwn", qr.view(B, G, r, -1, d), keys.float())
         dist = p[None, None, :, None] - positions[:, :, None, :]  # (B, G, W, n)
         hidden = dist < 0
@@ -376,8 +380,7 @@ class ObservedAttention(Selector):
         r = info.num_heads // G
         ang = float(t_next) * info.inv_freq
         ang = torch.cat([ang, ang]).to(q.device)
-        s = info.scaling * info.rope_scale  # logit scale folded into the (d,) rotation, not the logits
-        qn = q * (s * ang.cos()).float() + _rotate_half(q) * (s * ang.sin()).float()  # s R_n q
+        qn = _scaled_rope(q, ang, info.scaling * info.rope_scale)  # s R_n q: the logit scale rides on the (d,) rotation
         logits = torch.einsum("bgrwd,bgnd->bgrwn", qn.view(B, G, r, -1, d), keys.float())
         if info.sliding_window is not None and positions is not None:
             gone = positions < t_next - info.sliding_window + 1  # not visible from position n
