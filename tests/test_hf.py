@@ -111,9 +111,9 @@ def test_default_keeps_four_sinks_and_the_newest_half_of_the_budget_at_every_ste
         cache.detach()
 
 
-@pytest.mark.parametrize("which", ["llama", "gemma"])
-def test_prefill_mode_compresses_the_prompt_then_appends_every_decoded_token(which, llama, gemma):
-    model, budget, steps = (llama if which == "llama" else gemma), 12, 10
+@pytest.mark.parametrize("which,budget", [("llama", 12), ("gemma", 12), ("gemma", 5)])  # 5: windows compressed
+def test_prefill_mode_compresses_the_prompt_then_appends_every_decoded_token(which, budget, llama, gemma):
+    model, steps = (llama if which == "llama" else gemma), 10
     ids = _ids(40)
     ref = slh.make_cache(model, budget, "default").attach(model)  # evict mode: the same prompt selection
     with torch.no_grad():
@@ -124,8 +124,9 @@ def test_prefill_mode_compresses_the_prompt_then_appends_every_decoded_token(whi
         for t, _ in enumerate(_decode(model, cache, ids, steps)):
             for layer, first in zip(cache.layers, ref.layers):
                 pos = layer.kept_positions()[0, 0].tolist()
-                if layer.is_sliding:  # a compressed window still evicts (the window bounds it)
+                if layer.is_sliding:  # a window still evicts (the window bounds it)
                     assert len(pos) <= min(budget, 7) and min(pos) >= 40 + t - 7
+                    assert layer.passthrough == (budget >= 7)
                     continue
                 assert pos == first.kept_positions()[0, 0].tolist() + list(range(40, 40 + t))
     finally:
