@@ -11,7 +11,8 @@ of the pre-RoPE queries, the issue-16 defaults ``"observed"`` and ``"keys"``,
 KeyDiff, and the guarantee mode ``selector="leverage"`` (the exact |x|^2
 universal set). Measured end to end in ``docs/kv_cache.md``.
 ``mode="append_only"`` decides keep or skip once per arriving token and never
-rewrites the cache. Needs ``pip install 'streamlev[hf]'`` (torch, transformers).
+rewrites the cache; ``mode="prefill"`` compresses the prompt only and lets
+full-attention layers grow while decoding (kvpress's prefill form). Needs ``pip install 'streamlev[hf]'`` (torch, transformers).
 """
 
 from __future__ import annotations
