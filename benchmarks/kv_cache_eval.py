@@ -63,7 +63,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -72,6 +71,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _kv_methods import parse as parse_method  # noqa: E402
 
 PPL_TOPICS = ["typesseq", "typesmapping"]
 PASSKEY_FILLER = ["execmodel", "import", "assignment", "comparisons"]
@@ -138,33 +140,9 @@ class Session:
         if method == "full":
             self.cache = DynamicCache(config=model.config)
         elif method.startswith("sl_"):
-            base = method[:-4] if method.endswith("_win") else method
-            pre = base.endswith("_pre")  # mode="prefill": compress the prompt, then grow (kvpress's prefill form)
-            base = base[:-4] if pre else base
-            rec = re.search(r"_r(\d+)$", base)  # 4 sinks and this percentage of the budget for the newest keys
-            base = base[: rec.start()] if rec else base
-            vn = base.endswith("_vn")  # the rule with value-norm weighing (score * ||v||)
-            base = base[:-3] if vn else base
-            obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?(?:p(\d+))?(x?)", base)
-            if obs:  # observed attention: W queries, every st-th position, half-life h (default W st / 4)
-                W, st = int(obs[1]), int(obs[2] or 1)
-                sel = slh.selectors.ObservedAttention(buffer=W, half_life=float(obs[3] or W * st / 4), stride=st,
-                                                      value_norm=vn, sinks=4 if rec else 0,
-                                                      recent_fraction=int(rec[1]) / 100 if rec else 0.0,
-                                                      pool=int(obs[4] or 1), positional=bool(obs[5]))
-            elif vn and base == "sl_expected":
-                sel = slh.selectors.ExpectedAttention(value_norm=True)
-            elif vn and base in ("sl_observed", "sl_observed_append"):
-                sel = slh.selectors.ObservedAttention(value_norm=True)
-            else:
-                sel = None
-            sel = sel or {"sl_default": "default", "sl_expected": "expected_attention", "sl_keydiff": "keydiff", "sl_append": "default",
-                   "sl_leverage": "leverage", "sl_default_exact": slh.selectors.ExpectedAttention(cov_rank=None),
-                   "sl_observed": "observed", "sl_keys": "keys", "sl_observed_append": "observed",
-                   "sl_streaming": "streaming", "sl_expected_append": "expected_attention"}[base]
-            mode = "append_only" if base.endswith("append") else "prefill" if pre else "evict"
-            sliding = "window" if method.endswith("_win") else "compress"
-            self.cache = slh.make_cache(model, budget, sel, mode=mode, sliding=sliding).attach(model)
+            spec = parse_method(method)
+            self.cache = slh.make_cache(model, budget, spec.selector(), mode=spec.mode,
+                                        sliding="window" if spec.window else "compress").attach(model)
         else:
             import kvpress as kp
 
