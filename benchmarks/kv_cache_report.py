@@ -11,87 +11,133 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import math
+import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-LABEL = {"sl_default": "streamlev default (observed, 64 queries / 8 positions, x ||v||, 4 sinks, 50% recent)",
-         "sl_expected": "streamlev expected attention (rank-8)", "sl_obs64s8_vn": "streamlev observed 64/8 x ||v|| (the default before sinks + recent)",
-         "sl_obs64s8_vn_r25": "streamlev observed 64/8 x ||v||, 4 sinks, 25% recent",
-         "sl_obs64s8_vn_r50": "streamlev observed 64/8 x ||v||, 4 sinks, 50% recent (= default)",
-         "sl_obs128s4_vn": "streamlev observed 128/4 x ||v||", "sl_obs128s4": "streamlev observed 128/4",
-         "sl_observed_vn": "streamlev observed (#16) x ||v||", "sl_obs64s8_vn_win": "streamlev observed 64/8 x ||v||, sliding layers = window",
-         "sl_obs64s8_vn_r25_win": "streamlev observed 64/8 x ||v||, 4 sinks, 25% recent, sliding layers = window",
-         "sl_obs64s8_vn_r50_win": "streamlev default, sliding layers = window",
-         "sl_obs128s4_vn_win": "streamlev observed 128/4 x ||v||, sliding layers = window",
-         "sl_default_vn": "streamlev expected attention x ||v||",
-         "sl_expected_win": "streamlev expected attention, sliding layers = window", "sl_default_exact": "streamlev expected attention, exact cov.",
-         "sl_keydiff": "streamlev KeyDiff+sinks+25% recent", "sl_append": "streamlev expected attention, append-only",
-         "sl_observed": "streamlev observed (#16 query default)", "sl_keys": "streamlev small-norm+50% recent (#16 key-only)",
-         "sl_default_win": "streamlev expected attention, sliding layers = window",
-         "sl_keydiff_win": "streamlev KeyDiff, sliding layers = window",
-         "sl_observed_win": "streamlev observed (#16), sliding layers = window",
-         "sl_keys_win": "streamlev small-norm+50% recent (#16), sliding layers = window",
-         "kv_streaming_llm_full": "kvpress StreamingLLM (full layers, prefill)", "kv_knorm_full": "kvpress Knorm (full layers, prefill)",
-         "kv_keydiff_full": "kvpress KeyDiff (full layers, prefill)", "kv_snapkv_full": "kvpress SnapKV (full layers, prefill)",
-         "kv_tova_full": "kvpress TOVA (full layers, prefill)",
-         "sl_leverage": "streamlev guarantee (x^2 universal set)", "kv_streaming_llm": "kvpress StreamingLLM",
-         "kv_knorm": "kvpress Knorm", "kv_keydiff": "kvpress KeyDiff", "kv_expected_attention":
-         "kvpress ExpectedAttention", "kv_snapkv": "kvpress SnapKV (prefill only)", "kv_tova": "kvpress TOVA"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _kv_methods import label  # noqa: E402
 
-def label(m):
-    """Readable name of a method; ``sl_obs<W>[s<s>][h<H>][_win]`` are observed-attention variants."""
-    obs = re.fullmatch(r"sl_obs(\d+)(?:s(\d+))?(?:h(\d+))?(_win)?", m)
-    if not obs:
-        return LABEL.get(m, m)
-    W, st = int(obs[1]), int(obs[2] or 1)
-    which = f"newest {W} queries" if st == 1 else f"{W} queries, every {st}th position"
-    return (f"streamlev observed, {which}, half-life {float(obs[3] or W * st / 4):g}"
-            + (", sliding layers = window" if obs[4] else ""))
 
 
 def fmt_frac(f):
     return f"1/{round(1 / f)}" if f < 1 else "full"
 
 
+def _doc_name(doc):
+    return Path(doc).name if doc else "text"
+
+
+def aggregate(rows):
+    """Per (method, frac): mean KL, geometric-mean perplexity, mean top-1, mean memory share over the texts.
+
+    Memory is each text's bytes over the full cache's bytes on the same text. Rows that failed are left
+    out; ``n`` says over how many texts each cell is taken.
+    """
+    ok = [r for r in rows if "error" not in r]
+    full = {r.get("doc"): r for r in ok if r["method"] == "full"}
+    cells = defaultdict(list)
+    for r in ok:
+        if r["method"] != "full":
+            cells[(r["method"], r["frac"])].append(r)
+    out = {}
+    for key, rs in cells.items():
+        out[key] = dict(kl=statistics.fmean(r["kl"] for r in rs), top1=statistics.fmean(r["top1"] for r in rs),
+                        ppl=math.exp(statistics.fmean(math.log(r["ppl"]) for r in rs)),
+                        mem=statistics.fmean(r["bytes"] / full[r.get("doc")]["bytes"] for r in rs), n=len(rs))
+    ref = dict(ppl=math.exp(statistics.fmean(math.log(r["ppl"]) for r in full.values())),
+               bytes=statistics.fmean(r["bytes"] for r in full.values()), n=len(full))
+    return out, ref, sorted(_doc_name(d) for d in full)
+
+
 def ppl_table(res):
-    rows = [r for r in res["ppl"] if "error" not in r]
-    full = next(r for r in rows if r["method"] == "full")
-    fracs = sorted({r["frac"] for r in rows if r["method"] != "full"})
-    by = {(r["method"], r["frac"]): r for r in rows}
+    """One row per method (sorted by mean KL), one cell per budget: mean KL / perplexity / top-1 / memory."""
+    by, full, docs = aggregate(res["ppl"])
+    fracs = sorted({f for _, f in by})
     errs = {(r["method"], r["frac"]): r["error"] for r in res["ppl"] if "error" in r}
-    methods = [m for m in res["methods"] if any((m, f) in by or (m, f) in errs for f in fracs)]
-    out = [f"Full cache: perplexity {full['ppl']:.3f} on {res['continuation']} held-out tokens after "
-           f"{res['context']} tokens of context ({full['bytes'] / 2**20:.1f} MiB of keys and values).", "",
-           "| method | " + " | ".join(f"KL @ {fmt_frac(f)}" for f in fracs) + " | "
-           + " | ".join(f"top-1 @ {fmt_frac(f)}" for f in fracs) + " | "
-           + " | ".join(f"ppl @ {fmt_frac(f)}" for f in fracs) + " | " + " | ".join(f"mem @ {fmt_frac(f)}" for f in fracs)
-           + " |", "|---" * (1 + 4 * len(fracs)) + "|"]
-    best = {}
-    for f in fracs:
-        peers = [by[(m, f)] for m in methods if m.startswith("kv_") and (m, f) in by]
-        if peers:
-            best[f] = (min(p["kl"] for p in peers), max(p["top1"] for p in peers), min(p["ppl"] for p in peers))
+    methods = [m for m in res["methods"] if any((m, f) in by for f in fracs)]
+    methods.sort(key=lambda m: statistics.fmean(by[(m, f)]["kl"] for f in fracs if (m, f) in by))
+    out = [f"{len(docs)} text(s): {', '.join(docs)}; {res['context']} tokens of context, {res['continuation']} decoded. "
+           "Each cell: mean KL / perplexity (geometric mean) / top-1 agreement / memory of the compressed cache "
+           "and selector state as a share of the full cache, over the texts.", "",
+           "| method | " + " | ".join(f"{f:g} of the context" for f in fracs) + " |", "|---" * (1 + len(fracs)) + "|"]
     for m in methods:
         cells = []
-        for key, fmt in (("kl", "{:.4f}"), ("top1", "{:.3f}"), ("ppl", "{:.2f}"), ("bytes", None)):
-            for f in fracs:
-                r = by.get((m, f))
-                if r is None:
-                    cells.append("failed" if (m, f) in errs else "")
-                elif key == "bytes":
-                    cells.append(f"{r['bytes'] / full['bytes']:.3f}")
-                else:
-                    v = fmt.format(r[key])
-                    b = best.get(f)
-                    if b and m.startswith("kv_") and r[key] == {"kl": b[0], "top1": b[1], "ppl": b[2]}[key]:
-                        v = f"**{v}**"
-                    cells.append(v)
-        out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+        for f in fracs:
+            r = by.get((m, f))
+            cells.append("failed" if r is None and (m, f) in errs else "" if r is None else
+                         f"{r['kl']:.3f} / {r['ppl']:.2f} / {r['top1']:.2f} / {r['mem']:.2f}"
+                         + ("" if r["n"] == len(docs) else f" (n={r['n']})"))
+        out.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    out += ["", f"Full cache perplexity (geometric mean): {full['ppl']:.2f}"]
     if errs:
         out += ["", "Failures: " + "; ".join(f"{m} @ {fmt_frac(f)}: {e}" for (m, f), e in sorted(errs.items()))]
+    out += ["", "Methods: " + "; ".join(f"`{m}` = {label(m)}" for m in methods)]
     return "\n".join(out), fracs, by, full
+
+
+def paired_table(res, ref):
+    """Per method and budget, paired over the texts: mean difference of log-perplexity (method - ``ref``)
+    with its standard error, and the texts where the method's KL is lower than ``ref``'s."""
+    rows = [r for r in res["ppl"] if "error" not in r and r["method"] != "full"]
+    per = {(r["method"], r["frac"], r.get("doc")): r for r in rows}
+    fracs = sorted({r["frac"] for r in rows})
+    if not any(r["method"] == ref for r in rows):
+        return ""
+    out = [f"Paired against {label(ref)} (negative: the method has the lower perplexity; ± one standard error "
+           "over the texts; wins: texts where its KL is lower):", "",
+           "| method | " + " | ".join(f"Δ log-ppl @ {fmt_frac(f)} | KL wins @ {fmt_frac(f)}" for f in fracs) + " |",
+           "|---" * (1 + 2 * len(fracs)) + "|"]
+    for m in res["methods"]:
+        if m == ref:
+            continue
+        cells = []
+        for f in fracs:
+            pairs = [(per[(m, f, d)], per[(ref, f, d)]) for (mm, ff, d) in per if mm == m and ff == f
+                     and (ref, f, d) in per]
+            if not pairs:
+                cells += ["", ""]
+                continue
+            dl = [math.log(a["ppl"]) - math.log(b["ppl"]) for a, b in pairs]
+            se = statistics.stdev(dl) / math.sqrt(len(dl)) if len(dl) > 1 else float("nan")
+            cells += [f"{statistics.fmean(dl):+.3f} ± {se:.3f}", f"{sum(a['kl'] < b['kl'] for a, b in pairs)}/{len(pairs)}"]
+        if any(cells):
+            out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def copy_table(res):
+    """Copy task: share of sentences copied exactly and share of tokens right, per method and budget."""
+    rows = [r for r in res.get("copy", []) if "error" not in r]
+    if not rows:
+        return ""
+    fracs = sorted({r["frac"] for r in rows if r["method"] != "full"})
+    acc = defaultdict(list)
+    for r in rows:
+        acc[(r["method"], r["frac"])].append(r)
+    methods = ["full"] + [m for m in res["methods"] if any(k[0] == m for k in acc)]
+    out = ["| method | " + " | ".join(f"{fmt_frac(f)}: exact, tokens" for f in fracs) + " | hits by depth |",
+           "|---" * (2 + len(fracs)) + "|"]
+    for m in methods:
+        cells, hits = [], defaultdict(int)
+        for f in fracs:
+            rs = acc.get((m, 1.0 if m == "full" else f))
+            if not rs:
+                cells.append("")
+                continue
+            for r in rs:
+                hits[r["depth"]] += r["hit"]
+            cells.append(f"{statistics.fmean(r['hit'] for r in rs):.2f}, "
+                         f"{statistics.fmean(r['tokens_right'] / r['n_tokens'] for r in rs):.2f} (of {len(rs)})")
+            if m == "full":
+                cells += [""] * (len(fracs) - 1)
+                break
+        depth = ", ".join(f"{d:.0%}: {h}" for d, h in sorted(hits.items()))
+        out.append(f"| {label(m)} | " + " | ".join(cells) + f" | {depth} |")
+    return "\n".join(out)
 
 
 def passkey_table(res):
@@ -133,7 +179,9 @@ def figure(res, fracs, by, full, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    rows = (len(res["methods"]) + 2) // 2  # legend rows below the axes, two entries a row
+    height = 3.6 + 0.22 * rows
+    fig, axes = plt.subplots(1, 2, figsize=(10, height))
     for i, m in enumerate(res["methods"]):
         xs = [f for f in fracs if (m, f) in by]
         if not xs:
@@ -149,9 +197,12 @@ def figure(res, fracs, by, full, path):
         ax.set_xticks(fracs, [fmt_frac(f) for f in fracs])
         ax.set_xlabel("cache budget (fraction of the context)")
         ax.set_ylabel(yl)
-    fig.suptitle(f"{res['model']}: {res['context']}-token context, {res['continuation']} decoded tokens")
-    fig.legend(loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.72, 1))
+    n = full["n"]
+    fig.suptitle(f"{res['model']}: {res['context']}-token context, {res['continuation']} decoded tokens"
+                 + (f", means over {n} texts" if n > 1 else ""))
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.22 * rows + 0.1) / height, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -161,30 +212,40 @@ def main(argv=None) -> int:
     ap.add_argument("json", nargs="+")
     ap.add_argument("--markdown", required=True)
     ap.add_argument("--figure-dir", default=None)
+    ap.add_argument("--paired", default=None, metavar="METHOD",
+                    help="also tabulate each method's paired differences against this one (e.g. sl_default)")
     a = ap.parse_args(argv)
     merged = {}
     for p in a.json:  # several files of one model merge; a later file's rows replace an earlier file's
         res = json.loads(Path(p).read_text())
-        old = merged.setdefault(res["model"], dict(res, ppl=[], passkey=[], overhead=[], methods=[]))
+        old = merged.setdefault(res["model"], dict(res, ppl=[], passkey=[], overhead=[], copy=[], methods=[]))
         old["methods"] += [m for m in res["methods"] if m not in old["methods"]]
         for r in res["overhead"]:
             r.setdefault("method", "sl_default")
         for part, key in (("ppl", ("method", "frac", "doc")), ("passkey", ("method", "frac", "depth")),
-                          ("overhead", ("method", "frac"))):
-            new_keys = {tuple(r.get(k) for k in key) for r in res[part]}
-            old[part] = [r for r in old[part] if tuple(r.get(k) for k in key) not in new_keys] + res[part]
+                          ("overhead", ("method", "frac")), ("copy", ("method", "frac", "depth", "trial"))):
+            new_keys = {tuple(r.get(k) for k in key) for r in res.get(part, [])}
+            old[part] = [r for r in old[part] if tuple(r.get(k) for k in key) not in new_keys] + res.get(part, [])
     parts = []
     for res in merged.values():
-        table, fracs, by, full = ppl_table(res)
-        parts += [f"### {res['model']}", "", table, ""]
+        parts += [f"### {res['model']}", ""]
+        if any("kl" in r for r in res["ppl"]):
+            table, fracs, by, full = ppl_table(res)
+            parts += [table, ""]
+            if a.paired:
+                parts += [paired_table(res, a.paired), ""]
+            if a.figure_dir:
+                figure(res, fracs, by, full, Path(a.figure_dir) / f"kv_cache_{res['model']}.png")
+        cp = copy_table(res)
+        if cp:
+            parts += ["Retrieval by copying (exact: the whole rest of the sentence; tokens: mean share of its tokens right):",
+                      "", cp, ""]
         pk = passkey_table(res)
         if pk:
             parts += ["Passkey retrieval (hit = the key appears in 6 greedily decoded tokens):", "", pk, ""]
         oh = overhead_table(res)
         if oh:
             parts += ["Per-token cost of streamlev's bookkeeping (side by side, alternating steps):", "", oh, ""]
-        if a.figure_dir:
-            figure(res, fracs, by, full, Path(a.figure_dir) / f"kv_cache_{res['model']}.png")
     Path(a.markdown).write_text("\n".join(parts))
     return 0
 
