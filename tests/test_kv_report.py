@@ -102,3 +102,44 @@ def test_documented_tables_are_the_committed_results(mods, name):
     assert len(rows) == len(res["methods"])
     for row in rows:
         assert row in doc, row
+
+
+def test_oracle_records_the_continuations_attention_and_keeps_its_heaviest_keys():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import streamlev.hf as slh
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import kv_cache_oracle as ko
+    finally:
+        sys.path.remove(str(BENCH))
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 97, (40,)).tolist()
+    n = 32
+    mass = ko.continuation_attention(model, ids, n)
+    assert model.config._attn_implementation == "sdpa"  # restored after the eager pass
+    # against the model's own attention weights, summed over the group (heads 0-1 -> kv 0, 2-3 -> kv 1)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    for layer, A in enumerate(att):
+        want = A[0, :, n:, :n].sum(1).view(2, 2, n).sum(1)
+        torch.testing.assert_close(mass[layer], want)
+    # the oracle keeps the 4 sinks and, of the rest, the heaviest keys by mass * ||v||
+    model.config._attn_implementation = "sdpa"
+    heavy = list(range(5, 29, 2))  # 12 keys: with 4 sinks they fill a budget of 16
+    mass = [torch.zeros(2, n).index_fill_(1, torch.tensor(heavy), 5.0) for _ in att]
+    cache = slh.make_cache(model, 16, ko.oracle_selector(mass, n, 0.0), mode="prefill").attach(model)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids[:n]]), past_key_values=cache, use_cache=True)
+        for layer in range(len(att)):
+            kept = cache.kept_positions(layer)[0]
+            assert {0, 1, 2, 3, *heavy} == set(kept[0].tolist()) == set(kept[1].tolist())
+    finally:
+        cache.detach()
