@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _kv_methods import label  # noqa: E402
 
 
-
 def fmt_frac(f):
     return f"1/{round(1 / f)}" if f < 1 else "full"
 
