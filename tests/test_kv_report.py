@@ -92,7 +92,8 @@ def test_report_aggregates_over_texts(mods, tmp_path):
     assert "2 text(s): a, b;" in out.read_text()
 
 
-@pytest.mark.parametrize("name", ["smollm2_fresh8", "gemma3_fresh8", "gemma3_fresh8_streaming"])
+@pytest.mark.parametrize("name", ["smollm2_fresh8", "gemma3_fresh8", "gemma3_fresh8_streaming",
+                                  "smollm2_oracle", "gemma3_oracle"])
 def test_documented_tables_are_the_committed_results(mods, name):
     """Every row of the report on a committed result file stands, digit for digit, in docs/kv_cache.md."""
     _, rep = mods
