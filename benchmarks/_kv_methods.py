@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 PRESS_LABELS = {"streaming_llm": "StreamingLLM", "knorm": "Knorm", "keydiff": "KeyDiff",
                 "expected_attention": "ExpectedAttention", "snapkv": "SnapKV", "tova": "TOVA"}
-# named streamlev rules: the selector name make_cache takes, and a label
+# named streamlev rules: the selector name make_cache takes (None: built in StreamlevMethod.selector), and a label
 NAMED = {"default": ("default", "default"), "expected": ("expected_attention", "expected attention (rank-8)"),
          "keydiff": ("keydiff", "KeyDiff + sinks + 25% recent"), "leverage": ("leverage", "guarantee (|x|^2 universal set)"),
          "observed": ("observed", "observed attention (#16 rule)"), "keys": ("keys", "small norm + 50% recent (#16 key-only)"),
          "streaming": ("streaming", "StreamingLLM rule (4 sinks + newest)"), "append": ("default", "default"),
          "observed_append": ("observed", "observed attention (#16 rule)"),
          "expected_append": ("expected_attention", "expected attention (rank-8)"),
-         "default_exact": ("exact", "expected attention, exact covariance")}
+         "default_exact": (None, "expected attention, exact covariance")}
 _OBS = re.compile(r"obs(\d+)(?:s(\d+))?(?:h(\d+))?(?:p(\d+))?(x?)")
 DEFAULT_OBS = (64, 8, 128.0, 1, False)  # streamlev.hf.selectors.default_selector
 
