@@ -516,6 +516,34 @@ def test_observed_attention_positional_prior_matches_a_direct_computation(llama)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_observed_attention_prompt_buffer_scores_the_prompt_densely_then_drops_it(llama):
+    OA = slh.selectors.ObservedAttention
+    kw = dict(half_life=8.0, sinks=2, recent_fraction=0.25)
+    rules = {"dense": OA(buffer=4, stride=8, prompt_buffer=16, **kw), "ref": OA(buffer=16, stride=1, **kw),
+             "strided": OA(buffer=4, stride=8, **kw)}
+    kept, states = {}, {}
+    for name, sel in rules.items():
+        cache = slh.make_cache(llama, 12, sel).attach(llama)
+        try:
+            steps = _decode(llama, cache, _ids(40, seed=3), 0)
+            next(steps)  # the 40-token prompt, compressed to 12 keys
+            kept[name] = [cache.kept_positions(i).clone() for i in range(len(cache.layers))]
+            states[name] = [layer.state for layer in cache.layers]
+            if name == "dense":
+                list(_decode(llama, cache, _ids(1, seed=4), 0))  # a decoded token leaves no dense queries behind
+                assert all(st["dense"] is None for st in states[name])
+        finally:
+            cache.detach()
+    # the prompt is scored by its newest 16 queries at every position, as a dense buffer of 16 would score it
+    assert all(torch.equal(a, b) for a, b in zip(kept["dense"], kept["ref"]))
+    assert any(not torch.equal(a, b) for a, b in zip(kept["dense"], kept["strided"]))  # the test can tell them apart
+    # afterwards the strided buffer alone remains: every 8th position, the newest 4 (the decoded token is at 40)
+    for st in states["dense"]:
+        assert st["dense"] is None and st["p"].tolist() == [16, 24, 32, 40]
+    with pytest.raises(ValueError, match="prompt_buffer must be an int >= 0"):
+        OA(prompt_buffer=-1)
+
+
 @pytest.mark.parametrize("pool", [0, 2, -1])
 def test_observed_attention_pool_must_be_odd_and_positive(pool):
     with pytest.raises(ValueError, match="pool must be an odd int >= 1"):

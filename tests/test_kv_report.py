@@ -26,10 +26,10 @@ def mods():
 
 def test_method_grammar(mods):
     km, _ = mods
-    s = km.parse("sl_obs64s8p5x_vn_r75_pre_win")
-    assert s.obs == (64, 8, 128.0, 5, True) and s.value_norm and s.recent == 75
+    s = km.parse("sl_obs64s8p5d512x_vn_r75_pre_win")
+    assert s.obs == (64, 8, 128.0, 5, True, 512) and s.value_norm and s.recent == 75
     assert (s.mode, s.window) == ("prefill", True)
-    assert km.parse("sl_obs32").obs == (32, 1, 8.0, 1, False)  # half-life W * stride / 4 unless h<H>
+    assert km.parse("sl_obs32").obs == (32, 1, 8.0, 1, False, 0)  # half-life W * stride / 4 unless h<H>
     assert km.parse("sl_obs64s8h16").obs[2] == 16.0
     assert km.parse("sl_append").mode == "append_only" and km.parse("sl_default").mode == "evict"
     assert km.label("sl_obs64s8_vn_r50") == km.label("sl_default") == "streamlev default"
@@ -45,9 +45,10 @@ def test_method_selectors_match_the_library(mods):
     from streamlev.hf.selectors import ObservedAttention, default_selector
 
     assert repr(km.parse("sl_obs64s8_vn_r50").selector()) == repr(default_selector())
-    sel = km.parse("sl_obs128s4p3x").selector()
+    sel = km.parse("sl_obs128s4p3d256x").selector()
     assert isinstance(sel, ObservedAttention)
-    assert (sel.buffer, sel.stride, sel.half_life, sel.pool, sel.positional, sel.sinks) == (128, 4, 128.0, 3, True, 0)
+    assert (sel.buffer, sel.stride, sel.half_life, sel.pool, sel.positional, sel.sinks, sel.prompt_buffer) == (
+        128, 4, 128.0, 3, True, 0, 256)
     assert km.parse("sl_streaming").selector() == "streaming"
 
 

@@ -303,6 +303,13 @@ class ObservedAttention(Selector):
     ``score_j = (score_j + prof[n - p_j]) / 2``. It models heads whose queries
     attend to the text near them by content, which moving a query to n misses.
     Also measured and not the default (better on Gemma 3, slightly worse on SmolLM2).
+    ``prompt_buffer=P > 0`` scores a multi-token block (normally the prompt) with
+    its own newest P queries at every position instead of the strided buffer:
+    when the newest observed chunk has more than one token, its newest P queries
+    (with those of the multi-token chunks right before it) are kept with the same
+    half-life, the next whole-set scoring uses them, and they are dropped after
+    it. The dense sample costs one scoring of ``O(H * P * n * d)`` per block and
+    nothing per decoded token; the strided buffer still serves every later eviction.
     """
 
     name = "observed"
@@ -311,10 +318,13 @@ class ObservedAttention(Selector):
 
     def __init__(self, *, sinks: int = 0, recent_fraction: float = 0.0, buffer: int = 512,
                  half_life: float = 128.0, stride: int = 1, value_norm: bool = False, pool: int = 1,
-                 positional: bool = False):
+                 positional: bool = False, prompt_buffer: int = 0):
         super().__init__(sinks=sinks, recent_fraction=recent_fraction)
         self.value_norm = bool(value_norm)
         self.positional = bool(positional)
+        if isinstance(prompt_buffer, bool) or int(prompt_buffer) < 0:
+            raise ValueError(f"ObservedAttention: prompt_buffer must be an int >= 0, got {prompt_buffer!r}.")
+        self.prompt_buffer = int(prompt_buffer)
         if int(pool) < 1 or int(pool) % 2 == 0:
             raise ValueError(f"ObservedAttention: pool must be an odd int >= 1, got {pool!r}.")
         self.pool = int(pool)
@@ -326,10 +336,14 @@ class ObservedAttention(Selector):
     def __repr__(self):
         return (f"ObservedAttention(buffer={self.buffer}, half_life={self.half_life}, stride={self.stride}, "
                 f"sinks={self.sinks}, recent_fraction={self.recent_fraction}, value_norm={self.value_norm}, "
-                f"pool={self.pool}, positional={self.positional})")
+                f"pool={self.pool}, positional={self.positional}, prompt_buffer={self.prompt_buffer})")
 
     def new_state(self, info):
-        return {"info": info, "q": None, "p": None, "profile": None}
+        return {"info": info, "q": None, "p": None, "profile": None, "dense": None}
+
+    def _weights(self, p):
+        w = torch.exp2(-(p.max() - p).float() / self.half_life)
+        return w / w.sum()
 
     def _profile(self, state, keys, positions):
         """Causal attention of the buffered queries at their own positions, by distance: (B, G, span) shares.
@@ -361,21 +375,30 @@ class ObservedAttention(Selector):
             return
         q = torch.cat([x.float() for x in queries], dim=2)  # (B, H, m, d)
         pos = torch.arange(end - q.shape[2], end, device=q.device)
+        if self.prompt_buffer:  # the trailing multi-token chunks, densely; a decoded token ends them
+            tail = 0
+            for x in reversed(queries):
+                if x.shape[2] < 2:
+                    break
+                tail += x.shape[2]
+            keep = min(tail, self.prompt_buffer)
+            state["dense"] = (q[:, :, -keep:], self._weights(pos[-keep:])) if keep else None
         if self.stride > 1:
             on_grid = pos % self.stride == 0
             q, pos = q[:, :, on_grid], pos[on_grid]
         if state["q"] is not None:
             q, pos = torch.cat([state["q"], q], dim=2), torch.cat([state["p"], pos])
         state["q"], state["p"] = q[:, :, -self.buffer:], pos[-self.buffer:]
-        w = torch.exp2(-(state["p"].max() - state["p"]).float() / self.half_life)  # (W,): fixed until new queries
-        state["w"] = w / w.sum()
+        state["w"] = self._weights(state["p"])  # (W,): fixed until new queries
 
     def score(self, state, keys, positions, t_next, *, normalize):
         info = state["info"]
         if state["q"] is None:
             raise RuntimeError("ObservedAttention: no query has been observed for this layer; the cache must be "
                                "attached to the model (streamlev.hf.compress or StreamlevCache.attach).")
-        q = state["q"]
+        q, w = state["q"], state["w"]
+        if normalize and state.get("dense") is not None:  # a block's own dense queries, used once
+            (q, w), state["dense"] = state["dense"], None
         B, G, n, d = keys.shape
         r = info.num_heads // G
         ang = float(t_next) * info.inv_freq
@@ -386,7 +409,7 @@ class ObservedAttention(Selector):
             gone = positions < t_next - info.sliding_window + 1  # not visible from position n
             logits = logits.masked_fill(gone[:, :, None, None, :], float("-inf"))
         P = torch.softmax(logits, dim=-1)
-        score = torch.einsum("bgrwn,w->bgn", P, state["w"]) / r
+        score = torch.einsum("bgrwn,w->bgn", P, w) / r
         if self.positional and positions is not None:
             if state["profile"] is None:  # fixed from the first scoring (normally the prompt)
                 state["profile"] = self._profile(state, keys, positions)
