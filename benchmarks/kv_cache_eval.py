@@ -19,10 +19,11 @@ Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (the library default:
 queries, one per 8 positions, times the value norm, 4 sinks and the newest half of the budget, =
 ``sl_obs64s8_vn_r50``; before 2026-12-01 this name meant expected attention, and until the third session
 of that day the rule without sinks and recent half),
-``sl_expected`` (expected attention of the pre-RoPE query statistics), ``sl_obs<W>s<S>[h<H>][p<K>][x][_vn][_r<P>]``
+``sl_expected`` (expected attention of the pre-RoPE query statistics), ``sl_obs<W>s<S>[h<H>][p<K>][d<P>][x][_vn][_r<P>]``
 (observed attention of W queries one per S positions, half-life H, ``_vn``: times ``||v||``, ``_r<P>``:
 4 sinks and P% of the budget for the newest keys; ``p<K>``: each score replaced by the
-largest within K neighbouring kept keys; ``x``: with the distance prior, ``positional=True``),
+largest within K neighbouring kept keys; ``d<P>``: a prompt scored by its newest P queries at every
+position, ``prompt_buffer=P``; ``x``: with the distance prior, ``positional=True``),
 ``sl_keydiff`` (key-only default),
 ``sl_append`` (default rule, append-only admission),
 ``sl_leverage`` (guarantee mode, full-attention models only); kvpress 0.5.5 presses run as their own
