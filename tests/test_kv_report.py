@@ -94,7 +94,7 @@ def test_report_aggregates_over_texts(mods, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["smollm2_fresh8", "gemma3_fresh8", "gemma3_fresh8_streaming",
-                                  "smollm2_oracle", "gemma3_oracle"])
+                                  "smollm2_oracle", "gemma3_oracle", "smollm2_fresh8b", "gemma3_fresh8b"])
 def test_documented_tables_are_the_committed_results(mods, name):
     """Every row of the report on a committed result file stands, digit for digit, in docs/kv_cache.md."""
     _, rep = mods
