@@ -188,18 +188,32 @@ class Session:
         return int(sum(l.keys.numel() * l.keys.element_size() * 2 for l in self.cache.layers if l.keys is not None))
 
 
-def run_ppl(model, ids, n_ctx, budgets, methods, log):
+def next_token_logprobs(session, ids, n_ctx):
+    """Log-probabilities of the next token after the prompt ``ids[:n_ctx]`` and after each later token but the
+    last, decoded one at a time (teacher forcing) through ``session``."""
     import torch
 
+    out = [torch.log_softmax(session.feed(ids[:n_ctx]), -1)]
+    for tok in ids[n_ctx:-1]:
+        out.append(torch.log_softmax(session.feed([tok]), -1))
+    return out
+
+
+def compare(ref, lps, targets):
+    """Mean KL(ref || lps), top-1 agreement and the perplexity of ``targets`` under ``lps``."""
+    kl = statistics.fmean(float((r.exp() * (r - l)).sum()) for r, l in zip(ref, lps))
+    top1 = statistics.fmean(float(r.argmax() == l.argmax()) for r, l in zip(ref, lps))
+    nll = -sum(float(l[t]) for l, t in zip(lps, targets)) / len(targets)
+    return dict(kl=kl, top1=top1, ppl=math.exp(nll))
+
+
+def run_ppl(model, ids, n_ctx, budgets, methods, log):
     rows = []
     full = Session(model, "full", n_ctx, n_ctx)
-    ref = [torch.log_softmax(full.feed(ids[:n_ctx]), -1)]
-    for tok in ids[n_ctx:-1]:
-        ref.append(torch.log_softmax(full.feed([tok]), -1))
+    ref = next_token_logprobs(full, ids, n_ctx)
     full_bytes = full.nbytes()
     targets = ids[n_ctx:]
-    nll = -sum(float(r[t]) for r, t in zip(ref, targets)) / len(targets)
-    rows.append(dict(method="full", budget=n_ctx, frac=1.0, kl=0.0, top1=1.0, ppl=math.exp(nll), bytes=full_bytes))
+    rows.append(dict(method="full", budget=n_ctx, frac=1.0, bytes=full_bytes, **compare(ref, ref, targets)))
     full.close()
     for frac in budgets:
         B = max(1, int(frac * n_ctx))
@@ -208,9 +222,7 @@ def run_ppl(model, ids, n_ctx, budgets, methods, log):
             s = None
             try:  # a failing peer must not leave its hooks on the model: close in finally
                 s = Session(model, meth, B, n_ctx)
-                lps = [torch.log_softmax(s.feed(ids[:n_ctx]), -1)]
-                for tok in ids[n_ctx:-1]:
-                    lps.append(torch.log_softmax(s.feed([tok]), -1))
+                lps = next_token_logprobs(s, ids, n_ctx)
                 nb = s.nbytes()
             except Exception as e:  # a peer that cannot run this model is reported, not hidden
                 log(f"  {meth} B={B}: FAILED {type(e).__name__}: {str(e)[:200]}")
@@ -219,12 +231,9 @@ def run_ppl(model, ids, n_ctx, budgets, methods, log):
             finally:
                 if s is not None:
                     s.close()
-            kl = statistics.fmean(float((r.exp() * (r - l)).sum()) for r, l in zip(ref, lps))
-            top1 = statistics.fmean(float(r.argmax() == l.argmax()) for r, l in zip(ref, lps))
-            nll = -sum(float(l[t]) for l, t in zip(lps, targets)) / len(targets)
-            rows.append(dict(method=meth, budget=B, frac=frac, kl=kl, top1=top1, ppl=math.exp(nll), bytes=nb,
-                             seconds=time.time() - t0))
-            log(f"  {meth:24s} B={B:5d} KL={kl:.4f} top1={top1:.3f} ppl={math.exp(nll):.3f} "
+            m = compare(ref, lps, targets)
+            rows.append(dict(method=meth, budget=B, frac=frac, bytes=nb, seconds=time.time() - t0, **m))
+            log(f"  {meth:24s} B={B:5d} KL={m['kl']:.4f} top1={m['top1']:.3f} ppl={m['ppl']:.3f} "
                 f"mem={nb / full_bytes:.3f} ({time.time() - t0:.0f}s)")
     return rows
 

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kv_cache_eval import PPL_TOPICS, Session, load_model, texts  # noqa: E402
+from kv_cache_eval import PPL_TOPICS, Session, compare, load_model, next_token_logprobs, texts  # noqa: E402
 
 
 def continuation_attention(model, ids, n_ctx):
@@ -89,12 +87,11 @@ def main(argv=None) -> int:
     for name, ids in texts(tok, n + a.continuation, a.topics.split(","))[: a.docs]:
         log(f"[{a.model}] oracle on {name!r}")
         full = Session(model, "full", n, n)
-        ref = [torch.log_softmax(full.feed(ids[:n]), -1)] + [torch.log_softmax(full.feed([t]), -1) for t in ids[n:-1]]
+        ref = next_token_logprobs(full, ids, n)
         full_bytes = full.nbytes()
         full.close()
-        nll = -statistics.fmean(float(r[t]) for r, t in zip(ref, ids[n:]))
-        result["ppl"].append(dict(doc=name, method="full", budget=n, frac=1.0, kl=0.0, top1=1.0, ppl=math.exp(nll),
-                                  bytes=full_bytes))
+        result["ppl"].append(dict(doc=name, method="full", budget=n, frac=1.0, bytes=full_bytes,
+                                  **compare(ref, ref, ids[n:])))
         mass = continuation_attention(model, ids, n)
         for frac in result["budgets"]:
             B = int(frac * n)
@@ -106,17 +103,13 @@ def main(argv=None) -> int:
                 else:
                     s = Session(model, meth, B, n)
                 try:
-                    lps = [torch.log_softmax(s.feed(ids[:n]), -1)] + [torch.log_softmax(s.feed([t]), -1)
-                                                                      for t in ids[n:-1]]
+                    lps = next_token_logprobs(s, ids, n)
                     nb = s.nbytes()
                 finally:
                     s.close()
-                kl = statistics.fmean(float((r.exp() * (r - l)).sum()) for r, l in zip(ref, lps))
-                top1 = statistics.fmean(float(r.argmax() == l.argmax()) for r, l in zip(ref, lps))
-                nll = -statistics.fmean(float(l[t]) for l, t in zip(lps, ids[n:]))
-                result["ppl"].append(dict(doc=name, method=meth, budget=B, frac=frac, kl=kl, top1=top1,
-                                          ppl=math.exp(nll), bytes=nb))
-                log(f"  {meth:24s} B={B:5d} KL={kl:.4f} top1={top1:.3f} ppl={math.exp(nll):.3f}")
+                m = compare(ref, lps, ids[n:])
+                result["ppl"].append(dict(doc=name, method=meth, budget=B, frac=frac, bytes=nb, **m))
+                log(f"  {meth:24s} B={B:5d} KL={m['kl']:.4f} top1={m['top1']:.3f} ppl={m['ppl']:.3f}")
         Path(a.json).write_text(json.dumps(result, indent=1))
     Path(a.json).write_text(json.dumps(result, indent=1))
     return 0
