@@ -13,7 +13,10 @@ the same tokens:
 
 Passkey retrieval: a sentence "The pass key is NNNNN." is placed at several depths of a long filler
 text; after the (compressed) context the question "What is the pass key? The pass key is" is fed as
-one block and 6 tokens are decoded greedily; a hit is the key appearing in them.
+one block and 6 tokens are decoded greedily; a hit is the key appearing in them. ``--question in-prompt`` feeds
+the context and the question as one prompt instead, so that the question is seen while the prompt is compressed
+(what ``generate(context + question)`` does); ``--filler`` picks the filler text. The copy task (``run_copy``) is
+the same with an 8-word sentence to be continued.
 
 Methods: ``full`` (DynamicCache); streamlev ``sl_default`` (the library default: observed attention of 64
 queries, one per 8 positions, times the value norm, 4 sinks and the newest half of the budget, =
@@ -115,6 +118,14 @@ def texts(tok, n_tokens: int, topics):
         if len(ids) >= n_tokens:
             out.append((name, ids[:n_tokens]))
     return out
+
+
+def filler_ids(tok, names):
+    """Token ids of the retrieval tasks' filler: the texts joined by spaces (pydoc_data.topics keys or file paths)."""
+    import pydoc_data.topics as t
+
+    text = " ".join(Path(n).read_text(encoding="utf-8", errors="replace") if "/" in n else t.topics[n] for n in names)
+    return [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
 
 
 def passkey_prompt(tok, filler_ids, n_ctx: int, depth: float, key: str):
@@ -238,7 +249,16 @@ def run_ppl(model, ids, n_ctx, budgets, methods, log):
     return rows
 
 
-def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0):
+def _ask(session, ctx, question, in_prompt):
+    """Logits after the question: fed as its own block after the (compressed) context, or with the context as one
+    prompt (``in_prompt``: the question is seen while the prompt is compressed, as in ``generate(context + question)``)."""
+    if in_prompt:
+        return session.feed(ctx + question)
+    session.feed(ctx)
+    return session.feed(question)
+
+
+def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0, in_prompt=False):
     import random
 
     rows = []
@@ -251,9 +271,8 @@ def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0
             for meth in (["full"] if frac == 1.0 else methods):
                 s = None
                 try:
-                    s = Session(model, meth, B, len(ctx))
-                    s.feed(ctx)
-                    logits = s.feed(question)
+                    s = Session(model, meth, B, len(ctx) + len(question) if in_prompt else len(ctx))
+                    logits = _ask(s, ctx, question, in_prompt)
                     out = []
                     for _ in range(6):
                         nxt = int(logits.argmax())
@@ -268,7 +287,7 @@ def run_passkey(model, tok, filler, n_ctx, depths, budgets, methods, log, seed=0
                         s.close()
                 text = tok.decode(out)
                 rows.append(dict(method=meth, budget=B, frac=frac, depth=depth, hit=key in text.replace(" ", ""),
-                                 answer=text))
+                                 answer=text, **({"question": "in_prompt"} if in_prompt else {})))
                 log(f"  passkey depth={depth} {meth:24s} B={B:5d} hit={key in text.replace(' ', '')} {text!r}")
     return rows
 
@@ -288,7 +307,7 @@ def copy_prompt(tok, filler_ids, n_ctx: int, depth: float, rng):
     return [tok.bos_token_id] + body[:at] + needle + body[at:], cue, answer
 
 
-def run_copy(model, tok, filler, n_ctx, depths, budgets, methods, log, trials=4, seed=1):
+def run_copy(model, tok, filler, n_ctx, depths, budgets, methods, log, trials=4, seed=1, in_prompt=False):
     """Retrieval by copying: after the context and the cue, greedy decoding must reproduce the rest of the
     8-word sequence seen once, far back (what induction heads do); a hit is an exact token match."""
     import random
@@ -303,9 +322,8 @@ def run_copy(model, tok, filler, n_ctx, depths, budgets, methods, log, trials=4,
                 for meth in (["full"] if frac == 1.0 else methods):
                     s = None
                     try:
-                        s = Session(model, meth, B, len(ctx) + len(cue) + len(answer))
-                        s.feed(ctx)
-                        logits = s.feed(cue)
+                        s = Session(model, meth, B, len(ctx) + len(cue) if in_prompt else len(ctx))  # the compressed prompt
+                        logits = _ask(s, ctx, cue, in_prompt)
                         out = []
                         for _ in range(len(answer)):
                             out.append(int(logits.argmax()))
@@ -319,7 +337,8 @@ def run_copy(model, tok, filler, n_ctx, depths, budgets, methods, log, trials=4,
                             s.close()
                     hit = out == answer
                     rows.append(dict(method=meth, budget=B, frac=frac, depth=depth, trial=trial, hit=hit,
-                                     tokens_right=int(sum(a == b for a, b in zip(out, answer))), n_tokens=len(answer)))
+                                     tokens_right=int(sum(a == b for a, b in zip(out, answer))), n_tokens=len(answer),
+                                     **({"question": "in_prompt"} if in_prompt else {})))
                     log(f"  copy depth={depth} trial={trial} {meth:24s} B={B:5d} hit={hit} {tok.decode(out)!r}")
     return rows
 
@@ -371,7 +390,12 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(SL_METHODS + ["kv_" + p for p in PRESSES]))
     ap.add_argument("--passkey-methods", default=None, help="default: the same as --methods")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--filler", default=",".join(PASSKEY_FILLER),
+                    help="comma list of pydoc_data.topics keys or text-file paths: the retrieval tasks' filler text")
     ap.add_argument("--copy-trials", type=int, default=4, help="random sequences per depth for the copy task")
+    ap.add_argument("--question", choices=["after", "in-prompt"], default="after",
+                    help="retrieval tasks: the question arrives as its own block after the compressed context (default), "
+                         "or ends the prompt that is compressed (generate(context + question))")
     ap.add_argument("--overhead-steps", type=int, default=40)
     ap.add_argument("--overhead-method", default="sl_default", help="comma list of streamlev methods")
     ap.add_argument("--threads", type=int, default=2)
@@ -390,7 +414,8 @@ def main(argv=None) -> int:
         methods = [m for m in methods if not m.startswith("sl_leverage")]
     skip = set(a.skip.split(","))
     result = dict(model=a.model, context=a.context, continuation=a.continuation, budgets=budgets, methods=methods,
-                  torch=torch.__version__, threads=a.threads, ppl=[], passkey=[], overhead=[], copy=[])
+                  torch=torch.__version__, threads=a.threads, question=a.question, filler=a.filler, ppl=[], passkey=[],
+                  overhead=[], copy=[])
     if "ppl" not in skip:
         for name, ids in texts(tok, a.context + a.continuation, a.topics.split(","))[: a.docs]:
             log(f"[{a.model}] perplexity / KL on {name!r}")
@@ -404,21 +429,15 @@ def main(argv=None) -> int:
                 result["overhead"].append(run_overhead(model, ids, a.context, frac, a.overhead_steps, log, meth))
         Path(a.json).write_text(json.dumps(result, indent=1))
     if "passkey" not in skip:
-        import pydoc_data.topics as t
-
-        filler = [tok.bos_token_id] + tok(" ".join(t.topics[n] for n in PASSKEY_FILLER),
-                                          add_special_tokens=False).input_ids
+        filler = filler_ids(tok, a.filler.split(","))
         pk_methods = [m for m in (a.passkey_methods or ",".join(methods)).split(",") if m in methods]
         result["passkey"] = run_passkey(model, tok, filler, a.context, [float(x) for x in a.depths.split(",")],
-                                        budgets, pk_methods, log)
+                                        budgets, pk_methods, log, in_prompt=a.question == "in-prompt")
     if "copy" not in skip:
-        import pydoc_data.topics as t
-
-        filler = [tok.bos_token_id] + tok(" ".join(t.topics[n] for n in PASSKEY_FILLER),
-                                          add_special_tokens=False).input_ids
+        filler = filler_ids(tok, a.filler.split(","))
         pk_methods = [m for m in (a.passkey_methods or ",".join(methods)).split(",") if m in methods]
         result["copy"] = run_copy(model, tok, filler, a.context, [float(x) for x in a.depths.split(",")], budgets,
-                                  pk_methods, log, trials=a.copy_trials)
+                                  pk_methods, log, trials=a.copy_trials, in_prompt=a.question == "in-prompt")
     Path(a.json).write_text(json.dumps(result, indent=1))
     log(f"wrote {a.json}")
     return 0

@@ -108,9 +108,11 @@ def paired_table(res, ref):
     return "\n".join(out)
 
 
-def copy_table(res):
-    """Copy task: share of sentences copied exactly and share of tokens right, per method and budget."""
-    rows = [r for r in res.get("copy", []) if "error" not in r]
+def copy_table(res, question=None):
+    """Copy task: share of sentences copied exactly and share of tokens right, per method and budget.
+
+    ``question``: the rows whose cue came after the compressed context (None) or ended the prompt ("in_prompt")."""
+    rows = [r for r in res.get("copy", []) if "error" not in r and r.get("question") == question]
     if not rows:
         return ""
     fracs = sorted({r["frac"] for r in rows if r["method"] != "full"})
@@ -139,8 +141,8 @@ def copy_table(res):
     return "\n".join(out)
 
 
-def passkey_table(res):
-    rows = [r for r in res["passkey"] if "error" not in r]
+def passkey_table(res, question=None):
+    rows = [r for r in res["passkey"] if "error" not in r and r.get("question") == question]
     if not rows:
         return ""
     depths = sorted({r["depth"] for r in rows})
@@ -221,8 +223,8 @@ def main(argv=None) -> int:
         old["methods"] += [m for m in res["methods"] if m not in old["methods"]]
         for r in res["overhead"]:
             r.setdefault("method", "sl_default")
-        for part, key in (("ppl", ("method", "frac", "doc")), ("passkey", ("method", "frac", "depth")),
-                          ("overhead", ("method", "frac")), ("copy", ("method", "frac", "depth", "trial"))):
+        for part, key in (("ppl", ("method", "frac", "doc")), ("passkey", ("method", "frac", "depth", "question")),
+                          ("overhead", ("method", "frac")), ("copy", ("method", "frac", "depth", "trial", "question"))):
             new_keys = {tuple(r.get(k) for k in key) for r in res.get(part, [])}
             old[part] = [r for r in old[part] if tuple(r.get(k) for k in key) not in new_keys] + res.get(part, [])
     parts = []
@@ -235,13 +237,14 @@ def main(argv=None) -> int:
                 parts += [paired_table(res, a.paired), ""]
             if a.figure_dir:
                 figure(res, fracs, by, full, Path(a.figure_dir) / f"kv_cache_{res['model']}.png")
-        cp = copy_table(res)
-        if cp:
-            parts += ["Retrieval by copying (exact: the whole rest of the sentence; tokens: mean share of its tokens right):",
-                      "", cp, ""]
-        pk = passkey_table(res)
-        if pk:
-            parts += ["Passkey retrieval (hit = the key appears in 6 greedily decoded tokens):", "", pk, ""]
+        for question, where in ((None, ""), ("in_prompt", ", the question ending the compressed prompt")):
+            cp = copy_table(res, question)
+            if cp:
+                parts += [f"Retrieval by copying{where} (exact: the whole rest of the sentence; tokens: mean share of "
+                          "its tokens right):", "", cp, ""]
+            pk = passkey_table(res, question)
+            if pk:
+                parts += [f"Passkey retrieval{where} (hit = the key appears in 6 greedily decoded tokens):", "", pk, ""]
         oh = overhead_table(res)
         if oh:
             parts += ["Per-token cost of streamlev's bookkeeping (side by side, alternating steps):", "", oh, ""]
