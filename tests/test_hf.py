@@ -461,6 +461,39 @@ def test_observed_attention_matches_a_direct_computation(llama, stride):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_observed_attention_newest_weight_mixes_in_the_newest_query_off_the_grid(llama):
+    from streamlev.hf._model import inspect_model
+
+    info = inspect_model(llama)[0]  # 4 query heads over 2 key/value heads, d = 16
+    rng = np.random.default_rng(5)
+    Q = rng.standard_normal((1, 4, 20, 16))  # pre-RoPE queries at positions 30..49; 49 is off the stride-3 grid
+    K = rng.standard_normal((1, 2, 12, 16))
+    sel = slh.selectors.ObservedAttention(buffer=5, half_life=4.0, stride=3, newest_weight=0.3)
+    st = sel.new_state(info)
+    sel.observe_queries(st, [torch.from_numpy(Q[:, :, :8]), torch.from_numpy(Q[:, :, 8:])], 50)
+    got = sel.score(st, torch.from_numpy(K), None, 50, normalize=True)[0].double().numpy()
+    theta = 1.0 / float(info.inv_freq[1]) ** (16 / 2)
+    R = rope_rotations(16, [50], theta)[0]
+
+    def share(g, p):  # softmax over the keys of query p (moved to position 50), pooled over the group
+        out = 0.0
+        for h in (2 * g, 2 * g + 1):
+            lg = info.scaling * K[0, g] @ (R @ Q[0, h, p - 30])
+            e = np.exp(lg - lg.max())
+            out = out + e / e.sum() / 2
+        return out
+
+    pos = np.array([36, 39, 42, 45, 48])
+    w = 2.0 ** (-(pos.max() - pos) / 4.0)
+    w /= w.sum()
+    newest = (share(0, 49) + share(1, 49)) / 2  # pooled over all 4 query heads: both key/value heads share it
+    want = np.stack([0.7 * sum(w[i] * share(g, p) for i, p in enumerate(pos)) + 0.3 * newest for g in range(2)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="newest_weight must be in"):
+            slh.selectors.ObservedAttention(newest_weight=bad)
+
+
 @pytest.mark.parametrize("pool", [3, 5])
 def test_observed_attention_pool_takes_the_best_score_of_each_keys_neighbours(llama, pool):
     from streamlev.hf._model import inspect_model

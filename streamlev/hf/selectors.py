@@ -310,6 +310,12 @@ class ObservedAttention(Selector):
     half-life, the next whole-set scoring uses them, and they are dropped after
     it. The dense sample costs one scoring of ``O(H * P * n * d)`` per block and
     nothing per decoded token; the strided buffer still serves every later eviction.
+    ``newest_weight=λ`` in [0, 1) mixes in the newest observed query on its own,
+    on the stride grid or not, pooled over *every* query head of the layer so
+    that all key/value heads share it: ``score_{g,j} = (1 - λ) score_{g,j} +
+    λ mean_{h} P_{h, newest, j}``. At a prompt that ends with a question, its
+    last token is the query that looks for the answer (TOVA's signal and pooling,
+    kvpress ``TOVAPress``); while decoding it is the newest generated token.
     """
 
     name = "observed"
@@ -318,8 +324,11 @@ class ObservedAttention(Selector):
 
     def __init__(self, *, sinks: int = 0, recent_fraction: float = 0.0, buffer: int = 512,
                  half_life: float = 128.0, stride: int = 1, value_norm: bool = False, pool: int = 1,
-                 positional: bool = False, prompt_buffer: int = 0):
+                 positional: bool = False, prompt_buffer: int = 0, newest_weight: float = 0.0):
         super().__init__(sinks=sinks, recent_fraction=recent_fraction)
+        if not 0.0 <= float(newest_weight) < 1.0:
+            raise ValueError(f"ObservedAttention: newest_weight must be in [0, 1), got {newest_weight!r}.")
+        self.newest_weight = float(newest_weight)
         self.value_norm = bool(value_norm)
         self.positional = bool(positional)
         if isinstance(prompt_buffer, bool) or int(prompt_buffer) < 0:
@@ -336,10 +345,11 @@ class ObservedAttention(Selector):
     def __repr__(self):
         return (f"ObservedAttention(buffer={self.buffer}, half_life={self.half_life}, stride={self.stride}, "
                 f"sinks={self.sinks}, recent_fraction={self.recent_fraction}, value_norm={self.value_norm}, "
-                f"pool={self.pool}, positional={self.positional}, prompt_buffer={self.prompt_buffer})")
+                f"pool={self.pool}, positional={self.positional}, prompt_buffer={self.prompt_buffer}, "
+                f"newest_weight={self.newest_weight})")
 
     def new_state(self, info):
-        return {"info": info, "q": None, "p": None, "profile": None, "dense": None}
+        return {"info": info, "q": None, "p": None, "profile": None, "dense": None, "newest": None}
 
     def _weights(self, p):
         w = torch.exp2(-(p.max() - p).float() / self.half_life)
@@ -375,6 +385,8 @@ class ObservedAttention(Selector):
             return
         q = torch.cat([x.float() for x in queries], dim=2)  # (B, H, m, d)
         pos = torch.arange(end - q.shape[2], end, device=q.device)
+        if self.newest_weight:
+            state["newest"] = q[:, :, -1:]
         if self.prompt_buffer:  # the trailing multi-token chunks, densely; a decoded token ends them
             tail = 0
             for x in reversed(queries):
@@ -403,6 +415,10 @@ class ObservedAttention(Selector):
         r = info.num_heads // G
         ang = float(t_next) * info.inv_freq
         ang = torch.cat([ang, ang]).to(q.device)
+        lam = self.newest_weight
+        if lam:  # the newest query rides along as one more buffered query; its weight is applied below
+            q = torch.cat([q, state["newest"]], dim=2)
+            w = torch.cat([(1.0 - lam) * w, w.new_zeros(1)])
         qn = _scaled_rope(q, ang, info.scaling * info.rope_scale)  # s R_n q: the logit scale rides on the (d,) rotation
         logits = torch.einsum("bgrwd,bgnd->bgrwn", qn.view(B, G, r, -1, d), keys.float())
         if info.sliding_window is not None and positions is not None:
@@ -410,6 +426,8 @@ class ObservedAttention(Selector):
             logits = logits.masked_fill(gone[:, :, None, None, :], float("-inf"))
         P = torch.softmax(logits, dim=-1)
         score = torch.einsum("bgrwn,w->bgn", P, w) / r
+        if lam:  # the newest query's share, averaged over every query head of the layer (TOVA's pooling)
+            score = score + lam * P[:, :, :, -1].mean(dim=(1, 2))[:, None, :]
         if self.positional and positions is not None:
             if state["profile"] is None:  # fixed from the first scoring (normally the prompt)
                 state["profile"] = self._profile(state, keys, positions)
