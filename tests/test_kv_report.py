@@ -26,10 +26,10 @@ def mods():
 
 def test_method_grammar(mods):
     km, _ = mods
-    s = km.parse("sl_obs64s8p5d512x_vn_r75_pre_win")
-    assert s.obs == (64, 8, 128.0, 5, True, 512) and s.value_norm and s.recent == 75
+    s = km.parse("sl_obs64s8p5d512n25x_vn_r75_pre_win")
+    assert s.obs == (64, 8, 128.0, 5, True, 512, 25) and s.value_norm and s.recent == 75
     assert (s.mode, s.window) == ("prefill", True)
-    assert km.parse("sl_obs32").obs == (32, 1, 8.0, 1, False, 0)  # half-life W * stride / 4 unless h<H>
+    assert km.parse("sl_obs32").obs == (32, 1, 8.0, 1, False, 0, 0)  # half-life W * stride / 4 unless h<H>
     assert km.parse("sl_obs64s8h16").obs[2] == 16.0
     assert km.parse("sl_append").mode == "append_only" and km.parse("sl_default").mode == "evict"
     assert km.label("sl_obs64s8_vn_r50") == km.label("sl_default") == "streamlev default"
@@ -45,10 +45,10 @@ def test_method_selectors_match_the_library(mods):
     from streamlev.hf.selectors import ObservedAttention, default_selector
 
     assert repr(km.parse("sl_obs64s8_vn_r50").selector()) == repr(default_selector())
-    sel = km.parse("sl_obs128s4p3d256x").selector()
+    sel = km.parse("sl_obs128s4p3d256n50x").selector()
     assert isinstance(sel, ObservedAttention)
-    assert (sel.buffer, sel.stride, sel.half_life, sel.pool, sel.positional, sel.sinks, sel.prompt_buffer) == (
-        128, 4, 128.0, 3, True, 0, 256)
+    assert (sel.buffer, sel.stride, sel.half_life, sel.pool, sel.positional, sel.sinks, sel.prompt_buffer,
+            sel.newest_weight) == (128, 4, 128.0, 3, True, 0, 256, 0.5)
     assert km.parse("sl_streaming").selector() == "streaming"
 
 
@@ -102,6 +102,21 @@ def test_documented_tables_are_the_committed_results(mods, name):
     rows = [line for line in rep.ppl_table(res)[0].splitlines() if line.startswith("| `")]
     doc = (BENCH.parent / "docs" / "kv_cache.md").read_text(encoding="utf-8")
     assert len(rows) == len(res["methods"])
+    for row in rows:
+        assert row in doc, row
+
+
+@pytest.mark.parametrize("name", ["smollm2_inprompt", "gemma3_inprompt"])
+def test_documented_retrieval_tables_are_the_committed_results(mods, name):
+    """The copy-task rows with the question in the prompt stand in docs/kv_cache.md digit for digit, and the
+    report keeps them apart from rows whose question came after the context."""
+    _, rep = mods
+    res = json.loads((BENCH / "results" / "kv_cache" / f"{name}.json").read_text())
+    assert res["copy"] and all(r.get("question") == "in_prompt" for r in res["copy"])
+    assert rep.copy_table(res) == ""  # no rows of the other form
+    rows = [line for line in rep.copy_table(res, "in_prompt").splitlines()[2:]]
+    doc = (BENCH.parent / "docs" / "kv_cache.md").read_text(encoding="utf-8")
+    assert len(rows) == 1 + len(res["methods"])
     for row in rows:
         assert row in doc, row
 
