@@ -106,7 +106,7 @@ def test_documented_tables_are_the_committed_results(mods, name):
         assert row in doc, row
 
 
-@pytest.mark.parametrize("name", ["smollm2_inprompt", "gemma3_inprompt"])
+@pytest.mark.parametrize("name", ["smollm2_inprompt", "gemma3_inprompt", "smollm2_inprompt_lic", "gemma3_inprompt_lic"])
 def test_documented_retrieval_tables_are_the_committed_results(mods, name):
     """The copy-task rows with the question in the prompt stand in docs/kv_cache.md digit for digit, and the
     report keeps them apart from rows whose question came after the context."""
