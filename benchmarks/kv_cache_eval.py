@@ -108,24 +108,25 @@ def load_model(name: str, gemma_path: str | None):
     return tok, model
 
 
-def texts(tok, n_tokens: int, topics):
+def read_text(name: str) -> str:
+    """A pydoc_data.topics entry, or the text file at ``name`` (any name with a "/")."""
     import pydoc_data.topics as t
 
+    return Path(name).read_text(encoding="utf-8", errors="replace") if "/" in name else t.topics[name]
+
+
+def texts(tok, n_tokens: int, topics):
     out = []
-    for name in topics:  # a pydoc_data.topics key, or the path of a text file (any name with a "/")
-        text = Path(name).read_text(encoding="utf-8", errors="replace") if "/" in name else t.topics[name]
-        ids = [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
+    for name in topics:
+        ids = [tok.bos_token_id] + tok(read_text(name), add_special_tokens=False).input_ids
         if len(ids) >= n_tokens:
             out.append((name, ids[:n_tokens]))
     return out
 
 
 def filler_ids(tok, names):
-    """Token ids of the retrieval tasks' filler: the texts joined by spaces (pydoc_data.topics keys or file paths)."""
-    import pydoc_data.topics as t
-
-    text = " ".join(Path(n).read_text(encoding="utf-8", errors="replace") if "/" in n else t.topics[n] for n in names)
-    return [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids
+    """Token ids of the retrieval tasks' filler: the texts joined by spaces."""
+    return [tok.bos_token_id] + tok(" ".join(read_text(n) for n in names), add_special_tokens=False).input_ids
 
 
 def passkey_prompt(tok, filler_ids, n_ctx: int, depth: float, key: str):
