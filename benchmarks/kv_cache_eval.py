@@ -429,16 +429,17 @@ def main(argv=None) -> int:
             for meth in a.overhead_method.split(","):
                 result["overhead"].append(run_overhead(model, ids, a.context, frac, a.overhead_steps, log, meth))
         Path(a.json).write_text(json.dumps(result, indent=1))
+    if not {"passkey", "copy"} <= skip:  # the retrieval tasks share their filler, depths and methods
+        filler = filler_ids(tok, a.filler.split(","))
+        depths = [float(x) for x in a.depths.split(",")]
+        pk_methods = [m for m in (a.passkey_methods or ",".join(methods)).split(",") if m in methods]
+        in_prompt = a.question == "in-prompt"
     if "passkey" not in skip:
-        filler = filler_ids(tok, a.filler.split(","))
-        pk_methods = [m for m in (a.passkey_methods or ",".join(methods)).split(",") if m in methods]
-        result["passkey"] = run_passkey(model, tok, filler, a.context, [float(x) for x in a.depths.split(",")],
-                                        budgets, pk_methods, log, in_prompt=a.question == "in-prompt")
+        result["passkey"] = run_passkey(model, tok, filler, a.context, depths, budgets, pk_methods, log,
+                                        in_prompt=in_prompt)
     if "copy" not in skip:
-        filler = filler_ids(tok, a.filler.split(","))
-        pk_methods = [m for m in (a.passkey_methods or ",".join(methods)).split(",") if m in methods]
-        result["copy"] = run_copy(model, tok, filler, a.context, [float(x) for x in a.depths.split(",")], budgets,
-                                  pk_methods, log, trials=a.copy_trials, in_prompt=a.question == "in-prompt")
+        result["copy"] = run_copy(model, tok, filler, a.context, depths, budgets, pk_methods, log,
+                                  trials=a.copy_trials, in_prompt=in_prompt)
     Path(a.json).write_text(json.dumps(result, indent=1))
     log(f"wrote {a.json}")
     return 0
